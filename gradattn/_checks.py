@@ -1,0 +1,122 @@
+"""Input validation shared by the public functions.
+
+Shapes and dtypes are checked at trace time, so the checks cost nothing under ``jit``. Values
+(label range, sign of weights, finiteness) are checked only when the array is concrete, i.e. when
+a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected without a host sync.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def concrete(a) -> np.ndarray | None:
+    """The value of ``a`` as a numpy array, or ``None`` when ``a`` is a tracer."""
+    if isinstance(a, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _shape(a) -> tuple:
+    return tuple(np.shape(a))
+
+
+def check_params(params, fn: str) -> tuple[int, int, int, int]:
+    """Validate a ``HeadParams``; returns ``(d_in, d_k, d_v, n_classes)``."""
+    names = ("w_q", "w_k", "w_v", "w_o")
+    for name in names:
+        if not hasattr(params, name):
+            raise TypeError(f"{fn}: params must be a HeadParams with fields {names}, got {type(params).__name__}")
+        a = getattr(params, name)
+        if np.ndim(a) != 2:
+            raise ValueError(f"{fn}: params.{name} must be 2-D, got shape {_shape(a)}")
+        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            raise TypeError(f"{fn}: params.{name} must be floating point, got dtype {jnp.result_type(a)}")
+    d_in, d_k = _shape(params.w_q)
+    if _shape(params.w_k) != (d_in, d_k):
+        raise ValueError(
+            f"{fn}: params.w_k has shape {_shape(params.w_k)} but params.w_q has shape {(d_in, d_k)}; they must match"
+        )
+    if _shape(params.w_v)[0] != d_in:
+        raise ValueError(
+            f"{fn}: params.w_v has shape {_shape(params.w_v)}; its first dimension must be d_in = {d_in} (from params.w_q)"
+        )
+    d_v = _shape(params.w_v)[1]
+    if _shape(params.w_o)[0] != d_v:
+        raise ValueError(
+            f"{fn}: params.w_o has shape {_shape(params.w_o)}; its first dimension must be d_v = {d_v} (from params.w_v)"
+        )
+    return d_in, d_k, d_v, _shape(params.w_o)[1]
+
+
+def check_x(x, d_in: int, fn: str) -> int:
+    """Validate one sequence ``x (N, d_in)``; returns N."""
+    if np.ndim(x) != 2:
+        raise ValueError(
+            f"{fn}: x must be 2-D (N, d_in) for one sequence, got shape {_shape(x)}; use jax.vmap for batches"
+        )
+    n, d = _shape(x)
+    if d != d_in:
+        raise ValueError(f"{fn}: x has shape {_shape(x)} but the head expects d_in = {d_in} (params.w_q is ({d_in}, ...))")
+    if n < 1:
+        raise ValueError(f"{fn}: x must have at least one position, got shape {_shape(x)}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{fn}: x must be floating point, got dtype {jnp.result_type(x)}")
+    xc = concrete(x)
+    if xc is not None and not np.isfinite(xc).all():
+        raise ValueError(f"{fn}: x (shape {_shape(x)}) contains non-finite values")
+    return n
+
+
+def check_labels(y, n: int, n_classes: int, fn: str) -> None:
+    if np.ndim(y) != 1 or _shape(y)[0] != n:
+        raise ValueError(f"{fn}: y must have shape ({n},) to match x with N = {n} positions, got shape {_shape(y)}")
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+        raise TypeError(f"{fn}: y must hold integer class labels, got dtype {jnp.result_type(y)}")
+    yc = concrete(y)
+    if yc is not None and yc.size and (yc.min() < 0 or yc.max() >= n_classes):
+        raise ValueError(
+            f"{fn}: y (shape {_shape(y)}) has labels in [{yc.min()}, {yc.max()}], outside [0, {n_classes}) "
+            f"(params.w_o has {n_classes} columns)"
+        )
+
+
+def check_weights(weights, n: int, fn: str) -> None:
+    if weights is None:
+        return
+    if np.ndim(weights) != 1 or _shape(weights)[0] != n:
+        raise ValueError(f"{fn}: weights must have shape ({n},) to match x with N = {n} positions, got shape {_shape(weights)}")
+    if not (jnp.issubdtype(jnp.result_type(weights), jnp.floating) or jnp.issubdtype(jnp.result_type(weights), jnp.integer)):
+        raise TypeError(f"{fn}: weights must be numeric, got dtype {jnp.result_type(weights)}")
+    wc = concrete(weights)
+    if wc is not None:
+        if not np.isfinite(wc).all():
+            raise ValueError(f"{fn}: weights (shape {_shape(weights)}) contain non-finite values")
+        if (wc < 0).any():
+            raise ValueError(f"{fn}: weights (shape {_shape(weights)}) must be non-negative, min is {wc.min()}")
+        if wc.sum() <= 0:
+            raise ValueError(f"{fn}: weights (shape {_shape(weights)}) sum to zero; at least one position must count")
+
+
+def check_head_inputs(params, x, y=None, weights=None, *, fn: str) -> tuple[int, int, int, int, int]:
+    """Validate everything a head function takes; returns ``(N, d_in, d_k, d_v, n_classes)``."""
+    d_in, d_k, d_v, n_classes = check_params(params, fn)
+    n = check_x(x, d_in, fn)
+    if y is not None:
+        check_labels(y, n, n_classes, fn)
+    check_weights(weights, n, fn)
+    return n, d_in, d_k, d_v, n_classes
+
+
+def check_matrix(name: str, a, shape: tuple, fn: str) -> None:
+    """``a`` must be a floating array of ``shape`` (entries of ``None`` match any size)."""
+    if np.ndim(a) != len(shape) or any(s is not None and s != t for s, t in zip(shape, _shape(a))):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(a)}")
+    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        raise TypeError(f"{fn}: {name} must be floating point, got dtype {jnp.result_type(a)}")
