@@ -1,0 +1,336 @@
+"""Every first-order law of SPEC §2 against jax.grad, in float64 (relative error < 1e-9).
+
+Each law is compared with autodiff of the loss written as a function of exactly the quantity the law
+differentiates with respect to (logits, contexts, alpha, scores, values, queries, keys, weights), so a
+wrong law cannot hide behind a right total.
+"""
+
+import functools
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+
+import gradattn as ga
+from gradattn.head import causal_mask, normalised_weights, token_losses
+
+RTOL = 1e-9
+
+
+def rel_err(a, b, floor=1e-12):
+    """max |a - b| / max |b|: the relative error of a whole array (floored for all-zero b)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return np.max(np.abs(a - b), initial=0.0) / max(np.max(np.abs(b), initial=0.0), floor)
+
+
+def tree_rel_err(got, want):
+    """Per-leaf relative error, where a leaf whose true gradient is exactly zero (W_Q and W_K when
+    N = 1: one key, nothing to route) is measured against the scale of the whole gradient."""
+    scale = max(float(np.max(np.abs(np.asarray(w)), initial=0.0)) for w in jax.tree.leaves(want))
+    return {
+        i: rel_err(g, w, floor=1e-6 * scale + 1e-300)
+        for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    }
+
+
+def assert_trees_rel(got, want, rtol):
+    """Leaf by leaf, max |got - want| <= rtol * max |want| (the error measure used throughout)."""
+    chex.assert_trees_all_equal_structs(got, want)
+    errors = tree_rel_err(got, want)
+    assert max(errors.values()) < rtol, errors
+
+
+def make_case(seed, n, d_in, d_k, d_v, c, weighted, dtype=jnp.float64, scale=0.7):
+    kp, kx, ky, kw, kz = jax.random.split(jax.random.key(seed), 5)
+    params = ga.init_head(kp, d_in, d_k, d_v, c, scale=scale, dtype=dtype)
+    x = jax.random.normal(kx, (n, d_in), dtype)
+    y = jax.random.randint(ky, (n,), 0, c)
+    weights = None
+    if weighted:
+        w = jax.random.uniform(kw, (n,), dtype) * (jax.random.uniform(kz, (n,)) > 0.3)
+        weights = w.at[0].set(0.5)  # at least one position counts
+    return params, x, y, weights
+
+
+def loss_from_logits(z, y, weights):
+    return jnp.sum(normalised_weights(weights, z.shape[0], z.dtype) * token_losses(z, y))
+
+
+shapes = st.fixed_dictionaries(
+    dict(
+        seed=st.integers(0, 2**16),
+        n=st.integers(1, 12),
+        d_in=st.integers(1, 6),
+        d_k=st.integers(1, 5),
+        d_v=st.integers(1, 5),
+        c=st.integers(2, 6),
+        weighted=st.booleans(),
+        causal=st.booleans(),
+    )
+)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def laws_and_autodiff(params, x, y, w, causal):
+    """Pairs (law, jax.grad of the loss in that law's variable); one compile per shape."""
+    out = ga.forward(params, x, causal)
+    n = x.shape[0]
+    mask = causal_mask(n) if causal else jnp.ones((n, n), bool)
+
+    def from_scores(s):
+        alpha = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        return loss_from_logits(alpha @ out.v @ params.w_o, y, w)
+
+    def from_qk(q, k):
+        return from_scores(q @ k.T / jnp.sqrt(q.shape[1]))
+
+    e = ga.output_error(out, y, w)
+    u = ga.upstream_grad(params, out, y, w)
+    b = ga.compatibility(u, out.v)
+    ds = ga.routing_grad(out.alpha, b)
+    dq_auto, dk_auto = jax.grad(from_qk, argnums=(0, 1))(out.q, out.k)
+    dw_o = jax.grad(lambda wo: loss_from_logits(out.context @ wo, y, w))(params.w_o)
+    return {
+        "output_error": (e, jax.grad(lambda z: loss_from_logits(z, y, w))(out.logits)),
+        "upstream_grad": (u, jax.grad(lambda g: loss_from_logits(g @ params.w_o, y, w))(out.context)),
+        "compatibility": (b, jax.grad(lambda a: loss_from_logits(a @ out.v @ params.w_o, y, w))(out.alpha)),
+        "routing_grad": (ds, jax.grad(from_scores)(out.scores)),
+        "advantage": (-out.alpha * ga.advantage(out.alpha, b), jax.grad(from_scores)(out.scores)),
+        "value_grad": (ga.value_grad(out.alpha, u), jax.grad(lambda v: loss_from_logits(out.alpha @ v @ params.w_o, y, w))(out.v)),
+        "query_grad": (ga.query_grad(ds, out.k), dq_auto),
+        "key_grad": (ga.key_grad(ds, out.q), dk_auto),
+        "output_weight_grad": (ga.output_weight_grad(out.context, e), dw_o),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_each_law_equals_autodiff(case):
+    causal = case.pop("causal")
+    params, x, y, w = make_case(**case)
+    pairs = laws_and_autodiff(params, x, y, w, causal)
+    # A law whose true value is exactly zero (dL/ds when N = 1, or when no supervised position can
+    # route anywhere) is measured against the scale of all the gradients of this instance.
+    scale = max(float(np.max(np.abs(np.asarray(auto)))) for _, auto in pairs.values())
+    for name, (law, auto) in pairs.items():
+        assert rel_err(law, auto, floor=1e-6 * scale + 1e-300) < RTOL, name
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_analytic_grads_equal_autodiff(case):
+    causal = case.pop("causal")
+    params, x, y, w = make_case(**case)
+    auto_loss, auto = jax.jit(jax.value_and_grad(ga.dense_loss), static_argnums=4)(params, x, y, w, causal)
+    for f in (ga.analytic_loss_and_grads, ga.dense_loss_and_grads):
+        law_loss, analytic = jax.jit(f, static_argnums=4)(params, x, y, w, causal)
+        assert abs(float(law_loss) - float(auto_loss)) <= RTOL * abs(float(auto_loss))
+        errors = tree_rel_err(analytic, auto)
+        assert max(errors.values()) < RTOL, (f.__name__, errors)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes)
+def test_invariants(case):
+    causal = case.pop("causal")
+    params, x, y, w = make_case(**case)
+    out = ga.forward(params, x, causal)
+    u = ga.upstream_grad(params, out, y, w)
+    b = ga.compatibility(u, out.v)
+    ds = ga.routing_grad(out.alpha, b)
+    np.testing.assert_allclose(out.alpha.sum(-1), 1.0, rtol=0, atol=1e-14)
+    # Rows of dL/ds sum to zero up to rounding of the terms alpha_ij b_ij that cancel in the sum.
+    row_scale = np.sum(np.abs(np.asarray(out.alpha * b)), axis=-1)
+    assert np.all(np.abs(np.asarray(ds.sum(-1))) <= 1e-13 * row_scale)
+    if causal:
+        future = ~np.asarray(causal_mask(x.shape[0]))
+        assert np.all(np.asarray(out.alpha)[future] == 0.0)
+        assert np.all(np.asarray(ds)[future] == 0.0)
+
+
+def test_loss_fn_matches_reference_and_mean_cross_entropy():
+    params, x, y, _ = make_case(3, 9, 4, 3, 5, 6, weighted=False)
+    out = ga.forward(params, x)
+    p = jax.nn.softmax(out.logits)
+    by_hand = -np.mean(np.log(np.asarray(p)[np.arange(9), np.asarray(y)]))
+    assert abs(float(ga.loss_fn(params, x, y)) - by_hand) < 1e-12
+    # weights 0/1 select positions: the loss is the mean over the selected ones.
+    w = jnp.array([1, 0, 1, 1, 0, 0, 1, 0, 1], jnp.float64)
+    sel = np.asarray(w) > 0
+    by_hand_w = -np.mean(np.log(np.asarray(p)[np.arange(9), np.asarray(y)])[sel])
+    assert abs(float(ga.loss_fn(params, x, y, w)) - by_hand_w) < 1e-12
+
+
+def test_noncausal_attends_to_the_future_and_causal_does_not():
+    params, x, _, _ = make_case(4, 6, 3, 2, 2, 3, weighted=False)
+    a_causal = np.asarray(ga.forward(params, x, causal=True).alpha)
+    a_full = np.asarray(ga.forward(params, x, causal=False).alpha)
+    assert np.all(np.triu(a_causal, 1) == 0) and np.all(np.diag(a_causal) > 0)
+    assert np.all(a_full > 0)
+    assert a_causal[0, 0] == 1.0
+
+
+class VariantsTest(chex.TestCase):
+    """Each public function gives the same answer with and without jit."""
+
+    def setUp(self):
+        super().setUp()
+        self.params, self.x, self.y, self.w = make_case(7, 10, 5, 3, 4, 6, weighted=True)
+        self.out = ga.forward(self.params, self.x)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(True, False)
+    def test_head_functions(self, causal):
+        fwd = self.variant(ga.forward, static_argnames="causal")
+        assert_trees_rel(fwd(self.params, self.x, causal=causal), ga.forward(self.params, self.x, causal), 1e-12)
+        for f in (ga.loss_fn, ga.dense_loss):
+            got = self.variant(f, static_argnames="causal")(self.params, self.x, self.y, self.w, causal=causal)
+            np.testing.assert_allclose(got, ga.dense_loss(self.params, self.x, self.y, self.w, causal), rtol=1e-12)
+        for f in (ga.analytic_grads, ga.dense_loss_and_grads, ga.analytic_loss_and_grads):
+            got = self.variant(f, static_argnames="causal")(self.params, self.x, self.y, self.w, causal=causal)
+            assert_trees_rel(got, f(self.params, self.x, self.y, self.w, causal), 1e-11)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_laws(self):
+        out, p, y, w = self.out, self.params, self.y, self.w
+        u = ga.upstream_grad(p, out, y, w)
+        b = ga.compatibility(u, out.v)
+        ds = ga.routing_grad(out.alpha, b)
+        e = ga.output_error(out, y, w)
+        cases = [
+            (ga.output_error, (out, y, w), e),
+            (ga.upstream_grad, (p, out, y, w), u),
+            (ga.compatibility, (u, out.v), b),
+            (ga.routing_grad, (out.alpha, b), ds),
+            (ga.advantage, (out.alpha, b), ga.advantage(out.alpha, b)),
+            (ga.value_grad, (out.alpha, u), ga.value_grad(out.alpha, u)),
+            (ga.query_grad, (ds, out.k), ga.query_grad(ds, out.k)),
+            (ga.key_grad, (ds, out.q), ga.key_grad(ds, out.q)),
+            (ga.output_weight_grad, (out.context, e), ga.output_weight_grad(out.context, e)),
+        ]
+        for f, args, want in cases:
+            assert_trees_rel(self.variant(f)(*args), want, 1e-12)
+
+
+def test_vmap_over_sequences_and_parameter_sets():
+    params, x, y, w = make_case(11, 8, 4, 3, 3, 5, weighted=True)
+    xs = jnp.stack([x, x[::-1], 2 * x])
+    ys = jnp.stack([y, y[::-1], y])
+    ws = jnp.stack([w, w[::-1], w])
+    batched = jax.vmap(ga.analytic_grads, in_axes=(None, 0, 0, 0))(params, xs, ys, ws)
+    for i in range(3):
+        assert_trees_rel(jax.tree.map(lambda a: a[i], batched), ga.analytic_grads(params, xs[i], ys[i], ws[i]), 1e-12)
+    losses = jax.vmap(ga.loss_fn, in_axes=(None, 0, 0, 0))(params, xs, ys, ws)
+    np.testing.assert_allclose(losses, [ga.dense_loss(params, xs[i], ys[i], ws[i]) for i in range(3)], rtol=1e-12)
+
+    keys = jax.random.split(jax.random.key(5), 4)
+    stacked = jax.vmap(lambda k: ga.init_head(k, 4, 3, 3, 5, dtype=jnp.float64))(keys)
+    per_set = jax.jit(jax.vmap(ga.analytic_grads, in_axes=(0, None, None, None)))(stacked, x, y, w)
+    auto = jax.vmap(jax.grad(ga.dense_loss), in_axes=(0, None, None, None))(stacked, x, y, w)
+    assert_trees_rel(per_set, auto, 1e-10)
+    # A law vmapped over a batch of heads.
+    outs = jax.vmap(ga.forward, in_axes=(0, None))(stacked, x)
+    us = jax.vmap(ga.upstream_grad, in_axes=(0, 0, None, None))(stacked, outs, y, w)
+    dv = jax.vmap(ga.value_grad)(outs.alpha, us)
+    assert dv.shape == (4, 8, 3)
+
+
+def test_grad_of_loss_fn_wrt_params_and_inputs():
+    params, x, y, w = make_case(12, 7, 3, 2, 4, 4, weighted=True)
+    assert_trees_rel(jax.grad(ga.loss_fn)(params, x, y, w), jax.grad(ga.dense_loss)(params, x, y, w), 1e-10)
+    dx = jax.grad(ga.loss_fn, argnums=1)(params, x, y, w)
+    dx_ref = jax.grad(ga.dense_loss, argnums=1)(params, x, y, w)
+    assert rel_err(dx, dx_ref) < RTOL
+
+
+def test_float32_at_paper_size():
+    """N = 1999, the paper's head: analytic vs autodiff within float32 tolerance, float32 throughout."""
+    params, x, y, _ = make_case(0, 1999, 20, 10, 15, 8, weighted=False, dtype=jnp.float32, scale=0.1)
+    x = x.astype(jnp.float32)
+    loss, grads = jax.jit(ga.analytic_loss_and_grads)(params, x, y)
+    ref_loss, ref = jax.jit(jax.value_and_grad(ga.dense_loss))(params, x, y)
+    assert loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in grads)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    for name in ga.HeadParams._fields:
+        assert rel_err(getattr(grads, name), getattr(ref, name)) < 2e-4, name
+    # And in float64 the two agree to 1e-9 at the same size.
+    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x64 = x.astype(jnp.float64)
+    g64 = jax.jit(ga.analytic_grads)(p64, x64, y)
+    r64 = jax.jit(jax.grad(ga.dense_loss))(p64, x64, y)
+    for name in ga.HeadParams._fields:
+        assert rel_err(getattr(g64, name), getattr(r64, name)) < RTOL, name
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.params, self.x, self.y, _ = make_case(1, 5, 4, 3, 3, 4, weighted=False)
+
+    @pytest.mark.parametrize("fn", [ga.loss_fn, ga.analytic_grads, ga.analytic_loss_and_grads, ga.dense_loss])
+    def test_each_bad_input_raises_and_names_the_argument(self, fn):
+        p, x, y = self.params, self.x, self.y
+        with pytest.raises(ValueError, match=r"x has shape \(5, 3\).*d_in = 4"):
+            fn(p, x[:, :3], y)
+        with pytest.raises(ValueError, match=r"x must be 2-D.*\(5,\)"):
+            fn(p, x[:, 0], y)
+        with pytest.raises(ValueError, match=r"x must be 2-D.*\(2, 5, 4\)"):
+            fn(p, jnp.stack([x, x]), y)
+        with pytest.raises(ValueError, match=r"y must have shape \(5,\).*got shape \(4,\)"):
+            fn(p, x, y[:4])
+        with pytest.raises(TypeError, match="y must hold integer"):
+            fn(p, x, y.astype(jnp.float64))
+        with pytest.raises(ValueError, match=r"labels in \[.*\], outside \[0, 4\)"):
+            fn(p, x, y.at[2].set(4))
+        with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+            fn(p, x, y.at[0].set(-1))
+        with pytest.raises(ValueError, match=r"weights must have shape \(5,\).*\(3,\)"):
+            fn(p, x, y, jnp.ones(3))
+        with pytest.raises(ValueError, match="weights.*non-negative"):
+            fn(p, x, y, jnp.array([1.0, -1.0, 1.0, 1.0, 1.0]))
+        with pytest.raises(ValueError, match="weights.*sum to zero"):
+            fn(p, x, y, jnp.zeros(5))
+        with pytest.raises(ValueError, match="x .*non-finite"):
+            fn(p, x.at[1, 1].set(jnp.nan), y)
+        with pytest.raises(TypeError, match="x must be floating"):
+            fn(p, jnp.ones((5, 4), jnp.int32), y)
+        with pytest.raises(ValueError, match=r"params.w_k has shape \(4, 2\)"):
+            fn(p._replace(w_k=p.w_k[:, :2]), x, y)
+        with pytest.raises(ValueError, match=r"params.w_o has shape \(2, 4\).*d_v = 3"):
+            fn(p._replace(w_o=p.w_o[:2]), x, y)
+        with pytest.raises(TypeError, match="HeadParams"):
+            fn((p.w_q, p.w_k), x, y)
+
+    def test_shape_errors_are_raised_at_trace_time_under_jit(self):
+        with pytest.raises(ValueError, match=r"y must have shape \(5,\)"):
+            jax.jit(ga.loss_fn)(self.params, self.x, self.y[:3])
+
+    def test_laws_reject_mismatched_shapes(self):
+        out = ga.forward(self.params, self.x)
+        u = ga.upstream_grad(self.params, out, self.y)
+        with pytest.raises(ValueError, match=r"b must have shape \(5, 5\)"):
+            ga.routing_grad(out.alpha, jnp.ones((5, 4)))
+        with pytest.raises(ValueError, match=r"v must have shape \(\?, 3\)"):
+            ga.compatibility(u, jnp.ones((5, 2)))
+        with pytest.raises(ValueError, match=r"u must have shape \(5, \?\)"):
+            ga.value_grad(out.alpha, u[:4])
+        with pytest.raises(ValueError, match="y must have shape"):
+            ga.output_error(out, self.y[:2])
+
+    def test_init_head_rejects_bad_sizes(self):
+        with pytest.raises(ValueError, match="d_k must be a positive integer"):
+            ga.init_head(jax.random.key(0), 4, 0, 3, 2)
+        with pytest.raises(TypeError, match="dtype must be floating"):
+            ga.init_head(jax.random.key(0), 4, 2, 3, 2, dtype=jnp.int32)
+
+    def test_init_head_draws_the_papers_distribution(self):
+        p = ga.init_head(jax.random.key(0), 200, 100, 150, 80)
+        assert p.w_q.dtype == jnp.float32 and p.w_o.shape == (150, 80)
+        allv = np.concatenate([np.ravel(a) for a in p])
+        assert abs(allv.mean()) < 0.002 and abs(allv.std() - 0.1) < 0.002
