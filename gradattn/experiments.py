@@ -1,0 +1,304 @@
+"""The paper's experiments, each a pure function of a PRNG key (run over seeds by :mod:`gradattn.sweep`).
+
+``em_vs_sgd`` is SPEC §3 (paper Sec. 5.2): on the sticky Markov chain, plain SGD (one learning rate
+on all four matrices) against the EM-like two-timescale schedule (a larger rate on W_V), paired per
+seed (same sequence, same initial parameters), full batch, ``steps`` updates.
+
+``laws_check_errors`` compares each first-order law of SPEC §2 with autodiff on a random instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradattn import laws
+from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
+from gradattn.sweep import sweep
+from gradattn.tasks import StickyMarkov
+from gradattn.training import em_like, sgd, train
+
+
+@dataclasses.dataclass(frozen=True)
+class EmVsSgdConfig:
+    """Everything that defines one EM-vs-SGD run (the paper's defaults).
+
+    Attributes:
+      steps: full-batch updates per arm.
+      task: the data (SPEC §3's sticky chain by default).
+      sgd_lr: SGD's learning rate on all four matrices.
+      value_lr, routing_lr: EM-like rates on W_V and on W_Q, W_K, W_O.
+      d_k, d_v: head sizes; d_in and C come from the task.
+      init_scale: every parameter is N(0, init_scale^2).
+      grad_source: "analytic" (the laws) or "autodiff".
+    """
+
+    steps: int = 1000
+    task: StickyMarkov = dataclasses.field(default_factory=StickyMarkov)
+    sgd_lr: float = 0.01
+    value_lr: float = 0.1
+    routing_lr: float = 0.01
+    d_k: int = 10
+    d_v: int = 15
+    init_scale: float = 0.1
+    grad_source: str = "analytic"
+
+    def __post_init__(self):
+        for name in ("steps", "d_k", "d_v"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"EmVsSgdConfig: {name} must be a positive integer, got {val!r}")
+        for name in ("sgd_lr", "value_lr", "routing_lr", "init_scale"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+                raise ValueError(f"EmVsSgdConfig: {name} must be a finite non-negative number, got {val!r}")
+        if not isinstance(self.task, StickyMarkov):
+            raise TypeError(f"EmVsSgdConfig: task must be a StickyMarkov, got {type(self.task).__name__}")
+        if self.grad_source not in ("analytic", "autodiff"):
+            raise ValueError(f"EmVsSgdConfig: grad_source must be 'analytic' or 'autodiff', got {self.grad_source!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["task"] = dataclasses.asdict(self.task)
+        d["dtype"] = "float32"
+        return d
+
+
+def end_metrics(params, x, y) -> dict:
+    """Loss (nats), mean predictive entropy (nats) and argmax accuracy of the head on ``(x, y)``."""
+    logits = forward(params, x, causal=True).logits
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return {
+        "loss": jnp.mean(token_losses(logits, y)),
+        "entropy": jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)),
+        "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)),
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def make_em_vs_sgd(config: EmVsSgdConfig):
+    """The per-seed experiment as a pure function ``run(key) -> dict`` (jit/vmap-able).
+
+    ``key`` splits into a data key (one sequence of the task, float32) and an init key (one head,
+    every entry N(0, init_scale^2)); both arms start from these same parameters on this same
+    sequence. Returns, per arm (``sgd`` and ``em``): ``{arm}_curve`` (steps,), the loss before each
+    update, and ``{arm}_final_loss``, ``{arm}_final_entropy``, ``{arm}_final_accuracy``, measured on
+    the training sequence after the last update.
+
+    Cached per config (configs are frozen and hashable), so repeated sweeps of one config reuse
+    one compiled program.
+    """
+    if not isinstance(config, EmVsSgdConfig):
+        raise TypeError(f"make_em_vs_sgd: config must be an EmVsSgdConfig, got {type(config).__name__}")
+    task = config.task
+    arms = {"sgd": sgd(config.sgd_lr), "em": em_like(config.value_lr, config.routing_lr)}
+
+    def run(key: jax.Array) -> dict[str, jax.Array]:
+        data_key, init_key = jax.random.split(key)
+        x, y = task.sample(data_key, jnp.float32)
+        params = init_head(init_key, task.d_embed, config.d_k, config.d_v, task.n_symbols, config.init_scale, jnp.float32)
+        out = {}
+        for name, optimizer in arms.items():
+            final, history = train(params, x, y, optimizer, config.steps, grad_source=config.grad_source)
+            out[f"{name}_curve"] = history["loss"]
+            for metric, value in end_metrics(final.params, x, y).items():
+                out[f"{name}_final_{metric}"] = value
+        return out
+
+    return run
+
+
+def steps_to_threshold(curves: np.ndarray, threshold: float) -> np.ndarray:
+    """Per row of ``curves`` (n, steps): the first step whose loss is below ``threshold`` (steps if never)."""
+    curves = np.asarray(curves)
+    below = curves < threshold
+    return np.where(below.any(axis=1), below.argmax(axis=1), curves.shape[1])
+
+
+def _finite_or_none(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], config: EmVsSgdConfig) -> dict[str, Any]:
+    """The JSON-ready summary of a sweep of :func:`make_em_vs_sgd` (SPEC §3's protocol).
+
+    threshold = mean over seeds of SGD's final loss; for each seed, the first step at which the
+    EM-like loss curve falls below it (``steps`` if never); speed-up = steps / mean of those.
+    ``p_value`` is scipy's paired t-test of the final losses (``None`` when undefined, e.g. 1 seed).
+    Standard deviations are over seeds, with ``ddof=0``.
+    """
+    from scipy import stats
+
+    steps = config.steps
+    arm = {}
+    for name in ("sgd", "em"):
+        arm[name] = {
+            "final_loss_mean": float(np.mean(per_seed[f"{name}_final_loss"])),
+            "final_loss_std": float(np.std(per_seed[f"{name}_final_loss"])),
+            "final_entropy_mean": float(np.mean(per_seed[f"{name}_final_entropy"])),
+            "final_accuracy_mean": float(np.mean(per_seed[f"{name}_final_accuracy"])),
+        }
+    threshold = arm["sgd"]["final_loss_mean"]
+    to_thr = steps_to_threshold(per_seed["em_curve"], threshold)
+    mean_steps = float(np.mean(to_thr))
+    if len(seeds) > 1:
+        p = stats.ttest_rel(per_seed["sgd_final_loss"], per_seed["em_final_loss"]).pvalue
+    else:
+        p = float("nan")
+    curves = {}
+    for name in ("sgd", "em"):
+        c = np.asarray(per_seed[f"{name}_curve"], np.float64)
+        curves[f"{name}_mean"] = c.mean(axis=0).tolist()
+        curves[f"{name}_std"] = c.std(axis=0).tolist()
+    return {
+        "experiment": "em_vs_sgd",
+        "h_min": config.task.h_min,
+        "steps": steps,
+        "seeds": [int(s) for s in seeds],
+        "sgd": arm["sgd"],
+        "em": arm["em"],
+        "threshold": threshold,
+        "em_steps_to_sgd_final": {"mean": mean_steps, "std": float(np.std(to_thr))},
+        "speedup": steps / mean_steps if mean_steps > 0 else None,
+        "p_value": _finite_or_none(p),
+        "per_seed": {
+            "seed": [int(s) for s in seeds],
+            "sgd_final_loss": [float(v) for v in per_seed["sgd_final_loss"]],
+            "em_final_loss": [float(v) for v in per_seed["em_final_loss"]],
+            "sgd_final_entropy": [float(v) for v in per_seed["sgd_final_entropy"]],
+            "em_final_entropy": [float(v) for v in per_seed["em_final_entropy"]],
+            "sgd_final_accuracy": [float(v) for v in per_seed["sgd_final_accuracy"]],
+            "em_final_accuracy": [float(v) for v in per_seed["em_final_accuracy"]],
+            "em_steps_to_sgd_final": [int(v) for v in to_thr],
+        },
+        "curves": curves,
+        "config": config.to_dict(),
+    }
+
+
+def em_vs_sgd(
+    seeds,
+    steps: int = 1000,
+    task: StickyMarkov | None = None,
+    sgd_lr: float = 0.01,
+    value_lr: float = 0.1,
+    routing_lr: float = 0.01,
+    *,
+    init_scale: float = 0.1,
+    chunk_size: int = 1,
+    devices=None,
+    progress: bool = False,
+    grad_source: str = "analytic",
+) -> dict[str, Any]:
+    """SPEC §3's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
+
+    ``chunk_size`` seeds are vmapped per device per call (see :func:`gradattn.sweep.sweep`; a seed's
+    result is bit-reproducible for a given ``chunk_size``). The default 1 suits the paper's N = 1999,
+    where one sequence already fills a CPU and vmapping more only multiplies the N x N buffers;
+    raise it for short sequences or on accelerators.
+
+    Returns the summary of :func:`summarise_em_vs_sgd` plus ``wall_time_s``, ``n_devices`` and
+    ``chunk_size``.
+    """
+    if isinstance(seeds, bool):
+        raise TypeError("em_vs_sgd: seeds must be a positive int or a sequence of non-negative ints, got a bool")
+    if isinstance(seeds, (int, np.integer)):
+        if seeds < 1:
+            raise ValueError(f"em_vs_sgd: seeds must be a positive number of seeds, got {seeds}")
+        seeds = list(range(int(seeds)))
+    seeds = [s for s in seeds]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"em_vs_sgd: every seed must be a non-negative integer, got {s!r}")
+    if not seeds:
+        raise ValueError("em_vs_sgd: seeds is empty")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"em_vs_sgd: seeds must be distinct, got {seeds}")
+    config = EmVsSgdConfig(
+        steps=steps,
+        task=StickyMarkov() if task is None else task,
+        sgd_lr=sgd_lr,
+        value_lr=value_lr,
+        routing_lr=routing_lr,
+        init_scale=init_scale,
+        grad_source=grad_source,
+    )
+    t0 = time.perf_counter()
+    per_seed = sweep(make_em_vs_sgd(config), seeds, chunk_size=chunk_size, devices=devices, progress=progress)
+    wall = time.perf_counter() - t0
+    summary = summarise_em_vs_sgd(per_seed, seeds, config)
+    summary["wall_time_s"] = wall
+    summary["n_devices"] = len(jax.devices()) if devices is None else len(list(devices))
+    summary["chunk_size"] = chunk_size
+    return summary
+
+
+def _law_pairs(key, *, n, d_in, d_k, d_v, n_classes, causal):
+    """``{law name: (law value, autodiff value)}`` on a random float64 instance (call under x64)."""
+    f64 = jnp.float64
+    k_p, k_x, k_y, k_w = jax.random.split(key, 4)
+    params = init_head(k_p, d_in, d_k, d_v, n_classes, scale=0.7, dtype=f64)
+    x = jax.random.normal(k_x, (n, d_in), f64)
+    y = jax.random.randint(k_y, (n,), 0, n_classes)
+    w = jax.random.uniform(k_w, (n,), f64, 0.1, 1.0)
+    wn = normalised_weights(w, n, f64)
+    out = forward(params, x, causal)
+    mask = causal_mask(n) if causal else jnp.ones((n, n), bool)
+    sqrt_dk = jnp.sqrt(jnp.asarray(d_k, f64))
+
+    def from_logits(z):
+        return jnp.sum(wn * token_losses(z, y))
+
+    def from_alpha(a, v):
+        return from_logits((a @ v) @ params.w_o)
+
+    def from_scores(s):
+        return from_alpha(jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), out.v)
+
+    def from_qk(q, k):
+        return from_scores(q @ k.T / sqrt_dk)
+
+    e = laws.output_error(out, y, w)
+    u = laws.upstream_grad(params, out, y, w)
+    b = laws.compatibility(u, out.v)
+    ds = laws.routing_grad(out.alpha, b)
+    law = {
+        "output_error e = dL/dz": (e, jax.grad(from_logits)(out.logits)),
+        "upstream u = dL/dg": (u, jax.grad(lambda g: from_logits(g @ params.w_o))(out.context)),
+        "compatibility b = dL/dalpha": (jnp.where(mask, b, 0), jnp.where(mask, jax.grad(from_alpha)(out.alpha, out.v), 0)),
+        "routing dL/ds": (ds, jnp.where(mask, jax.grad(from_scores)(out.scores), 0)),
+        "value dL/dv": (laws.value_grad(out.alpha, u), jax.grad(from_alpha, argnums=1)(out.alpha, out.v)),
+        "query dL/dq": (laws.query_grad(ds, out.k), jax.grad(from_qk, argnums=0)(out.q, out.k)),
+        "key dL/dk": (laws.key_grad(ds, out.q), jax.grad(from_qk, argnums=1)(out.q, out.k)),
+    }
+    auto = jax.grad(dense_loss)(params, x, y, w, causal)
+    _, analytic = laws.analytic_loss_and_grads(params, x, y, w, causal)
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        law[f"dL/d{name.upper()}"] = (getattr(analytic, name), getattr(auto, name))
+    return law
+
+
+def laws_check_errors(key=None, n: int = 37, d_in: int = 6, d_k: int = 4, d_v: int = 5, n_classes: int = 3, causal: bool = True):
+    """Worst relative error of each law of SPEC §2 against autodiff, in float64, on a random instance.
+
+    For each law, ``max |law - autodiff| / max |autodiff|``, where autodiff differentiates the loss
+    with respect to that intermediate (logits, contexts, alpha, scores, V, Q, K) or, for the weight
+    gradients, ``jax.grad(gradattn.head.dense_loss)``. Random position weights are used.
+    Returns ``{law name: relative error}`` (Python floats).
+    """
+    key = jax.random.key(0) if key is None else key
+    with jax.enable_x64(True):
+        pairs = jax.jit(functools.partial(_law_pairs, n=n, d_in=d_in, d_k=d_k, d_v=d_v, n_classes=n_classes, causal=causal))(key)
+        f64 = jnp.float64
+        return {
+            name: float(jnp.max(jnp.abs(a - r)) / jnp.maximum(jnp.max(jnp.abs(r)), jnp.finfo(f64).tiny))
+            for name, (a, r) in pairs.items()
+        }

@@ -1,0 +1,300 @@
+"""Training one head: optax optimisers, a pure step, and a whole run as one ``lax.scan``.
+
+Every update rule is an optax ``GradientTransformation`` acting on a :class:`~gradattn.head.HeadParams`
+pytree, so any optax optimiser plugs in. The paper's two readings of "EM-like" training:
+
+* :func:`em_like` (the paper's, SPEC §3): one gradient step on all four matrices at once, but with
+  two learning rates, ``value_lr`` on ``W_V`` (the M-step: values are responsibility-weighted
+  prototypes) and ``routing_lr`` on ``W_Q, W_K, W_O`` (the routing and read-out)::
+
+      W_V <- W_V - value_lr * dL/dW_V          W_{Q,K,O} <- W_{Q,K,O} - routing_lr * dL/dW_{Q,K,O}
+
+* :func:`alternating`: strictly alternating value-only and routing-only steps (a block-coordinate
+  reading of EM): for ``period`` steps only ``W_V`` moves, then for ``period`` steps only
+  ``W_Q, W_K, W_O`` move, and so on, starting with the values at step 0.
+
+:func:`make_step` builds ``step(state, x, y) -> (state, metrics)`` from an optimiser and a gradient
+source (the analytic laws of SPEC §2 by default); :func:`train` runs ``steps`` of them as one
+``lax.scan`` (PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradattn.head import HeadParams, dense_loss
+from gradattn.laws import analytic_loss_and_grads
+
+VALUE = "value"
+ROUTING = "routing"
+
+GradSource = Callable[..., tuple[jax.Array, HeadParams]]
+Probe = Callable[["TrainState", "TrainState", jax.Array, jax.Array], Any]
+
+
+class TrainState(NamedTuple):
+    """The state of a run (a pytree).
+
+    Attributes:
+      params: HeadParams, the current parameters.
+      opt_state: the optax state of the optimiser.
+      step: int32 scalar, the number of updates applied so far.
+    """
+
+    params: HeadParams
+    opt_state: Any
+    step: jax.Array
+
+
+def param_labels() -> HeadParams:
+    """The optax labels of the two timescales: ``w_v`` is ``"value"``, ``w_q, w_k, w_o`` ``"routing"``."""
+    return HeadParams(w_q=ROUTING, w_k=ROUTING, w_v=VALUE, w_o=ROUTING)
+
+
+def _check_lr(name: str, lr, fn: str) -> None:
+    """A learning rate is an optax schedule, a traced scalar (e.g. vmapped over), or a finite number >= 0."""
+    if callable(lr) or isinstance(lr, jax.core.Tracer):
+        return
+    if isinstance(lr, bool) or np.ndim(lr) != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar learning rate or an optax schedule, got {lr!r}")
+    try:
+        val = float(lr)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: {name} must be a finite non-negative number or an optax schedule, got {lr!r}") from None
+    if not (math.isfinite(val) and val >= 0):
+        raise ValueError(f"{fn}: {name} must be a finite non-negative number or an optax schedule, got {lr!r}")
+
+
+def sgd(lr) -> optax.GradientTransformation:
+    """Plain gradient descent, ``theta <- theta - lr * dL/dtheta`` on all four matrices."""
+    _check_lr("lr", lr, "sgd")
+    return optax.sgd(lr)
+
+
+def em_like(value_lr=0.1, routing_lr=0.01, base: Callable[..., optax.GradientTransformation] = optax.sgd):
+    """The paper's two-timescale (EM-like) optimiser, as an ``optax.multi_transform``.
+
+    ``base(value_lr)`` updates ``w_v`` and ``base(routing_lr)`` updates ``w_q, w_k, w_o`` (labels from
+    :func:`param_labels`). With the default ``base=optax.sgd`` one step is::
+
+        W_V <- W_V - value_lr * dL/dW_V,    W_{Q,K,O} <- W_{Q,K,O} - routing_lr * dL/dW_{Q,K,O}
+
+    Any optax optimiser factory taking the learning rate as its first argument works as ``base``
+    (``optax.adam``, ``optax.sgd`` with momentum via ``functools.partial``, ...).
+    """
+    _check_lr("value_lr", value_lr, "em_like")
+    _check_lr("routing_lr", routing_lr, "em_like")
+    if not callable(base):
+        raise TypeError(f"em_like: base must be an optax optimiser factory such as optax.sgd, got {base!r}")
+    return optax.multi_transform({VALUE: base(value_lr), ROUTING: base(routing_lr)}, param_labels())
+
+
+class GatedState(NamedTuple):
+    """State of :func:`gated`: the number of updates seen, and the inner optimiser's state."""
+
+    count: jax.Array
+    inner: Any
+
+
+def gated(inner: optax.GradientTransformation, active: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
+    """``inner`` applied only on the steps ``t`` (0, 1, ...) where ``active(t)`` is True.
+
+    On the other steps the update is exactly zero and the inner state (momenta, counts) is left
+    untouched, so the inner optimiser sees only the steps on which it acts. ``t`` is kept in this
+    transformation's own state; everything is pure and jit-able.
+    """
+
+    def init_fn(params):
+        return GatedState(count=jnp.zeros((), jnp.int32), inner=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        on = jnp.asarray(active(state.count), bool)
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        new_updates = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_inner, state.inner)
+        return new_updates, GatedState(count=state.count + 1, inner=new_inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def alternating(value_lr=0.1, routing_lr=0.01, period: int = 1, base: Callable[..., optax.GradientTransformation] = optax.sgd):
+    """Strictly alternating value-only and routing-only steps (block-coordinate EM).
+
+    Step ``t`` (counted from 0) is a value step when ``(t // period) % 2 == 0``: only ``w_v`` moves,
+    by ``base(value_lr)``; otherwise it is a routing step: only ``w_q, w_k, w_o`` move, by
+    ``base(routing_lr)``. With ``period=1``: value, routing, value, routing, ...
+    """
+    _check_lr("value_lr", value_lr, "alternating")
+    _check_lr("routing_lr", routing_lr, "alternating")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"alternating: period must be a positive integer, got {period!r}")
+    if not callable(base):
+        raise TypeError(f"alternating: base must be an optax optimiser factory such as optax.sgd, got {base!r}")
+    phase = lambda t: (t // period) % 2  # noqa: E731
+    return optax.multi_transform(
+        {
+            VALUE: gated(base(value_lr), lambda t: phase(t) == 0),
+            ROUTING: gated(base(routing_lr), lambda t: phase(t) == 1),
+        },
+        param_labels(),
+    )
+
+
+def init_state(params: HeadParams, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState` at step 0."""
+    _check_optimizer(optimizer, "init_state")
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def _check_optimizer(optimizer, fn: str) -> None:
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
+
+
+def _autodiff_loss_and_grads(params, x, y, weights=None, causal=True):
+    return jax.value_and_grad(dense_loss)(params, x, y, weights, causal)
+
+
+def resolve_grad_source(grad_source) -> GradSource:
+    """``"analytic"`` (the laws of SPEC §2), ``"autodiff"`` (``jax.value_and_grad(dense_loss)``),
+    or a callable ``(params, x, y, weights, causal) -> (loss, grads)``."""
+    if callable(grad_source):
+        return grad_source
+    if grad_source == "analytic":
+        return analytic_loss_and_grads
+    if grad_source == "autodiff":
+        return _autodiff_loss_and_grads
+    raise ValueError(
+        f"grad_source must be 'analytic', 'autodiff' or a callable (params, x, y, weights, causal) -> (loss, grads), "
+        f"got {grad_source!r}"
+    )
+
+
+def _norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree)))
+
+
+def make_step(optimizer: optax.GradientTransformation, grad_source="analytic", weights=None, causal: bool = True):
+    """A pure training step ``step(state, x, y) -> (new_state, metrics)``.
+
+    One step: ``(L, g) = grad_source(params, x, y, weights, causal)``, then
+    ``updates, opt_state = optimizer.update(g, opt_state, params)`` and
+    ``params <- optax.apply_updates(params, updates)``.
+
+    Args:
+      optimizer: any optax GradientTransformation over HeadParams.
+      grad_source: ``"analytic"`` (default; :func:`gradattn.laws.analytic_loss_and_grads`),
+        ``"autodiff"`` or a callable ``(params, x, y, weights, causal) -> (loss, grads)``.
+      weights: optional (N,) position weights, fixed for the run.
+      causal: mask future keys.
+    Returns:
+      ``step``; its metrics are scalars: ``loss`` (before the update), ``grad_norm_value``
+      (||dL/dW_V||) and ``grad_norm_routing`` (||(dL/dW_Q, dL/dW_K, dL/dW_O)||).
+    """
+    _check_optimizer(optimizer, "make_step")
+    loss_and_grads = resolve_grad_source(grad_source)
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array):
+        loss, grads = loss_and_grads(state.params, x, y, weights, causal)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm_value": _norm(grads.w_v),
+            "grad_norm_routing": _norm((grads.w_q, grads.w_k, grads.w_o)),
+        }
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return step
+
+
+def params_probe(state_before: TrainState, state_after: TrainState, x: jax.Array, y: jax.Array) -> HeadParams:
+    """The default checkpoint probe: the parameters at the checkpoint (before its step)."""
+    del state_after, x, y
+    return state_before.params
+
+
+def _check_positive_int(name: str, val, fn: str) -> None:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{fn}: {name} must be a positive integer, got {val!r}")
+
+
+def train(
+    params: HeadParams,
+    x: jax.Array,
+    y: jax.Array,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    *,
+    grad_source="analytic",
+    weights=None,
+    causal: bool = True,
+    checkpoint_every: int | None = None,
+    probe: Probe | None = None,
+):
+    """Full-batch training on one sequence for ``steps`` updates, as one ``lax.scan``.
+
+    Pure and jit-compatible (``optimizer``, ``steps``, ``grad_source``, ``causal``,
+    ``checkpoint_every`` and ``probe`` are static Python values; close over them), and vmap-able
+    over ``params``, ``x`` and ``y``.
+
+    Args:
+      params: HeadParams at step 0.
+      x: (N, d_in) inputs.  y: (N,) integer targets.
+      optimizer: an optax GradientTransformation (e.g. :func:`sgd`, :func:`em_like`).
+      steps: number of updates (a positive int).
+      grad_source, weights, causal: as in :func:`make_step`.
+      checkpoint_every: ``k`` dividing ``steps``; if given, ``probe(state_before, state_after, x, y)``
+        is recorded for the first step of each chunk of ``k`` steps, i.e. at steps 0, k, 2k, ...
+        (``steps // k`` checkpoints). The scan is then nested: chunks outside, steps inside.
+      probe: any pure function of ``(state_before, state_after, x, y)`` returning a pytree; by
+        default :func:`params_probe` (the parameters before the checkpoint's step).
+    Returns:
+      ``(final_state, history)`` where history holds ``loss`` (steps,), the loss before every
+      update, ``grad_norm_value`` and ``grad_norm_routing`` (steps,), and, with checkpoints,
+      ``checkpoints``: the probe's pytree with a leading axis of ``steps // k``.
+    """
+    _check_positive_int("steps", steps, "train")
+    _check_optimizer(optimizer, "train")
+    if checkpoint_every is not None:
+        _check_positive_int("checkpoint_every", checkpoint_every, "train")
+        if steps % checkpoint_every:
+            raise ValueError(
+                f"train: checkpoint_every={checkpoint_every} must divide steps={steps} "
+                f"(checkpoints are taken at steps 0, k, 2k, ...)"
+            )
+    if probe is not None and checkpoint_every is None:
+        raise ValueError("train: probe is given but checkpoint_every is None; pass checkpoint_every=k to record it")
+    if probe is not None and not callable(probe):
+        raise TypeError(f"train: probe must be a callable (state_before, state_after, x, y) -> pytree, got {probe!r}")
+    probe = params_probe if probe is None else probe
+
+    step = make_step(optimizer, grad_source, weights, causal)
+    state = init_state(params, optimizer)
+
+    def body(carry, _):
+        return step(carry, x, y)
+
+    if checkpoint_every is None:
+        final, history = jax.lax.scan(body, state, None, length=steps)
+        return final, history
+
+    k = checkpoint_every
+
+    def chunk(carry, _):
+        after, first_metrics = step(carry, x, y)
+        record = probe(carry, after, x, y)
+        end, rest = jax.lax.scan(body, after, None, length=k - 1)
+        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first_metrics, rest)
+        return end, (metrics, record)
+
+    final, (metrics, checkpoints) = jax.lax.scan(chunk, state, None, length=steps // k)
+    history = jax.tree.map(lambda a: a.reshape((steps,) + a.shape[2:]), metrics)
+    history["checkpoints"] = checkpoints
+    return final, history

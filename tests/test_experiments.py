@@ -1,0 +1,101 @@
+"""The EM-vs-SGD experiment of SPEC §3 at tiny sizes, its summary statistics, and the laws check."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from gradattn import experiments
+from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
+from gradattn.sweep import sweep
+from gradattn.tasks import StickyMarkov
+
+TASK = StickyMarkov(seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return experiments.em_vs_sgd([0, 2, 5], steps=6, task=TASK, chunk_size=3)
+
+
+def test_arms_are_paired_and_train(tiny):
+    per = tiny["per_seed"]
+    assert per["seed"] == [0, 2, 5]
+    fn = make_em_vs_sgd(EmVsSgdConfig(steps=6, task=TASK))
+    assert fn is make_em_vs_sgd(EmVsSgdConfig(steps=6, task=TASK))  # cached: sweeps reuse the compiled run
+    out = {k: v[0] for k, v in sweep(fn, [2], chunk_size=3).items()}
+    assert out["sgd_curve"].shape == (6,) and out["sgd_curve"].dtype == np.float32
+    # Same sequence and same initial parameters: the curves start at the same loss.
+    assert out["sgd_curve"][0] == out["em_curve"][0]
+    # The final loss is measured after the last update.
+    assert out["sgd_final_loss"] < out["sgd_curve"][-1]
+    assert per["sgd_final_loss"][1] == out["sgd_final_loss"] and per["em_final_loss"][1] == out["em_final_loss"]
+    assert 0.0 <= out["em_final_accuracy"] <= 1.0 and 0.0 < out["em_final_entropy"] <= np.log(8) + 1e-5
+
+
+def test_summary_schema(tiny):
+    for key in ("h_min", "steps", "seeds", "sgd", "em", "em_steps_to_sgd_final", "speedup", "p_value", "per_seed", "curves", "config"):
+        assert key in tiny, key
+    for arm in ("sgd", "em"):
+        assert set(tiny[arm]) >= {"final_loss_mean", "final_loss_std", "final_entropy_mean", "final_accuracy_mean"}
+    assert set(tiny["em_steps_to_sgd_final"]) == {"mean", "std"}
+    assert set(tiny["per_seed"]) >= {"seed", "sgd_final_loss", "em_final_loss", "em_steps_to_sgd_final"}
+    assert len(tiny["curves"]["em_mean"]) == 6 and len(tiny["curves"]["sgd_std"]) == 6
+    assert tiny["steps"] == 6 and tiny["seeds"] == [0, 2, 5]
+    assert abs(tiny["h_min"] - 1.8292) < 1e-4
+    assert isinstance(tiny["p_value"], float)
+    assert tiny["config"]["task"]["seq_len"] == 32 and tiny["config"]["value_lr"] == 0.1
+    json.dumps(tiny, allow_nan=False)  # plain JSON
+
+
+def test_steps_to_threshold():
+    curves = np.array([[3.0, 2.5, 2.0, 1.5], [3.0, 2.9, 2.8, 2.7], [1.0, 0.5, 0.4, 0.3]])
+    np.testing.assert_array_equal(steps_to_threshold(curves, 2.1), [2, 4, 0])
+
+
+def test_summary_statistics():
+    config = EmVsSgdConfig(steps=4, task=TASK)
+    per = {
+        "sgd_curve": np.array([[3.0, 2.5, 2.2, 2.1], [3.0, 2.6, 2.3, 2.2]]),
+        "em_curve": np.array([[3.0, 2.0, 1.9, 1.8], [3.0, 2.5, 2.05, 2.0]]),
+        "sgd_final_loss": np.array([2.0, 2.2]),
+        "em_final_loss": np.array([1.7, 1.95]),
+        "sgd_final_entropy": np.array([2.1, 2.3]),
+        "em_final_entropy": np.array([1.8, 2.0]),
+        "sgd_final_accuracy": np.array([0.2, 0.3]),
+        "em_final_accuracy": np.array([0.3, 0.4]),
+    }
+    s = summarise_em_vs_sgd(per, [0, 1], config)
+    assert s["threshold"] == pytest.approx(2.1)
+    assert s["per_seed"]["em_steps_to_sgd_final"] == [1, 2]
+    assert s["em_steps_to_sgd_final"]["mean"] == 1.5 and s["speedup"] == pytest.approx(4 / 1.5)
+    assert s["sgd"]["final_loss_std"] == pytest.approx(0.1)
+    from scipy import stats
+
+    assert s["p_value"] == pytest.approx(stats.ttest_rel([2.0, 2.2], [1.7, 1.95]).pvalue)
+    np.testing.assert_allclose(s["curves"]["em_mean"], [3.0, 2.25, 1.975, 1.9])
+    one = summarise_em_vs_sgd({k: v[:1] for k, v in per.items()}, [0], config)
+    assert one["p_value"] is None
+
+
+@pytest.mark.parametrize(
+    "seeds, kwargs, err, match",
+    [
+        (0, {}, ValueError, "seeds"),
+        ([1, 1], {}, ValueError, "distinct"),
+        ([-1], {}, ValueError, "non-negative"),
+        ([], {}, ValueError, "empty"),
+        (2, dict(steps=0), ValueError, "steps"),
+        (2, dict(sgd_lr=-1.0), ValueError, "sgd_lr"),
+    ],
+)
+def test_em_vs_sgd_rejects_bad_arguments(seeds, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        experiments.em_vs_sgd(seeds, task=TASK, **kwargs)
+
+
+def test_laws_check_errors_are_tiny():
+    errors = experiments.laws_check_errors(jax.random.key(1), n=11)
+    assert len(errors) == 11
+    assert max(errors.values()) < 1e-9

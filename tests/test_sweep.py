@@ -1,0 +1,105 @@
+"""Seed sweeps: a seed's result is bit-identical alone, in any chunk, in any order, on any device count."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd
+from gradattn.sweep import seed_keys, sweep
+from gradattn.tasks import StickyMarkov
+
+# A real (tiny) experiment: sampling, matmuls, softmax reductions and a training scan.
+CONFIG = EmVsSgdConfig(steps=4, task=StickyMarkov(seq_len=24))
+FN = make_em_vs_sgd(CONFIG)
+
+
+def assert_trees_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def pick(tree, i):
+    return {k: v[i] for k, v in tree.items()}
+
+
+def test_seed_result_independent_of_chunking_and_order():
+    alone = sweep(FN, [3], chunk_size=3)
+    three = sweep(FN, [1, 3, 4], chunk_size=3)
+    five = sweep(FN, [0, 1, 2, 3, 4], chunk_size=3)  # two calls; seed 3 opens the second
+    reverse = sweep(FN, [4, 3, 2, 1, 0], chunk_size=3)
+    assert alone["sgd_curve"].shape == (1, 4) and five["em_final_loss"].shape == (5,)
+    assert isinstance(five["em_final_loss"], np.ndarray)
+    assert_trees_equal(pick(alone, 0), pick(three, 1))
+    assert_trees_equal(pick(alone, 0), pick(five, 3))
+    assert_trees_equal(pick(five, 0), pick(reverse, 4))
+    assert_trees_equal(pick(five, 1), pick(reverse, 3))
+    assert not np.array_equal(five["sgd_curve"][0], five["sgd_curve"][1])
+
+
+def test_keys_ints_and_raw_keys_agree():
+    ints = sweep(FN, [5, 6], chunk_size=3)
+    typed = sweep(FN, jnp.stack([jax.random.key(5), jax.random.key(6)]), chunk_size=3)
+    raw = sweep(FN, jax.random.key_data(jnp.stack([jax.random.key(5), jax.random.key(6)])), chunk_size=3)
+    assert_trees_equal(ints, typed)
+    assert_trees_equal(ints, raw)
+    np.testing.assert_array_equal(jax.random.key_data(seed_keys([7])[0]), jax.random.key_data(jax.random.key(7)))
+
+
+def test_progress_bar_runs(capsys):
+    out = sweep(lambda k: {"u": jax.random.uniform(k, (2,))}, range(5), chunk_size=2, progress=True)
+    assert out["u"].shape == (5, 2)
+    assert "5 seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "seeds, kwargs, err, match",
+    [
+        ([], {}, ValueError, "empty"),
+        ([1, -2], {}, ValueError, "non-negative"),
+        ([1.5], {}, ValueError, "non-negative integer"),
+        (3, {}, TypeError, "seeds"),
+        ([1], dict(chunk_size=0), ValueError, "chunk_size"),
+        ([1], dict(devices=[]), ValueError, "devices"),
+    ],
+)
+def test_bad_arguments(seeds, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        sweep(lambda k: {"u": jax.random.uniform(k)}, seeds, **kwargs)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+    from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd
+    from gradattn.sweep import sweep
+    from gradattn.tasks import StickyMarkov
+
+    assert jax.device_count() == 4, jax.devices()
+    fn = make_em_vs_sgd(EmVsSgdConfig(steps=4, task=StickyMarkov(seq_len=24)))
+    four = sweep(fn, range(5), chunk_size=1)
+    one = sweep(fn, range(5), chunk_size=1, devices=jax.devices()[:1])
+    for k in four:
+        np.testing.assert_array_equal(four[k], one[k], err_msg=k)
+    np.savez(sys.argv[1], **four)
+    """
+)
+
+
+def test_four_devices_match_one_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = tmp_path / "four.npz"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    four = dict(np.load(out))
+    here = sweep(FN, range(5), chunk_size=1)  # this process: one device
+    assert jax.device_count() == 1
+    assert_trees_equal(here, four)

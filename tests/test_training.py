@@ -1,0 +1,236 @@
+"""Optimisers as optax transformations, the pure step, and train() as one lax.scan.
+
+Small float64 instances (conftest enables x64) so exact update rules can be checked to 1e-12.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradattn as ga
+from gradattn import training
+
+ROUTING = ("w_q", "w_k", "w_o")
+
+
+def case(seed=0, n=9, d_in=4, d_k=3, d_v=5, c=3, dtype=jnp.float64):
+    kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
+    params = ga.init_head(kp, d_in, d_k, d_v, c, scale=0.5, dtype=dtype)
+    x = jax.random.normal(kx, (n, d_in), dtype)
+    y = jax.random.randint(ky, (n,), 0, c, dtype=jnp.int32)
+    return params, x, y
+
+
+def one_update(optimizer, params, x, y):
+    """(grads, params after one step of make_step)."""
+    state = training.init_state(params, optimizer)
+    new, metrics = jax.jit(training.make_step(optimizer))(state, x, y)
+    grads = ga.analytic_grads(params, x, y)
+    return grads, new, metrics
+
+
+def test_param_labels():
+    assert training.param_labels() == ga.HeadParams(w_q="routing", w_k="routing", w_v="value", w_o="routing")
+
+
+def test_sgd_update_is_minus_lr_grad():
+    params, x, y = case()
+    grads, new, metrics = one_update(training.sgd(0.05), params, x, y)
+    for name in ga.HeadParams._fields:
+        np.testing.assert_allclose(getattr(new.params, name) - getattr(params, name), -0.05 * getattr(grads, name), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(metrics["loss"], ga.loss_fn(params, x, y), rtol=1e-12)
+    assert int(new.step) == 1
+
+
+def test_em_like_gives_values_their_own_rate():
+    params, x, y = case(1)
+    grads, new, metrics = one_update(training.em_like(value_lr=0.1, routing_lr=0.01), params, x, y)
+    np.testing.assert_allclose(new.params.w_v - params.w_v, -0.1 * grads.w_v, rtol=1e-12, atol=1e-15)
+    for name in ROUTING:
+        np.testing.assert_allclose(getattr(new.params, name) - getattr(params, name), -0.01 * getattr(grads, name), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(metrics["grad_norm_value"], np.linalg.norm(grads.w_v), rtol=1e-12)
+    want = np.sqrt(sum(np.sum(np.square(getattr(grads, n))) for n in ROUTING))
+    np.testing.assert_allclose(metrics["grad_norm_routing"], want, rtol=1e-12)
+
+
+def test_em_like_accepts_any_optax_base():
+    params, x, y = case(2)
+    opt = training.em_like(1e-3, 1e-4, base=optax.adam)
+    _, new, _ = one_update(opt, params, x, y)
+    # Adam's first step moves every entry by about lr * sign(g).
+    np.testing.assert_allclose(np.abs(new.params.w_v - params.w_v).max(), 1e-3, rtol=1e-3)
+    np.testing.assert_allclose(np.abs(new.params.w_q - params.w_q).max(), 1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_alternating_moves_one_group_per_step(period):
+    params, x, y = case(3)
+    opt = training.alternating(value_lr=0.1, routing_lr=0.01, period=period)
+    state = training.init_state(params, opt)
+    step = jax.jit(training.make_step(opt))
+    for t in range(4 * period):
+        before = state.params
+        grads = ga.analytic_grads(before, x, y)
+        state, _ = step(state, x, y)
+        value_step = (t // period) % 2 == 0
+        moved_v = not np.array_equal(state.params.w_v, before.w_v)
+        moved_r = [not np.array_equal(getattr(state.params, n), getattr(before, n)) for n in ROUTING]
+        assert moved_v == value_step, t
+        assert all(m == (not value_step) for m in moved_r), t
+        if value_step:
+            np.testing.assert_allclose(state.params.w_v - before.w_v, -0.1 * grads.w_v, rtol=1e-12, atol=1e-15)
+        else:
+            np.testing.assert_allclose(state.params.w_o - before.w_o, -0.01 * grads.w_o, rtol=1e-12, atol=1e-15)
+
+
+def test_gated_leaves_inner_state_alone_on_off_steps():
+    params, x, y = case(4)
+    opt = training.alternating(1e-3, 1e-3, base=optax.adam)
+    state = training.init_state(params, opt)
+    state, _ = jax.jit(training.make_step(opt))(state, x, y)  # a value step
+    inner = state.opt_state.inner_states
+    value_adam = inner["value"].inner_state.inner
+    routing_adam = inner["routing"].inner_state.inner
+    assert int(value_adam[0].count) == 1
+    assert int(routing_adam[0].count) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(value_lr=-1.0), "value_lr"),
+        (dict(routing_lr=float("nan")), "routing_lr"),
+        (dict(period=0), "period"),
+    ],
+)
+def test_alternating_rejects_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        training.alternating(**bad)
+
+
+def test_train_equals_python_loop_of_steps():
+    params, x, y = case(5)
+    opt = training.em_like(0.1, 0.01)
+    steps = 7
+    final, history = jax.jit(lambda p: training.train(p, x, y, opt, steps))(params)
+    state = training.init_state(params, opt)
+    step = jax.jit(training.make_step(opt))
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, x, y)
+        losses.append(m["loss"])
+    assert history["loss"].shape == (steps,)
+    assert set(history) == {"loss", "grad_norm_value", "grad_norm_routing"}
+    np.testing.assert_allclose(history["loss"], losses, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+    assert int(final.step) == steps
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_checkpoints_shape_and_timing():
+    params, x, y = case(6)
+    opt = training.sgd(0.1)
+    _, plain = training.train(params, x, y, opt, 6)
+    _, default = training.train(params, x, y, opt, 6, checkpoint_every=2)
+    np.testing.assert_allclose(default["loss"], plain["loss"], rtol=1e-12)
+    ck = default["checkpoints"]
+    assert isinstance(ck, ga.HeadParams)
+    assert ck.w_q.shape == (3,) + params.w_q.shape and ck.w_o.shape == (3,) + params.w_o.shape
+    np.testing.assert_array_equal(ck.w_v[0], params.w_v)  # checkpoint 0 is the initial state
+
+    def probe(before, after, x_, y_):
+        return {"before": before.step, "after": after.step, "loss": ga.loss_fn(before.params, x_, y_)}
+
+    _, hist = training.train(params, x, y, opt, 6, checkpoint_every=2, probe=probe)
+    np.testing.assert_array_equal(hist["checkpoints"]["before"], [0, 2, 4])
+    np.testing.assert_array_equal(hist["checkpoints"]["after"], [1, 3, 5])
+    np.testing.assert_allclose(hist["checkpoints"]["loss"], plain["loss"][::2], rtol=1e-12)
+    _, every = training.train(params, x, y, opt, 6, checkpoint_every=1, probe=probe)
+    np.testing.assert_array_equal(every["checkpoints"]["before"], np.arange(6))
+
+
+def test_grad_sources_agree():
+    params, x, y = case(7)
+    opt = training.sgd(0.1)
+    _, a = training.train(params, x, y, opt, 3, grad_source="analytic")
+    _, b = training.train(params, x, y, opt, 3, grad_source="autodiff")
+    calls = []
+
+    def custom(p, x_, y_, weights, causal):
+        calls.append(causal)
+        return ga.analytic_loss_and_grads(p, x_, y_, weights, causal)
+
+    _, c = training.train(params, x, y, opt, 3, grad_source=custom, causal=False)
+    _, d = training.train(params, x, y, opt, 3, causal=False)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-12)
+    np.testing.assert_allclose(c["loss"], d["loss"], rtol=1e-12)
+    assert calls and calls[0] is False
+
+
+def test_weights_are_used():
+    params, x, y = case(8)
+    w = jnp.zeros(x.shape[0]).at[:3].set(1.0)
+    _, hist = training.train(params, x, y, training.sgd(0.1), 2, weights=w)
+    np.testing.assert_allclose(hist["loss"][0], ga.loss_fn(params, x, y, w), rtol=1e-12)
+
+
+def test_train_vmaps_over_params_and_float32_stays_float32():
+    p0, x, y = case(9, dtype=jnp.float32)
+    p1, _, _ = case(10, dtype=jnp.float32)
+    batch = jax.tree.map(lambda a, b: jnp.stack([a, b]), p0, p1)
+    run = jax.jit(jax.vmap(lambda p: training.train(p, x, y, training.em_like(), 4)))
+    final, hist = run(batch)
+    assert hist["loss"].shape == (2, 4) and hist["loss"].dtype == jnp.float32
+    assert final.params.w_v.dtype == jnp.float32
+    _, single = training.train(p1, x, y, training.em_like(), 4)
+    np.testing.assert_allclose(hist["loss"][1], single["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.0), ValueError, "steps"),
+        (dict(steps=True), ValueError, "steps"),
+        (dict(steps=6, checkpoint_every=4), ValueError, "divide"),
+        (dict(steps=6, checkpoint_every=0), ValueError, "checkpoint_every"),
+        (dict(steps=6, probe=lambda *a: 0), ValueError, "checkpoint_every"),
+        (dict(steps=6, checkpoint_every=2, probe=3), TypeError, "probe"),
+        (dict(steps=2, grad_source="numeric"), ValueError, "grad_source"),
+    ],
+)
+def test_train_rejects_bad_arguments(kwargs, err, match):
+    params, x, y = case()
+    steps = kwargs.pop("steps")
+    with pytest.raises(err, match=match):
+        training.train(params, x, y, training.sgd(0.1), steps, **kwargs)
+
+
+def test_bad_optimizer_and_lr():
+    params, x, y = case()
+    with pytest.raises(TypeError, match="optimizer"):
+        training.train(params, x, y, object(), 2)
+    with pytest.raises(ValueError, match="lr"):
+        training.sgd(-0.1)
+    with pytest.raises(ValueError, match="value_lr"):
+        training.em_like(value_lr="fast")
+    # A schedule is a valid learning rate.
+    training.sgd(optax.constant_schedule(0.1))
+    training.em_like(np.float32(0.1), jnp.asarray(0.01))
+
+
+def test_learning_rates_can_be_vmapped():
+    params, x, y = case(11)
+
+    def final_loss(value_lr):
+        return training.train(params, x, y, training.em_like(value_lr, 0.01), 3)[1]["loss"][-1]
+
+    batched = jax.jit(jax.vmap(final_loss))(jnp.array([0.0, 0.1]))
+    np.testing.assert_allclose(batched[1], final_loss(0.1), rtol=1e-10)
+
+
+def test_public_reexports():
+    assert ga.train is training.train and ga.em_like is training.em_like
