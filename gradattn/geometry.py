@@ -1,0 +1,191 @@
+"""The geometry that training sculpts: attention entropy, value/context spectra, and what the
+leading directions encode.
+
+All functions are pure, jit- and vmap-able (vmap over checkpoints or seeds), and take plain arrays::
+
+    attention_entropy_bits(alpha)             H_i = -sum_j alpha_ij log2 alpha_ij              (N,)
+    pca_spectrum(z)                           eigenvalues of Cov(z), descending                  (D,)
+    participation_ratio(spectrum)             PR = (sum lambda)^2 / sum lambda^2, in [1, D]
+    principal_components(z, k)                scores (M, k) and directions (k, D)
+    pc_covariate_correlation(z, c, k)         |corr(score_m, c)| for the k leading components   (k,)
+    covariate_r2(z, c, k)                     R^2 of c regressed on the k leading scores
+    decoding_r2(z, targets)                   R^2 of a linear read-out of targets (M, T) from z
+
+The companion paper's claim is that values and contexts of a trained head lie near a
+low-dimensional manifold whose leading coordinate tracks the posterior uncertainty; for the sticky
+chain, the per-position covariate is the Bayes predictive entropy (:func:`gradattn.bayes.bayes_entropy`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+def _check_rows(name: str, z, fn: str) -> None:
+    if np.ndim(z) != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D (M points, D dims), got shape {tuple(np.shape(z))}")
+    if np.shape(z)[0] < 2:
+        raise ValueError(f"{fn}: {name} needs at least 2 points (rows), got shape {tuple(np.shape(z))}")
+    if not jnp.issubdtype(jnp.result_type(z), jnp.floating):
+        raise TypeError(f"{fn}: {name} must be floating point, got dtype {jnp.result_type(z)}")
+
+
+def _check_k(k, d: int, fn: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d:
+        raise ValueError(f"{fn}: n_components must be an integer in [1, {d}] (the number of dims), got {k!r}")
+
+
+def attention_entropy_bits(alpha: jax.Array) -> jax.Array:
+    """Entropy in bits of each attention row: H_i = -sum_j alpha_ij log2 alpha_ij, with 0 log 0 = 0.
+
+    Args:
+      alpha: (..., N_keys) attention weights, rows summing to 1 (e.g. (N, N) for one head).
+    Returns:
+      (...,) entropies; 0 for a one-hot row, log2(m) for a row uniform over m keys.
+    """
+    alpha = jnp.asarray(alpha)
+    if alpha.ndim < 1 or not jnp.issubdtype(alpha.dtype, jnp.floating):
+        raise ValueError(f"attention_entropy_bits: alpha must be a floating array (..., N_keys), got shape {alpha.shape}, dtype {alpha.dtype}")
+    safe = jnp.where(alpha > 0, alpha, 1.0)
+    return -jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(safe), 0.0), axis=-1) / LN2
+
+
+def _centred(z, center: bool):
+    z = jnp.asarray(z)
+    return z - jnp.mean(z, axis=0, keepdims=True) if center else z
+
+
+def pca_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
+    """Eigenvalues of the covariance of the rows of ``z``, in descending order.
+
+    lambda = svd(z - mean)^2 / M, the variance along each principal direction (the 1/M normalisation;
+    ratios and the participation ratio do not depend on it).
+
+    Args:
+      z: (M, D) points (values v_j, contexts g_i, ...).
+      center: subtract the mean point first (default True).
+    Returns:
+      (min(M, D),) variances, descending, non-negative.
+    """
+    _check_rows("z", z, "pca_spectrum")
+    zc = _centred(z, center)
+    s = jnp.linalg.svd(zc, compute_uv=False)
+    return s * s / zc.shape[0]
+
+
+def explained_variance_ratio(spectrum: jax.Array) -> jax.Array:
+    """lambda_m / sum_m lambda_m for a spectrum from :func:`pca_spectrum`."""
+    spectrum = jnp.asarray(spectrum)
+    total = jnp.sum(spectrum)
+    return spectrum / jnp.where(total > 0, total, 1.0)
+
+
+def participation_ratio(spectrum: jax.Array) -> jax.Array:
+    """PR = (sum_m lambda_m)^2 / sum_m lambda_m^2: the effective number of dimensions.
+
+    1 when one direction holds all the variance, r for r equal eigenvalues (the rest zero).
+    Takes a spectrum (..., D) (vmap-friendly along leading axes); 0 for an all-zero spectrum.
+    """
+    spectrum = jnp.asarray(spectrum)
+    if spectrum.ndim < 1:
+        raise ValueError(f"participation_ratio: spectrum must be at least 1-D (..., D), got shape {spectrum.shape}")
+    num = jnp.sum(spectrum, axis=-1) ** 2
+    den = jnp.sum(spectrum * spectrum, axis=-1)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def principal_components(z: jax.Array, n_components: int = 2, center: bool = True):
+    """The ``n_components`` leading principal directions of the rows of ``z`` and the scores on them.
+
+    Args:
+      z: (M, D) points.   n_components: k, 1 <= k <= min(M, D).
+    Returns:
+      ``(scores (M, k), directions (k, D))`` with scores = (z - mean) @ directions.T; directions are
+      orthonormal rows, ordered by variance. Each direction's sign is fixed so that its largest
+      |entry| is positive (deterministic output for a given z).
+    """
+    _check_rows("z", z, "principal_components")
+    _check_k(n_components, min(np.shape(z)), "principal_components")
+    zc = _centred(z, center)
+    _, _, vt = jnp.linalg.svd(zc, full_matrices=False)
+    dirs = vt[:n_components]
+    pivot = jnp.take_along_axis(dirs, jnp.argmax(jnp.abs(dirs), axis=-1)[:, None], axis=-1)
+    dirs = dirs * jnp.where(pivot < 0, -1.0, 1.0).astype(dirs.dtype)
+    return zc @ dirs.T, dirs
+
+
+def _check_covariate(z, covariate, fn: str):
+    if np.ndim(covariate) != 1 or np.shape(covariate)[0] != np.shape(z)[0]:
+        raise ValueError(
+            f"{fn}: covariate must have shape ({np.shape(z)[0]},), one value per row of z {tuple(np.shape(z))}, "
+            f"got shape {tuple(np.shape(covariate))}"
+        )
+
+
+def _pearson(a, b):
+    a = a - jnp.mean(a, axis=0)
+    b = b - jnp.mean(b, axis=0)
+    den = jnp.sqrt(jnp.sum(a * a, axis=0) * jnp.sum(b * b, axis=0))
+    return jnp.where(den > 0, jnp.sum(a * b, axis=0) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def pc_covariate_correlation(z: jax.Array, covariate: jax.Array, n_components: int = 3, center: bool = True) -> jax.Array:
+    """|Pearson correlation| between each of the k leading principal scores of ``z`` and ``covariate``.
+
+    A principal direction's sign is arbitrary, so the absolute value is returned.
+
+    Args:
+      z: (M, D) points, e.g. contexts g_i.   covariate: (M,) one number per point, e.g. the
+      Bayes predictive entropy at position i.   n_components: k.
+    Returns:
+      (k,) values in [0, 1].
+    """
+    _check_rows("z", z, "pc_covariate_correlation")
+    _check_covariate(z, covariate, "pc_covariate_correlation")
+    scores, _ = principal_components(z, n_components, center)
+    c = jnp.asarray(covariate, scores.dtype)
+    return jnp.abs(_pearson(scores, c[:, None]))
+
+
+def covariate_r2(z: jax.Array, covariate: jax.Array, n_components: int = 3, center: bool = True) -> jax.Array:
+    """R^2 of the least-squares fit of ``covariate`` on the k leading principal scores of ``z``.
+
+    With ``center=True`` the principal scores are centred and uncorrelated, so R^2 = sum_m corr(score_m, c)^2 over the k components
+    (with components of zero variance contributing nothing). Shapes as :func:`pc_covariate_correlation`.
+    """
+    r = pc_covariate_correlation(z, covariate, n_components, center)
+    return jnp.sum(r * r)
+
+
+def decoding_r2(z: jax.Array, targets: jax.Array) -> jax.Array:
+    """R^2 of the least-squares linear read-out (with intercept) of ``targets`` from ``z``.
+
+    R^2 = 1 - sum ||t_m - t_hat_m||^2 / sum ||t_m - mean t||^2, pooled over the target columns (so
+    columns count by their variance). How much of a per-position quantity, e.g. the Bayes
+    log-predictive (N, C), is linearly readable from the contexts g_i (N, d_v).
+
+    Args:
+      z: (M, D) points.   targets: (M,) or (M, T), one row per point.
+    Returns:
+      scalar R^2 in [0, 1] (0 when the targets are constant).
+    """
+    _check_rows("z", z, "decoding_r2")
+    t = jnp.asarray(targets)
+    if t.ndim not in (1, 2) or t.shape[0] != np.shape(z)[0]:
+        raise ValueError(
+            f"decoding_r2: targets must have shape ({np.shape(z)[0]},) or ({np.shape(z)[0]}, T), one row per row of z "
+            f"{tuple(np.shape(z))}, got shape {t.shape}"
+        )
+    t = t.reshape(t.shape[0], -1).astype(jnp.result_type(z))
+    zc = jnp.asarray(z) - jnp.mean(z, axis=0)
+    tc = t - jnp.mean(t, axis=0)
+    coef, *_ = jnp.linalg.lstsq(zc, tc)
+    resid = jnp.sum((tc - zc @ coef) ** 2)
+    total = jnp.sum(tc * tc)
+    return jnp.where(total > 0, 1.0 - resid / jnp.where(total > 0, total, 1.0), 0.0)

@@ -1,0 +1,215 @@
+"""First-order predictions, feedback-loop statistics and settling steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradattn import analytic_grads, forward, init_head, upstream_grad
+from gradattn.dynamics import (
+    distance_to_final,
+    FeedbackRecord,
+    feedback_probe,
+    feedback_stats,
+    first_order_report,
+    frame_before_precision,
+    make_feedback_probe,
+    settling_step,
+    settling_steps,
+    snapshots,
+)
+from gradattn.laws import advantage, compatibility, value_grad
+
+# Eager dispatch of many small ops is the slow part on a shared CPU: compile each function once.
+report = jax.jit(first_order_report, static_argnames=("causal", "value_param"))
+stats_fn = jax.jit(feedback_stats, static_argnames=("causal", "block_size"))
+
+
+def problem(n=24, d_in=6, d_k=4, d_v=5, c=3, scale=0.5, dtype=jnp.float64, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    p = init_head(k1, d_in, d_k, d_v, c, scale=scale, dtype=dtype)
+    x = jax.random.normal(k2, (n, d_in), dtype)
+    y = jax.random.randint(k3, (n,), 0, c)
+    return p, x, y
+
+
+@pytest.mark.parametrize("value_param", ["values", "w_v"])
+def test_first_order_ratios_tend_to_one(value_param):
+    p, x, y = problem()
+    errs = []
+    for lr in (1e-1, 1e-2, 1e-3):
+        r = report(p, x, y, lr, value_param=value_param)
+        errs.append(abs(float(r.ratio) - 1.0))
+        assert r.predicted_dloss < 0
+    # The error is O(lr): it shrinks about tenfold per decade and is under 1% at lr = 1e-3.
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-2
+    np.testing.assert_allclose(errs[1] / errs[2], 10.0, rtol=0.2)
+    r = report(p, x, y, 1e-4, value_param=value_param)
+    assert abs(float(r.ratio) - 1) < 1e-3
+    assert abs(float(r.value_dloss_ratio) - 1) < 1e-3
+    # With u held fixed, Delta b from the autodiff step equals the value law's prediction.
+    np.testing.assert_allclose(r.dcompat_actual, r.dcompat_predicted, rtol=1e-9, atol=1e-15)
+    assert abs(float(r.dcompat_ratio) - 1) < 1e-9
+    # The full change of b (u recomputed) is first order too, but not equal: u moves with the values.
+    assert np.isfinite(float(r.dcompat_full_ratio))
+    assert abs(float(r.dcompat_full_ratio) - 1) > 1e-3
+
+
+def test_value_step_compatibility_formula():
+    p, x, y = problem(n=10)
+    lr = 0.01
+    r = report(p, x, y, lr)
+    out = forward(p, x)
+    u, alpha = np.asarray(upstream_grad(p, out, y)), np.asarray(out.alpha)
+    n = x.shape[0]
+    expected = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1):
+            expected[i, j] = -lr * u[i] @ sum(alpha[k, j] * u[k] for k in range(n))
+    np.testing.assert_allclose(r.dcompat_predicted, expected, rtol=1e-10, atol=1e-18)
+    # sum_ij alpha_ij Delta b_ij is the first-order loss change of the value step: -lr ||dL/dV||^2.
+    dv = value_grad(out.alpha, u)
+    np.testing.assert_allclose(r.value_dloss_predicted, -lr * float(jnp.sum(dv**2)), rtol=1e-10)
+
+
+def test_first_order_report_jit_and_errors():
+    p, x, y = problem(dtype=jnp.float32)
+    r = jax.jit(first_order_report)(p, x, y, 1e-2)
+    assert r.ratio.dtype == jnp.float32 and r.dcompat_predicted.shape == (24, 24)
+    with pytest.raises(ValueError, match="value_param"):
+        first_order_report(p, x, y, 1e-2, value_param="v")
+    with pytest.raises(ValueError, match="lr must be a scalar"):
+        first_order_report(p, x, y, jnp.ones(2))
+    with pytest.raises(ValueError, match="x has shape"):
+        first_order_report(p, x[:, :3], y, 1e-2)
+
+
+def dense_feedback(p0, p1, x, y):
+    """Direct N x N reference for feedback_stats."""
+    o0, o1 = forward(p0, x), forward(p1, x)
+    u = upstream_grad(p0, o0, y)
+    a = np.asarray(advantage(o0.alpha, compatibility(u, o0.v)))
+    da = np.asarray(o1.alpha - o0.alpha)
+    al = np.asarray(o0.alpha)
+    n = x.shape[0]
+    ok = np.tril(np.ones((n, n), bool)) & (al > 0) & (a != 0)
+    ok[0] = False
+    hit = ok & (np.sign(a) == np.sign(da))
+    dv = np.asarray(value_grad(o0.alpha, u))
+    mv = np.asarray(o1.v - o0.v)
+    cos = -(dv * mv).sum(1) / (np.linalg.norm(dv, axis=1) * np.linalg.norm(mv, axis=1))
+    w = np.linalg.norm(dv, axis=1)
+    return hit.sum() / ok.sum(), (al * hit).sum() / (al * ok).sum(), cos.mean(), (cos * w).sum() / w.sum()
+
+
+@pytest.mark.parametrize("block_size", [5, 256])
+def test_feedback_stats_match_dense_reference(block_size):
+    p0, x, y = problem(n=30)
+    g = analytic_grads(p0, x, y)
+    p1 = jax.tree.map(lambda a, b: a - 0.3 * b, p0, g)
+    s = stats_fn(p0, p1, x, y, block_size=block_size)
+    ref = dense_feedback(p0, p1, x, y)
+    np.testing.assert_allclose(
+        [s.sign_agreement, s.sign_agreement_weighted, s.value_alignment, s.value_alignment_weighted], ref, rtol=1e-10
+    )
+    alpha = forward(p0, x).alpha
+    ent = -jnp.sum(jnp.where(alpha > 0, alpha * jnp.log2(jnp.where(alpha > 0, alpha, 1.0)), 0.0)) / 30
+    np.testing.assert_allclose(s.attention_entropy_bits, ent, rtol=1e-10)
+
+
+def test_value_only_step_in_value_space_aligns_perfectly():
+    # If the values could move freely, Delta v_j = -eta dL/dv_j exactly: alignment 1. Through W_V with
+    # orthonormal inputs (X^T X = I, N = d_in) the Gram matrix X X^T is I as well.
+    p0, _, y = problem(n=6, d_in=6)
+    x = jnp.eye(6, dtype=jnp.float64)
+    g = analytic_grads(p0, x, y)
+    p1 = p0._replace(w_v=p0.w_v - 0.1 * g.w_v)
+    s = stats_fn(p0, p1, x, y)
+    np.testing.assert_allclose(s.value_alignment, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(s.value_alignment_weighted, 1.0, rtol=1e-12)
+
+
+def test_probe_inside_training_scan_under_vmap():
+    training = pytest.importorskip("gradattn.training")
+    ps, xs, ys = zip(*(problem(n=16, seed=s, dtype=jnp.float32) for s in range(2)))
+    stack = lambda t: jax.tree.map(lambda *a: jnp.stack(a), *t)  # noqa: E731
+    opt = training.sgd(0.05)
+
+    def run(p, x, y):
+        return training.train(p, x, y, opt, 8, checkpoint_every=4, probe=make_feedback_probe(block_size=8))
+
+    _, hist = jax.jit(jax.vmap(run))(stack(ps), jnp.stack(xs), jnp.stack(ys))
+    rec = hist["checkpoints"]
+    assert isinstance(rec, FeedbackRecord)
+    assert rec.stats.sign_agreement.shape == (2, 2)
+    assert rec.params.w_q.shape == (2, 2, 6, 4)
+    np.testing.assert_allclose(rec.stats.loss, hist["loss"][:, ::4], rtol=1e-5)
+    np.testing.assert_allclose(rec.params.w_v[0, 0], ps[0].w_v)
+    # The default probe has the same output structure.
+    _, h2 = training.train(ps[0], xs[0], ys[0], opt, 4, checkpoint_every=4, probe=feedback_probe)
+    np.testing.assert_allclose(h2["checkpoints"].stats.value_alignment, rec.stats.value_alignment[0, :1], rtol=1e-5)
+
+
+def test_snapshots_match_forward():
+    p, x, _ = problem(n=20)
+    series = jax.tree.map(lambda a: jnp.stack([a, 2 * a, 3 * a]), p)
+    snap = snapshots(series, x, rows=jnp.array([0, 7, 19]), block_size=6)
+    for k in range(3):
+        out = forward(jax.tree.map(lambda a: (k + 1) * a, p), x)
+        np.testing.assert_allclose(snap.alpha[k], out.alpha[jnp.array([0, 7, 19])], rtol=1e-12)
+        np.testing.assert_allclose(snap.values[k], out.v, rtol=1e-12)
+        np.testing.assert_allclose(snap.contexts[k], out.context, rtol=1e-12)
+    with pytest.raises(ValueError, match="leading checkpoint axis"):
+        snapshots(p, x)
+
+
+def test_settling_step_constructed():
+    steps = jnp.arange(0, 100, 10)
+    # Exponential approach to 1: relative distance 2 * 0.5^k; within tol=0.1 from k = 5 (0.0625).
+    series = 1.0 + 2.0 * 0.5 ** jnp.arange(10.0)
+    series = series.at[-1].set(1.0)
+    assert int(settling_step(steps, series, tol=0.1)) == 50
+    # A series that leaves the band late and comes back: it settles only after its last excursion.
+    s2 = jnp.ones(10).at[7].set(2.0)
+    assert int(settling_step(steps, s2, tol=0.1)) == 80
+    # Never outside the band: the first checkpoint.
+    assert int(settling_step(steps, jnp.ones((10, 3, 4)), tol=0.1)) == 0
+    assert settling_steps is settling_step
+    # vmap over seeds.
+    both = jnp.stack([series, s2])
+    np.testing.assert_array_equal(jax.vmap(lambda s: settling_step(steps, s, 0.1))(both), [50, 80])
+    with pytest.raises(ValueError, match=r"series must have shape \(K, ...\) with K = 10"):
+        settling_step(steps, jnp.ones(9))
+    with pytest.raises(ValueError, match="tol must be a non-negative scalar"):
+        settling_step(steps, series, tol=-1.0)
+
+
+def test_frame_before_precision_constructed():
+    # Attention converges by step 20 and the values keep growing until step 60: frame first.
+    steps = jnp.arange(0, 100, 10)
+    t = jnp.arange(10.0)
+    attn = jnp.stack([jnp.full((4, 8), 0.125) + 0.5 * jnp.exp(-3.0 * tt) for tt in t])
+    vals = jnp.stack([jnp.ones((8, 3)) * jnp.minimum(tt, 6.0) for tt in t])
+    res = frame_before_precision(steps, attn, vals, tol=0.05, scale="final")
+    assert int(res.attention_step) == 20
+    assert int(res.value_step) == 60
+    assert int(res.lag) == 40
+    # Separate tolerances.
+    res2 = frame_before_precision(steps, attn, vals, tol=0.05, value_tol=0.2, scale="final")
+    assert int(res2.value_step) == 50  # relative distances 2/6 at step 40, 1/6 at step 50
+    # Relative to the total change (the default): attention's distance is exp(-3k) of its change
+    # (0.0025 at k = 2, 0.05 at k = 1), the values' (6 - k) / 6.
+    res3 = frame_before_precision(steps, attn, vals, tol=0.04)
+    assert int(res3.attention_step) == 20 and int(res3.value_step) == 60
+
+
+def test_distance_scales():
+    s = jnp.array([4.0, 3.0, 2.0])
+    np.testing.assert_allclose(distance_to_final(s), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(distance_to_final(s, "change"), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(distance_to_final(s + 8.0, "change"), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(distance_to_final(s + 8.0, "final"), [0.2, 0.1, 0.0])
+    np.testing.assert_allclose(distance_to_final(s, None), [2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="scale must be"):
+        distance_to_final(s, "relative")

@@ -1,0 +1,124 @@
+"""Geometry on constructed data of known rank and spectrum."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradattn.geometry import (
+    attention_entropy_bits,
+    covariate_r2,
+    decoding_r2,
+    explained_variance_ratio,
+    participation_ratio,
+    pc_covariate_correlation,
+    pca_spectrum,
+    principal_components,
+)
+
+
+def rotated_data(variances, m=4000, d=None, seed=0):
+    """Points whose covariance has exactly the given eigenvalues (whitened draw, random rotation)."""
+    rng = np.random.default_rng(seed)
+    d = d or len(variances)
+    g = rng.standard_normal((m, len(variances)))
+    g -= g.mean(0)
+    # Exact whitening: the sample covariance of g becomes I.
+    evals, evecs = np.linalg.eigh(g.T @ g / m)
+    g = g @ evecs @ np.diag(evals ** -0.5) @ evecs.T
+    z = g * np.sqrt(np.asarray(variances))
+    rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return z @ rot[: len(variances)] + 3.0, rot[: len(variances)]
+
+
+def test_attention_entropy_known_rows():
+    alpha = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], jnp.float32)
+    h = attention_entropy_bits(alpha)
+    assert h.dtype == jnp.float32
+    np.testing.assert_allclose(h, [0.0, 1.0, 2.0], atol=1e-6)
+    causal = jnp.tril(jnp.ones((5, 5))) / jnp.arange(1, 6)[:, None]
+    np.testing.assert_allclose(attention_entropy_bits(causal), np.log2(np.arange(1, 6)), atol=1e-12)
+
+
+def test_spectrum_and_participation_ratio_of_known_covariance():
+    variances = [4.0, 2.0, 1.0, 0.0, 0.0, 0.0]
+    z, _ = rotated_data(variances, d=6)
+    spec = np.asarray(pca_spectrum(jnp.asarray(z)))
+    np.testing.assert_allclose(spec, variances, atol=1e-9)
+    np.testing.assert_allclose(explained_variance_ratio(spec), np.array(variances) / 7.0, atol=1e-10)
+    np.testing.assert_allclose(participation_ratio(spec), 49.0 / 21.0, rtol=1e-9)
+    # Equal variances on r directions give PR = r; rank 1 gives 1.
+    np.testing.assert_allclose(participation_ratio(jnp.array([1.0, 1.0, 1.0, 0.0])), 3.0)
+    np.testing.assert_allclose(participation_ratio(jnp.array([5.0, 0.0])), 1.0)
+    assert float(participation_ratio(jnp.zeros(3))) == 0.0
+
+
+def test_low_rank_values_have_small_participation_ratio():
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((500, 2)) @ rng.standard_normal((2, 15))  # rank 2 in 15 dims
+    spec = np.asarray(pca_spectrum(jnp.asarray(z)))
+    assert spec.shape == (15,) and np.all(spec[2:] < 1e-20 * spec[0] + 1e-12)
+    assert 1.0 <= float(participation_ratio(spec)) <= 2.0
+
+
+def test_principal_components_recover_directions():
+    z, rot = rotated_data([9.0, 1.0, 0.25], d=5, seed=2)
+    scores, dirs = principal_components(jnp.asarray(z), 2)
+    assert scores.shape == (4000, 2) and dirs.shape == (2, 5)
+    np.testing.assert_allclose(np.abs(np.asarray(dirs) @ rot[:2].T), np.eye(2), atol=1e-9)
+    np.testing.assert_allclose(np.var(np.asarray(scores), axis=0), [9.0, 1.0], rtol=1e-9)
+
+
+def test_covariate_correlation_known_answer():
+    rng = np.random.default_rng(3)
+    m = 5000
+    t = rng.standard_normal(m)  # the leading coordinate
+    noise = rng.standard_normal(m)
+    z = np.stack([3.0 * t, 1.0 * rng.standard_normal(m), 0.3 * rng.standard_normal(m)], 1)
+    z = z @ np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    cov = t + noise  # corr(t, cov) = 1/sqrt(2)
+    r = np.asarray(pc_covariate_correlation(jnp.asarray(z), jnp.asarray(cov), 3))
+    expected = abs(np.corrcoef(t, cov)[0, 1])
+    np.testing.assert_allclose(r[0], expected, atol=0.02)
+    assert np.all(r[1:] < 0.05)
+    np.testing.assert_allclose(covariate_r2(jnp.asarray(z), jnp.asarray(cov), 3), np.sum(r**2), rtol=1e-12)
+    # An exact linear function of the first coordinate: R^2 = 1.
+    np.testing.assert_allclose(covariate_r2(jnp.asarray(z), jnp.asarray(2 * t - 1), 1), 1.0, atol=1e-3)
+
+
+def test_jit_vmap_and_float32():
+    z = jax.random.normal(jax.random.PRNGKey(0), (6, 50, 4), jnp.float32)
+    c = jax.random.normal(jax.random.PRNGKey(1), (6, 50), jnp.float32)
+    pr = jax.jit(jax.vmap(lambda a: participation_ratio(pca_spectrum(a))))(z)
+    r = jax.jit(jax.vmap(lambda a, b: pc_covariate_correlation(a, b, 2)))(z, c)
+    assert pr.shape == (6,) and pr.dtype == jnp.float32 and np.all((pr >= 1) & (pr <= 4))
+    assert r.shape == (6, 2) and r.dtype == jnp.float32
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="z must be 2-D"):
+        pca_spectrum(jnp.ones(5))
+    with pytest.raises(ValueError, match="at least 2 points"):
+        pca_spectrum(jnp.ones((1, 3)))
+    with pytest.raises(TypeError, match="floating"):
+        pca_spectrum(jnp.ones((4, 3), jnp.int32))
+    with pytest.raises(ValueError, match="n_components must be an integer in"):
+        principal_components(jnp.ones((4, 3)), 4)
+    with pytest.raises(ValueError, match=r"covariate must have shape \(4,\)"):
+        pc_covariate_correlation(jnp.ones((4, 3)), jnp.ones(3))
+    with pytest.raises(ValueError, match="alpha must be a floating array"):
+        attention_entropy_bits(jnp.ones(3, jnp.int32))
+
+
+def test_decoding_r2_known_answer():
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((3000, 4))
+    exact = z @ rng.standard_normal((4, 3)) + 5.0
+    np.testing.assert_allclose(decoding_r2(jnp.asarray(z), jnp.asarray(exact)), 1.0, atol=1e-10)
+    # One column linear, one pure noise of equal variance: pooled R^2 = 1/2.
+    t = np.stack([z[:, 0], rng.standard_normal(3000)], 1)
+    t[:, 1] *= t[:, 0].std() / t[:, 1].std()
+    np.testing.assert_allclose(decoding_r2(jnp.asarray(z), jnp.asarray(t)), 0.5, atol=0.01)
+    assert float(decoding_r2(jnp.asarray(z), jnp.ones(3000))) == 0.0
+    with pytest.raises(ValueError, match=r"targets must have shape \(3000,\)"):
+        decoding_r2(jnp.asarray(z), jnp.ones(5))
