@@ -120,8 +120,17 @@ def dense_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, cau
     return jnp.sum(normalised_weights(weights, n, out.logits.dtype) * token_losses(out.logits, y))
 
 
-def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:
-    """Weighted mean cross-entropy (nats) of the head on one sequence (SPEC §1).
+def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True,
+            block_size: int | None = None) -> jax.Array:
+    """Weighted mean cross-entropy (nats) of the head on one sequence (SPEC §1), fast to differentiate.
+
+    Evaluated alone it runs the forward half of the blocked pass (:mod:`gradattn.blocked`), which
+    never builds an N x N matrix. Its reverse-mode rule is a ``jax.custom_vjp`` whose forward step
+    runs the fused blocked pass of the laws of SPEC §2 once and keeps dL/dQ, dL/dK, dL/dV, dL/dW_O
+    and the per-token losses, so ``jax.grad`` / ``jax.value_and_grad`` (w.r.t. params, x or weights)
+    cost one pass and match ``jax.grad(dense_loss)``. Works under ``jit`` and ``vmap``, and
+    reverse-over-reverse (``jax.jacrev(jax.grad(...))``); forward mode (``jax.jvp``, ``jax.hessian``)
+    is not defined for a custom VJP: differentiate :func:`dense_loss` for that.
 
     Args:
       params: HeadParams.
@@ -129,8 +138,12 @@ def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal
       y: (N,) integer targets in [0, C).
       weights: optional (N,) non-negative position weights (default: all 1, the mean).
       causal: mask keys j > i.
+      block_size: query rows per block (default :func:`gradattn.blocked.default_block_size`).
     Returns:
       scalar loss, in the dtype of ``x``/``params``.
     """
     check_head_inputs(params, x, y, weights, fn="loss_fn")
-    return dense_loss(params, x, y, weights, causal)
+    from gradattn import blocked  # blocked builds on head (and laws); imported here to avoid a cycle
+
+    blocked.query_blocks(1, block_size)  # validates block_size before tracing into the custom VJP
+    return blocked.loss_with_blocked_vjp(params, x, y, weights, bool(causal), block_size)

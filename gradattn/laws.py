@@ -131,15 +131,23 @@ def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights
 
 
 def analytic_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, dL/dparams)`` from the laws alone, in one pass. See :func:`analytic_grads`."""
+    """``(loss, dL/dparams)`` from the laws alone, in one fused pass. See :func:`analytic_grads`.
+
+    This is the fast path: :func:`gradattn.blocked.blocked_loss_and_grads` runs the laws above over
+    blocks of query rows, skips future key blocks when causal, and never builds an N x N matrix.
+    :func:`dense_loss_and_grads` computes the same numbers on whole matrices, for diagnostics.
+    """
     check_head_inputs(params, x, y, weights, fn="analytic_loss_and_grads")
-    return dense_loss_and_grads(params, x, y, weights, causal)
+    from gradattn.blocked import blocked_loss_and_grads  # blocked builds on these laws: import at call time
+
+    return blocked_loss_and_grads(params, x, y, weights, causal)
 
 
 def analytic_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> HeadParams:
     """The full gradient dL/dparams assembled from the laws of SPEC §2 (no autodiff inside).
 
-    Equal to ``jax.grad(loss_fn)(params, x, y, weights, causal)``.
+    Runs the blocked pass (:func:`analytic_loss_and_grads`). Equal to
+    ``jax.grad(loss_fn)(params, x, y, weights, causal)`` and to ``jax.grad(dense_loss)``.
     """
     check_head_inputs(params, x, y, weights, fn="analytic_grads")
     return analytic_loss_and_grads(params, x, y, weights, causal)[1]

@@ -1,0 +1,136 @@
+"""Peak memory of one training step against N: the blocked pass against the dense laws.
+
+For each N (default 1999, 4096, 8192, 16384) and each variant, a fresh subprocess builds the
+paper's head (d_in = 20, d_k = 10, d_v = 15, C = 8, causal, float32), compiles one jitted step
+(loss + gradients + SGD update) and reports
+
+  xla_temp_mb   XLA's compiled memory_analysis(): temporary buffers of the step (no run needed)
+  xla_total_mb  temporaries + arguments + outputs
+  rss_mb        peak resident memory of the whole process after running the step twice
+                (resource.getrusage maxrss: includes the Python + JAX runtime, see base_rss_mb)
+  base_rss_mb   peak resident memory of the same process before compiling the step
+
+Variants: ``blocked`` (gradattn.analytic_loss_and_grads, the default) and ``dense`` (the laws on
+whole N x N matrices, gradattn.dense_loss_and_grads). The dense step is only *run* where XLA's
+estimate fits in half of this machine's memory; its estimate is always reported.
+
+    python benchmarks/memory.py            # ~2 minutes
+    python benchmarks/memory.py --quick    # N = 1999 and 4096 only
+
+Writes benchmarks/results/memory.json and prints a table. Target (issue 4): N = 16384 within 2 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
+
+TARGET_GB = 2.0
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
+def worker(spec) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import gradattn as ga
+
+    n = spec["n"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, 20)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 8, n), jnp.int32)
+    params = ga.init_head(jax.random.PRNGKey(0), 20, 10, 15, 8)
+    grad_source = ga.analytic_loss_and_grads if spec["variant"] == "blocked" else ga.dense_loss_and_grads
+
+    def step(p, x, y):
+        loss, g = grad_source(p, x, y)
+        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), loss
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    compiled = jax.jit(step).lower(params, x, y).compile()
+    compile_s = time.perf_counter() - t
+    m = compiled.memory_analysis()
+    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    out = {"n": n, "variant": spec["variant"], "compile_s": compile_s, "xla_temp_mb": m.temp_size_in_bytes / 1e6,
+           "xla_total_mb": total / 1e6, "base_rss_mb": base / 1e6, "ran": False}
+    if total < spec["run_limit_bytes"]:
+        p, loss = compiled(params, x, y)
+        t = time.perf_counter()
+        p, loss = compiled(p, x, y)
+        jax.block_until_ready(p)
+        out.update(ran=True, step_s=time.perf_counter() - t, loss=float(loss),
+                   rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N = 1999 and 4096 only")
+    ap.add_argument("--n", type=int, nargs="*", default=None, help="sequence lengths (default 1999 4096 8192 16384)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
+    ns = args.n or ([1999, 4096] if args.quick else [1999, 4096, 8192, 16384])
+    run_limit = _available_bytes() // 2
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    results = []
+    for n in ns:
+        for variant in ("blocked", "dense"):
+            spec = {"n": n, "variant": variant, "run_limit_bytes": run_limit}
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode:
+                results.append({"n": n, "variant": variant, "error": proc.stderr.strip().splitlines()[-1:]})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  N = {n:>5} {variant:<7} done", flush=True)
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["n"], r["variant"], "error", "", "", "", "", ""])
+            continue
+        rows.append([
+            r["n"], r["variant"], f"{r['xla_temp_mb']:.1f}", f"{r['xla_total_mb']:.1f}",
+            f"{r['rss_mb']:.0f}" if r["ran"] else "not run", f"{r['base_rss_mb']:.0f}",
+            f"{r['step_s'] * 1e3:.0f}" if r["ran"] else "-", f"{r['compile_s']:.1f}",
+        ])
+    print()
+    print(H.table(rows, ["N", "variant", "XLA temp MB", "XLA total MB", "peak RSS MB", "base RSS MB", "step ms",
+                         "compile s"]))
+    big = [r for r in results if r.get("variant") == "blocked" and r.get("n") == 16384 and r.get("ran")]
+    verdict = None
+    if big:
+        verdict = big[0]["rss_mb"] / 1e3 <= TARGET_GB
+        print(f"\nN = 16384 blocked step: peak RSS {big[0]['rss_mb'] / 1e3:.2f} GB of the whole process, "
+              f"XLA buffers {big[0]['xla_total_mb'] / 1e3:.2f} GB: {'within' if verdict else 'OVER'} {TARGET_GB} GB")
+    print(f"dense steps are run only where XLA's estimate is below {run_limit / 1e9:.1f} GB (half the available memory)")
+    print("wrote", H.write_json("memory.json", {"results": results, "target_gb": TARGET_GB,
+                                                "n16384_within_target": verdict, "machine": H.machine()}))
+
+
+if __name__ == "__main__":
+    main()

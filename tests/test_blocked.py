@@ -1,0 +1,198 @@
+"""The blocked pass equals the dense laws and autodiff, never builds an N x N matrix, and backs loss_fn."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradattn as ga
+from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size, query_blocks
+from gradattn.head import dense_loss, forward, loss_fn
+from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
+
+
+def problem(n, d_in=5, d_k=3, d_v=4, n_classes=6, seed=0, dtype=jnp.float64, weighted=False, scale=0.7):
+    k_p, k_x, k_y, k_w = jax.random.split(jax.random.PRNGKey(seed), 4)
+    params = ga.init_head(k_p, d_in, d_k, d_v, n_classes, scale=scale, dtype=dtype)
+    x = jax.random.normal(k_x, (n, d_in), dtype)
+    y = jax.random.randint(k_y, (n,), 0, n_classes)
+    w = jax.random.uniform(k_w, (n,), dtype) if weighted else None
+    return params, x, y, w
+
+
+def rel_err(a, b):
+    """Largest |a - b| over the leaves, relative to the largest |b| of each leaf (floor 1e-30)."""
+    return max(
+        float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def assert_close(a, b, tol):
+    """Every entry within ``tol`` times the largest |entry| of ``b`` (over all leaves: a gradient
+    that is exactly zero, like dL/dW_Q at N = 1, is compared on the scale of the whole gradient)."""
+    scale = max(max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b)), 1e-300)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol * scale)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _blocked_dense_and_autodiff(params, x, y, w, causal, block_size):
+    return (
+        blocked_loss_and_grads(params, x, y, w, causal, block_size),
+        blocked_loss(params, x, y, w, causal, block_size),
+        dense_loss_and_grads(params, x, y, w, causal),
+        jax.value_and_grad(dense_loss)(params, x, y, w, causal),
+    )
+
+
+# Lengths and block sizes come from short lists so that compiled programs are reused across
+# examples (each new shape compiles the unrolled blocks again); the data vary freely.
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.sampled_from([1, 7, 23, 40]),
+    block_size=st.sampled_from([8, 64]),
+    causal=st.booleans(),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted, seed):
+    params, x, y, w = problem(n, seed=seed, weighted=weighted)
+    (loss, grads), loss_only, (dense_l, dense_g), (auto_l, auto_g) = _blocked_dense_and_autodiff(params, x, y, w, causal, block_size)
+    assert_close(loss, auto_l, 1e-12)
+    assert_close(dense_l, auto_l, 1e-12)
+    assert_close(grads, dense_g, 1e-9)
+    assert_close(grads, auto_g, 1e-9)
+    assert_close(loss_only, auto_l, 1e-12)
+
+
+@pytest.mark.parametrize("n,block_size", [(1, 256), (7, 256), (33, 8), (100, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_loss_fn_grad_matches_autodiff_of_dense_loss(n, block_size, causal):
+    """jax.grad through loss_fn's custom VJP, w.r.t. params, x and weights."""
+    params, x, y, w = problem(n, seed=n, weighted=True)
+    f = lambda p, x_, w_: loss_fn(p, x_, y, w_, causal, block_size)  # noqa: E731
+    g = lambda p, x_, w_: dense_loss(p, x_, y, w_, causal)  # noqa: E731
+    got_l, got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(params, x, w)
+    want_l, want = jax.value_and_grad(g, argnums=(0, 1, 2))(params, x, w)
+    assert_close(got_l, want_l, 1e-12)
+    assert_close(got, want, 1e-9)
+    assert_close(f(params, x, w), want_l, 1e-12)
+
+
+def test_loss_fn_default_weights_jit_and_scaled_cotangent():
+    params, x, y, _ = problem(50, seed=3)
+    got = jax.jit(jax.grad(lambda p: 3.0 * loss_fn(p, x, y)))(params)
+    want = jax.grad(lambda p: 3.0 * dense_loss(p, x, y))(params)
+    assert_close(got, want, 1e-9)
+
+
+def test_loss_fn_integer_weights_and_reverse_over_reverse():
+    params, x, y, _ = problem(12, seed=4)
+    w = jnp.arange(12) % 3  # integer weights: no cotangent, still a valid mask
+    assert_close(jax.jit(jax.grad(loss_fn))(params, x, y, w), jax.grad(dense_loss)(params, x, y, w), 1e-9)
+    # second derivatives: reverse over the custom VJP's own (differentiable) pass
+    flat = lambda f: lambda wq: f(params._replace(w_q=wq), x, y)  # noqa: E731
+    hess = jax.jit(jax.jacrev(jax.grad(flat(loss_fn))))(params.w_q)
+    assert_close(hess, jax.hessian(flat(dense_loss))(params.w_q), 1e-9)
+
+
+def test_vmap_over_sequences_and_over_param_sets():
+    params, _, _, _ = problem(20)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (3, 20, 5), jnp.float64)
+    ys = jax.random.randint(jax.random.PRNGKey(2), (3, 20), 0, 6)
+    got = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0)))(params, xs, ys)
+    want = jax.vmap(jax.grad(dense_loss), in_axes=(None, 0, 0))(params, xs, ys)
+    assert_close(got, want, 1e-9)
+    many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(jax.random.split(jax.random.PRNGKey(5), 4))
+    got = jax.jit(jax.vmap(lambda p: blocked_loss_and_grads(p, xs[0], ys[0], None, True, 8)))(many)
+    want = jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0]))(many)
+    assert_close(got, want, 1e-9)
+
+
+def test_analytic_grads_is_the_blocked_pass():
+    params, x, y, w = problem(300, seed=6, weighted=True)
+    got = jax.jit(ga.analytic_loss_and_grads)(params, x, y, w)
+    assert_close(got, jax.jit(blocked_loss_and_grads)(params, x, y, w), 0.0)
+    assert_close(got, dense_loss_and_grads(params, x, y, w), 1e-9)
+
+
+def test_routing_identity_sum_alpha_b_is_u_dot_g():
+    """sum_k alpha_ik b_ik = u_i . g_i, the identity the blocked routing law uses instead of a row sum."""
+    params, x, y, _ = problem(30, seed=7)
+    out = forward(params, x)
+    u = output_error(out, y) @ params.w_o.T
+    b = compatibility(u, out.v)
+    np.testing.assert_allclose(jnp.sum(out.alpha * b, -1), jnp.sum(u * out.context, -1), rtol=1e-12, atol=1e-15)
+    blocked_ds = out.alpha * (b - jnp.sum(u * out.context, -1, keepdims=True))
+    np.testing.assert_allclose(blocked_ds, routing_grad(out.alpha, b), rtol=0, atol=1e-15)
+
+
+def test_float32_at_paper_length_stays_float32_and_close():
+    params, x, y, _ = problem(1999, d_in=20, d_k=10, d_v=15, n_classes=8, dtype=jnp.float32, scale=0.1)
+    (loss, grads), g_fn, loss_only = jax.jit(
+        lambda p, x_, y_: (blocked_loss_and_grads(p, x_, y_), jax.grad(loss_fn, argnums=(0, 1))(p, x_, y_),
+                           loss_fn(p, x_, y_))
+    )(params, x, y)
+    want_l, want = dense_loss_and_grads(
+        jax.tree.map(lambda a: a.astype(jnp.float64), params), x.astype(jnp.float64), y
+    )
+    assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
+    assert rel_err(loss, want_l) < 1e-5
+    assert rel_err(grads, want) < 2e-4
+    assert rel_err(g_fn[0], want) < 2e-4
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g_fn)) and loss_only.dtype == jnp.float32
+
+
+def test_compiled_step_holds_no_n_by_n_buffer():
+    n, block = 2048, 256
+    params, x, y, _ = problem(n, d_in=20, d_k=10, d_v=15, n_classes=8, dtype=jnp.float32, scale=0.1)
+    compiled = jax.jit(lambda p, x_, y_: blocked_loss_and_grads(p, x_, y_, None, True, block)).lower(params, x, y).compile()
+    assert f"[{n},{n}]" not in compiled.as_text()
+    # A few (block x N) matrices alive at a time (2 MB each here), never the N x N ones (16.8 MB)
+    # nor all blocks at once (the causal triangle, 8.4 MB).
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * n * n / 2, f"temporary buffers {temp / 1e6:.1f} MB, half an N x N f32 matrix is {2 * n * n / 1e6:.1f} MB"
+
+
+def test_block_layout_and_bad_block_size():
+    assert query_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert query_blocks(3, 256) == [(0, 3)]
+    assert default_block_size(1999) == 256 and default_block_size(16384) == 1024
+    params, x, y, _ = problem(8)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="block_size"):
+            loss_fn(params, x, y, block_size=bad)
+
+
+def test_loss_fn_still_validates_inputs_at_trace_time():
+    params, x, y, _ = problem(8)
+    with pytest.raises(ValueError, match="loss_fn"):
+        jax.jit(loss_fn)(params, x[:, :3], y)
+    with pytest.raises(ValueError, match="loss_fn"):
+        jax.grad(loss_fn)(params, x, y[:5])
+
+
+def test_vmap_over_many_seeds_runs_in_chunks_with_identical_values(monkeypatch):
+    """Past seed_chunk seeds, vmap runs lax.map over chunks (here 3 seeds, 7 seeds: 3 + 3 + 1)."""
+    from gradattn import blocked
+
+    monkeypatch.setattr(blocked, "SEED_CHUNK_BYTES", 3 * 4 * 10 * 10)
+    assert blocked.seed_chunk(10) == 3
+    keys = jax.random.split(jax.random.PRNGKey(8), 7)
+    many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(keys)
+    xs = jax.random.normal(jax.random.PRNGKey(9), (7, 10, 5), jnp.float64)
+    ys = jax.random.randint(jax.random.PRNGKey(10), (7, 10), 0, 6)
+    # params batched, x and y shared; then everything batched
+    got = jax.jit(jax.vmap(lambda p: ga.analytic_loss_and_grads(p, xs[0], ys[0])))(many)
+    assert_close(got, jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0]))(many), 1e-9)
+    got = jax.jit(jax.vmap(jax.value_and_grad(loss_fn)))(many, xs, ys)
+    assert_close(got, jax.vmap(jax.value_and_grad(dense_loss))(many, xs, ys), 1e-9)
+    # differentiating through the vmapped analytic gradient goes through the plain pass
+    meta = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: ga.analytic_grads(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
+    meta_dense = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: jax.grad(dense_loss)(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
+    assert_close(jax.jit(jax.grad(meta))(many), jax.grad(meta_dense)(many), 1e-9)
