@@ -34,3 +34,54 @@ from gradattn.laws import (
 )
 
 __version__ = "0.1.0"
+
+from gradattn import experiments, sweep, tasks, training  # noqa: E402
+from gradattn.tasks import StickyMarkov  # noqa: E402
+from gradattn.training import (  # noqa: E402
+    TrainState,
+    alternating,
+    em_like,
+    init_state,
+    make_step,
+    param_labels,
+    sgd,
+    train,
+)
+
+# Dynamics, geometry and the exact Bayes predictor (issue 5).
+from gradattn.bayes import (  # noqa: E402
+    BayesLoss,
+    bayes_entropy,
+    bayes_filter_entropy,
+    bayes_log_filter,
+    bayes_log_predictive,
+    bayes_loss,
+    bayes_predictive,
+)
+from gradattn.dynamics import (  # noqa: E402
+    FeedbackRecord,
+    FeedbackStats,
+    FirstOrderReport,
+    FrameBeforePrecision,
+    Snapshots,
+    distance_to_final,
+    feedback_probe,
+    feedback_stats,
+    first_order_report,
+    frame_before_precision,
+    make_feedback_probe,
+    settling_step,
+    settling_steps,
+    snapshots,
+)
+from gradattn.geometry import (  # noqa: E402
+    attention_entropy_bits,
+    covariate_r2,
+    decoding_r2,
+    explained_variance_ratio,
+    participation_ratio,
+    pc_covariate_correlation,
+    pca_spectrum,
+    principal_components,
+)
+from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size  # noqa: E402
