@@ -103,3 +103,22 @@ def test_four_devices_match_one_device(tmp_path):
     here = sweep(FN, range(5), chunk_size=1)  # this process: one device
     assert jax.device_count() == 1
     assert_trees_equal(here, four)
+
+
+def test_cli_per_seed_results_identical_on_four_devices(tmp_path):
+    """`gradattn em-vs-sgd` on 4 (forced host) devices gives the 1-device per-seed results."""
+    import json
+
+    def run(n_devices):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+        out = tmp_path / f"d{n_devices}.json"
+        cmd = [sys.executable, "-c", "from gradattn.cli import main; raise SystemExit(main())",
+               "em-vs-sgd", "--seeds", "5", "--steps", "6", "--seq-len", "32", "--no-progress", "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    four, one = run(4), run(1)
+    assert four["n_devices"] == 4 and one["n_devices"] == 1
+    assert four["per_seed"] == one["per_seed"]
+    assert four["curves"] == one["curves"]
