@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 run: $(STAMP)
+	$(VENV)/bin/gradattn laws-check
 	mkdir -p results
 	$(VENV)/bin/gradattn em-vs-sgd --seeds $(SEEDS) --steps $(STEPS) \
 	    --out results/em_vs_sgd.json --plot results/em_vs_sgd.png
@@ -28,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/seed_scaling.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
