@@ -107,6 +107,13 @@ def check_head_inputs(params, x, y=None, weights=None, *, fn: str) -> tuple[int,
     """Validate everything a head function takes; returns ``(N, d_in, d_k, d_v, n_classes)``."""
     d_in, d_k, d_v, n_classes = check_params(params, fn)
     n = check_x(x, d_in, fn)
+    dtypes = {name: jnp.result_type(getattr(params, name)) for name in ("w_q", "w_k", "w_v", "w_o")}
+    dtypes["x"] = jnp.result_type(x)
+    if len(set(dtypes.values())) > 1:
+        # Mixed precisions would make JAX cast float64 updates into float32 accumulators (and back):
+        # gradients of mixed dtypes whose accuracy is that of the lowest precision.
+        listed = ", ".join(f"{k} {v}" for k, v in dtypes.items())
+        raise TypeError(f"{fn}: params and x must share one floating dtype, got {listed}; cast them first")
     if y is not None:
         check_labels(y, n, n_classes, fn)
     check_weights(weights, n, fn)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -58,14 +59,34 @@ def _writable_file(parser: argparse.ArgumentParser, option: str, path: str) -> N
         parser.error(f"{option} {path!r}: cannot write in directory {directory!r} ({err.strerror or err})")
 
 
+def _finite_json(obj):
+    """``obj`` with every non-finite float (a diverged run) replaced by None, i.e. JSON null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` whole or not at all."""
+    """Write ``obj`` as JSON to ``path`` whole or not at all (NaN and inf are written as null)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is an ordinary file
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
+            json.dump(_finite_json(obj), f, indent=1, allow_nan=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -106,6 +127,12 @@ def _em_vs_sgd(args, parser) -> int:
     _writable_file(parser, "--out", args.out)
     if args.plot is not None:
         _writable_file(parser, "--plot", args.plot)
+        from matplotlib.figure import Figure
+
+        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
 
     from gradattn.experiments import em_vs_sgd
     from gradattn.tasks import StickyMarkov

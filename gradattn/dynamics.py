@@ -114,6 +114,8 @@ def first_order_report(
         raise ValueError(f"first_order_report: value_param must be 'values' or 'w_v', got {value_param!r}")
     if np.ndim(lr) != 0:
         raise ValueError(f"first_order_report: lr must be a scalar, got shape {np.shape(lr)}")
+    if not isinstance(lr, jax.core.Tracer) and not (np.isfinite(float(lr)) and float(lr) > 0):
+        raise ValueError(f"first_order_report: lr must be a finite positive step size, got {lr!r}")
     lr = jnp.asarray(lr, x.dtype)
 
     loss, g = analytic_loss_and_grads(params, x, y, weights, causal)
@@ -231,6 +233,12 @@ def feedback_stats(
     """
     n, *_ = check_head_inputs(params_before, x, y, weights, fn="feedback_stats")
     check_head_inputs(params_after, x, y, weights, fn="feedback_stats")
+    shapes_before = [np.shape(a) for a in params_before]
+    shapes_after = [np.shape(a) for a in params_after]
+    if shapes_before != shapes_after:
+        raise ValueError(
+            f"feedback_stats: params_before and params_after must have the same shapes, got {shapes_before} and {shapes_after}"
+        )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"feedback_stats: block_size must be a positive integer, got {block_size!r}")
     dt = x.dtype

@@ -15,8 +15,13 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     fmt = kwargs.pop("format", None) or (os.path.splitext(path)[1].lstrip(".").lower() or "png")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="." + fmt)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a figure is an ordinary file
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format=fmt, **kwargs)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -110,3 +110,29 @@ def test_laws_check(capsys):
     code, out, _ = run(["laws-check", "--n", "9"], capsys)
     assert code == 0
     assert "routing dL/ds" in out and "value dL/dv" in out and "OK" in out
+
+
+def test_unsupported_plot_format_is_rejected_before_the_run(tmp_path, capsys):
+    from gradattn.cli import main
+
+    out, plot = tmp_path / "r.json", tmp_path / "curves.xyz"
+    try:
+        code = main(["em-vs-sgd", "--seeds", "1", "--steps", "2", "--seq-len", "8", "--out", str(out), "--plot", str(plot)])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert "unsupported figure format 'xyz'" in capsys.readouterr().err
+    assert not out.exists() and not plot.exists()
+
+
+def test_results_json_writes_non_finite_as_null_and_readable_mode(tmp_path):
+    import json
+    import stat
+
+    from gradattn.cli import write_json_atomic
+
+    path = tmp_path / "r.json"
+    write_json_atomic({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}, str(path))
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044  # not owner-only, as mkstemp would leave it
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -83,6 +83,9 @@ def test_first_order_report_jit_and_errors():
         first_order_report(p, x, y, jnp.ones(2))
     with pytest.raises(ValueError, match="x has shape"):
         first_order_report(p, x[:, :3], y, 1e-2)
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="lr must be a finite positive"):
+            first_order_report(p, x, y, bad)
 
 
 def dense_feedback(p0, p1, x, y):

@@ -308,6 +308,13 @@ class TestBadInput:
         with pytest.raises(TypeError, match="HeadParams"):
             fn((p.w_q, p.w_k), x, y)
 
+    def test_mixed_dtypes_are_rejected(self):
+        p32 = jax.tree.map(lambda a: a.astype(jnp.float32), self.params)
+        with pytest.raises(TypeError, match="share one floating dtype.*w_q float32.*x float64"):
+            ga.analytic_grads(p32, self.x, self.y)
+        with pytest.raises(TypeError, match="share one floating dtype"):
+            ga.loss_fn(self.params._replace(w_v=p32.w_v), self.x, self.y)
+
     def test_shape_errors_are_raised_at_trace_time_under_jit(self):
         with pytest.raises(ValueError, match=r"y must have shape \(5,\)"):
             jax.jit(ga.loss_fn)(self.params, self.x, self.y[:3])
