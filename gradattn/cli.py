@@ -18,15 +18,26 @@ import os
 import sys
 import tempfile
 
+from gradattn._io import atomic_write
 
-def _positive_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if val < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {val}")
-    return val
+
+def _int_at_least(minimum: int, name: str):
+    """An argparse type: an integer >= ``minimum``, described as ``name`` in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {name} integer, got {text!r}") from None
+        if val < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {name} integer, got {val}")
+        return val
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _seed_list(text: str) -> list[int]:
@@ -70,28 +81,14 @@ def _finite_json(obj):
     return obj
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json_atomic(obj, path: str) -> None:
     """Write ``obj`` as JSON to ``path`` whole or not at all (NaN and inf are written as null)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite_json(obj), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f):
+        json.dump(_finite_json(obj), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+    atomic_write(path, write, suffix=".json")
 
 
 def format_em_vs_sgd(results: dict) -> str:
@@ -177,16 +174,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        val = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if val < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {val}")
-    return val
 
 
 def _non_negative_float(text: str) -> float:

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from gradattn._io import atomic_write
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     """``fig.savefig`` to ``path`` whole or not at all; the format comes from the file suffix."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
     fmt = kwargs.pop("format", None) or (os.path.splitext(path)[1].lstrip(".").lower() or "png")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="." + fmt)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600; a figure is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, **kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs), binary=True, suffix="." + fmt)
 
 
 def plot_em_vs_sgd(results: dict, path: str | os.PathLike | None = None, *, ax=None, dpi: int = 150):
