@@ -56,8 +56,8 @@ from gradattn._checks import check_head_inputs
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_weight_grad, projection_grads, query_grad
 
-DEFAULT_BLOCK_SIZE = 256
-"""Query rows per block up to N = 16 * 256 (benchmarks/README.md has the measurements)."""
+DEFAULT_BLOCK_SIZE = 512
+"""Query rows per block up to N = 16 * 512 (benchmarks/README.md has the measurements)."""
 
 MAX_BLOCKS = 16
 """Beyond N = 16 * DEFAULT_BLOCK_SIZE the default block grows so that there are at most this many
@@ -67,12 +67,15 @@ blocks: the blocks are unrolled at trace time, and compile time grows with their
 def default_block_size(n: int) -> int:
     """The default query-block size for a sequence of N positions.
 
-    256 rows (a 256 x N block of scores: 2 MB at N = 1999, well inside the caches) up to
-    N = 4096; beyond that, the smallest multiple of 256 that covers N in ``MAX_BLOCKS`` blocks,
-    so compile time stays bounded (N = 16384: 1024 rows, a 64 MB block).
+    512 rows up to N = 8192 (a 512 x N block of scores: 4 MB at N = 1999); beyond that, the
+    smallest multiple of 512 that covers N in ``MAX_BLOCKS`` blocks, so compile time stays
+    bounded (N = 16384: 1024 rows, a 64 MB block). Measured on a 2-core CPU (benchmarks/README.md):
+    512 rows beat 128, 256, 384, 768 and 1024 at N = 1024, 1999, 4096 and 8192; smaller blocks
+    pay a fixed cost per operation that outweighs the causal work they save, larger ones fall out
+    of cache.
     """
-    blocks_of_256 = -(-n // (MAX_BLOCKS * DEFAULT_BLOCK_SIZE))
-    return DEFAULT_BLOCK_SIZE * max(1, blocks_of_256)
+    multiple = -(-n // (MAX_BLOCKS * DEFAULT_BLOCK_SIZE))
+    return DEFAULT_BLOCK_SIZE * max(1, multiple)
 
 
 class BlockedPass(NamedTuple):
@@ -108,16 +111,17 @@ def query_blocks(n: int, block_size: int | None = None) -> list[tuple[int, int]]
 def _masked_scores(q_r: jax.Array, k: jax.Array, r0: int, causal: bool) -> jax.Array:
     """S_R (|R|, end) = Q_R K^T / sqrt(d_k) for query rows r0:r0+|R|, future keys set to -inf.
 
-    ``q_r`` arrives already divided by sqrt(d_k). When causal, ``k`` holds keys 0:r1, and only the
-    last |R| columns (the diagonal block) can hold a future key, so only that (|R|, |R|) corner is
-    masked: XLA updates it in place, and the other columns are never touched again.
+    ``q_r`` arrives already divided by sqrt(d_k). When causal, ``k`` holds keys 0:r1, so only the
+    last |R| columns (the diagonal block) can hold a future key. The mask is one elementwise
+    ``where`` against two iotas over the whole block, which XLA fuses into a single pass with
+    nothing read from memory but S_R; writing only the diagonal corner (``s.at[:, r0:r1].set``)
+    made XLA:CPU copy the whole block, measured 10% slower per step at N = 1999.
     """
     s = q_r @ k.T
     if causal:
-        r1 = r0 + q_r.shape[0]
-        tri = jnp.arange(r1 - r0)
-        diag = jnp.where(tri[None, :] <= tri[:, None], s[:, r0:r1], -jnp.inf)
-        s = s.at[:, r0:r1].set(diag)
+        rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) + r0
+        cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(cols <= rows, s, -jnp.inf)
     return s
 
 
