@@ -32,11 +32,11 @@ leading axis) on a path measured 3x slower; and alpha_R is never stored, since e
 linearly: the row scale 1/l goes onto the small (|R|, d) factors.
 
 Blocks are static Python slices (every shape is known at trace time), so XLA compiles one
-straight-line program with at most ``block_size x N`` matrices, run one block at a time
-(:func:`_after`): at N = 16384 (default block 1024) the step needs ~155 MB of XLA buffers, where
-one dense N x N matrix is 1 GB. Compile time grows with the number of blocks, hence
-:func:`default_block_size`. Under ``vmap`` over many seeds, chunks of :func:`seed_chunk` seeds run
-in turn (:func:`_seeds_in_chunks`) so that the working set stays in cache.
+straight-line program with at most ``block_size x N`` matrices, run at most
+:data:`BLOCKS_IN_FLIGHT` blocks at a time (:func:`_after`), so that the live memory is that of two
+blocks, not of N x N (benchmarks/README.md has the figures per N). Compile time grows with the
+number of blocks, hence :func:`default_block_size`. Under ``vmap`` over many seeds, chunks of
+:func:`seed_chunk` seeds run in turn (:func:`_seeds_in_chunks`) so that the working set stays in cache.
 
 The custom VJP of :func:`gradattn.head.loss_fn` lives here too (:func:`loss_with_blocked_vjp`):
 its forward rule runs the fused pass once and keeps dQ, dK, dV, dW_O and the per-token losses as
@@ -56,8 +56,8 @@ from gradattn._checks import check_head_inputs
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_weight_grad, projection_grads, query_grad
 
-DEFAULT_BLOCK_SIZE = 512
-"""Query rows per block up to N = 16 * 512 (benchmarks/README.md has the measurements)."""
+DEFAULT_BLOCK_SIZE = 256
+"""Query rows per block up to N = 16 * 256 (benchmarks/README.md has the measurements)."""
 
 MAX_BLOCKS = 16
 """Beyond N = 16 * DEFAULT_BLOCK_SIZE the default block grows so that there are at most this many
@@ -67,12 +67,12 @@ blocks: the blocks are unrolled at trace time, and compile time grows with their
 def default_block_size(n: int) -> int:
     """The default query-block size for a sequence of N positions.
 
-    512 rows up to N = 8192 (a 512 x N block of scores: 4 MB at N = 1999); beyond that, the
-    smallest multiple of 512 that covers N in ``MAX_BLOCKS`` blocks, so compile time stays
-    bounded (N = 16384: 1024 rows, a 64 MB block). Measured on a 2-core CPU (benchmarks/README.md):
-    512 rows beat 128, 256, 384, 768 and 1024 at N = 1024, 1999, 4096 and 8192; smaller blocks
-    pay a fixed cost per operation that outweighs the causal work they save, larger ones fall out
-    of cache.
+    256 rows up to N = 4096 (a 256 x N block of scores: 2 MB at N = 1999); beyond that, the
+    smallest multiple of 256 that covers N in ``MAX_BLOCKS`` blocks, so compile time stays bounded
+    (N = 8192: 512 rows; N = 16384: 1024 rows, a 64 MB block). Measured on a 2-core CPU with two
+    blocks in flight (ms per step; benchmarks/README.md): N = 1999: 256 rows 4.70, 384 5.17,
+    512 5.30; N = 4096: 17.4 / 18.8 / 18.3; N = 8192: 256 rows 71 ms but 9 s to compile, 512
+    rows 79 ms and 3.7 s, 1024 rows 104 ms.
     """
     multiple = -(-n // (MAX_BLOCKS * DEFAULT_BLOCK_SIZE))
     return DEFAULT_BLOCK_SIZE * max(1, multiple)
@@ -145,15 +145,23 @@ def _projections(params: HeadParams, x: jax.Array, weights):
     return q, q_t, x @ params.w_k, x @ params.w_v, normalised_weights(weights, x.shape[0], x.dtype)
 
 
+BLOCKS_IN_FLIGHT = 2
+"""How many query blocks XLA may run at once: block i waits for block i - BLOCKS_IN_FLIGHT.
+
+Two blocks in flight let XLA:CPU overlap one block's small, single-threaded operations with the
+other's large ones on a 2-core machine (measured ~10-15% faster per step at N = 1999 than one at a
+time), while the live memory stays that of two blocks."""
+
+
 def _after(arrays, scalars):
-    """``arrays`` unchanged in value, but computed after ``scalars``: one block at a time.
+    """``arrays`` unchanged in value, but computed after ``scalars``: a bound on blocks in flight.
 
     Without this, XLA:CPU schedules the unrolled blocks breadth first (every block's scores, then
     every block's exponentials, ...) and keeps all their (|R|, end) matrices alive, about N^2 floats:
     1.2 GB at N = 16384. ``jax.lax.optimization_barrier`` would say this, but XLA:CPU drops it
-    before scheduling, so the order is written as a data dependence: adding 0 * (a value of the
-    previous block). XLA never folds 0 * s for floats (s may be NaN), and a NaN there means the
-    previous block's result was NaN already.
+    before scheduling, so the order is written as a data dependence: adding 0 * (a value of an
+    earlier block). XLA never folds 0 * s for floats (s may be NaN), and a NaN there means that
+    block's result was NaN already.
     """
     zero = 0.0 * sum(scalars)
     return tuple(a + zero.astype(a.dtype) for a in arrays)
@@ -252,11 +260,11 @@ def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
     dk_t = jnp.zeros((d_k, n), x.dtype)
     dv_t = jnp.zeros((d_v, n), x.dtype)
     dw_o = jnp.zeros_like(params.w_o)
-    ce_blocks, dq_blocks = [], []
-    for r0, r1 in query_blocks(n, block_size):
+    ce_blocks, dq_blocks, done = [], [], []  # done[i]: scalars that exist only once block i is finished
+    for i, (r0, r1) in enumerate(query_blocks(n, block_size)):
         end = r1 if causal else n
-        if dq_blocks:
-            q, k, v = _after((q, k, v), (dk_t[0, 0], dv_t[0, 0], dw_o[0, 0], dq_blocks[-1][0, 0], ce_blocks[-1][0]))
+        if i >= BLOCKS_IN_FLIGHT:
+            q, k, v = _after((q, k, v), done[i - BLOCKS_IN_FLIGHT])
         k_r, v_r = k[:end], v[:end]
         s_r = _masked_scores(q[r0:r1], k_r, r0, causal)
         p = jnp.exp(s_r - jnp.max(s_r, axis=-1, keepdims=True))
@@ -271,8 +279,9 @@ def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
         ds = p * ((b - jnp.sum(u * g, axis=-1, keepdims=True)) * inv_l)
         dq_blocks.append(query_grad(ds, k_r))
         dk_t = dk_t.at[:, :end].add(q_t[:, r0:r1] @ ds)
-        dv_t = dv_t.at[:, :end].add((params.w_o @ e.T) * inv_l.T @ p)
+        dv_t = dv_t.at[:, :end].add((params.w_o @ e.T) * inv_l.T @ p)  # (d_v, |R|) as a product, not u.T: see _projections
         dw_o = dw_o + output_weight_grad(g, e)
+        done.append((dk_t[0, 0], dv_t[0, 0], dw_o[0, 0], dq_blocks[-1][0, 0], ce_blocks[-1][0]))
     ce = jnp.concatenate(ce_blocks)
     return BlockedPass(loss=jnp.sum(w * ce), token_losses=ce, dq=jnp.concatenate(dq_blocks), dk=dk_t.T, dv=dv_t.T,
                        dw_o=dw_o)
@@ -289,10 +298,10 @@ def _blocked_loss(params, x, y, weights, causal, block_size) -> jax.Array:
     n = x.shape[0]
     q, _, k, v, w = _projections(params, x, weights)
     ce_blocks = []
-    for r0, r1 in query_blocks(n, block_size):
+    for i, (r0, r1) in enumerate(query_blocks(n, block_size)):
         end = r1 if causal else n
-        if ce_blocks:
-            q, k, v = _after((q, k, v), (ce_blocks[-1][0],))
+        if i >= BLOCKS_IN_FLIGHT:
+            q, k, v = _after((q, k, v), (ce_blocks[i - BLOCKS_IN_FLIGHT][0],))
         p, inv_l = _unnormalised_attention(_masked_scores(q[r0:r1], k[:end], r0, causal))
         ce_blocks.append(token_losses(((p @ v[:end]) * inv_l) @ params.w_o, y[r0:r1]))
     return jnp.sum(w * jnp.concatenate(ce_blocks))
