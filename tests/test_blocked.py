@@ -149,14 +149,15 @@ def test_float32_at_paper_length_stays_float32_and_close():
 
 
 def test_compiled_step_holds_no_n_by_n_buffer():
-    n, block = 2048, 256
+    n, block = 4096, 256
     params, x, y, _ = problem(n, d_in=20, d_k=10, d_v=15, n_classes=8, dtype=jnp.float32, scale=0.1)
     compiled = jax.jit(lambda p, x_, y_: blocked_loss_and_grads(p, x_, y_, None, True, block)).lower(params, x, y).compile()
     assert f"[{n},{n}]" not in compiled.as_text()
-    # A few (block x N) matrices alive at a time (2 MB each here), never the N x N ones (16.8 MB)
-    # nor all blocks at once (the causal triangle, 8.4 MB).
+    # A few (block x N) matrices alive at a time (4.2 MB each here; two blocks in flight), never the
+    # N x N ones (67 MB) nor all blocks at once (the causal triangle, 33.6 MB; measured 21.4 MB).
     temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp < 4 * n * n / 2, f"temporary buffers {temp / 1e6:.1f} MB, half an N x N f32 matrix is {2 * n * n / 1e6:.1f} MB"
+    triangle = 4 * n * n / 2
+    assert temp < 0.75 * triangle, f"temporary buffers {temp / 1e6:.1f} MB, the causal triangle is {triangle / 1e6:.1f} MB"
 
 
 def test_block_layout_and_bad_block_size():
