@@ -7,6 +7,8 @@ a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected wi
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,37 @@ def concrete(a) -> np.ndarray | None:
 
 def _shape(a) -> tuple:
     return tuple(np.shape(a))
+
+
+def check_positive_int(name: str, val, fn: str) -> int:
+    """``val`` as a Python ``int`` >= 1, from any integral type (``operator.index``).
+
+    Python, numpy and 0-d integer array sizes are all accepted (``np.int64(20)`` from numpy
+    arithmetic is a size like ``20``) and normalised to ``int``, so they hash, compare and serialise
+    as plain ints. Bools and floats (even ``2.0``) are TypeErrors; values below 1 ValueErrors.
+    """
+    if isinstance(val, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a positive integer, got the bool {val!r}")
+    try:
+        i = operator.index(val)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be a positive integer, got {val!r} of type {type(val).__name__}") from None
+    if i < 1:
+        raise ValueError(f"{fn}: {name} must be a positive integer, got {i}")
+    return i
+
+
+def is_real_number(val) -> bool:
+    """True for a real number or a real array: Python/numpy ints and floats, integer or floating
+    numpy/jax arrays (any shape; tracers included). False for bools, strings, complex numbers and
+    anything else (a string such as ``"0.1"`` must not pass because ``float()`` happens to parse it)."""
+    if isinstance(val, (bool, np.bool_)):
+        return False
+    if isinstance(val, (int, float, np.integer, np.floating)):
+        return True
+    if isinstance(val, (np.ndarray, jax.Array)):
+        return bool(jnp.issubdtype(val.dtype, jnp.integer) or jnp.issubdtype(val.dtype, jnp.floating))
+    return False
 
 
 def check_params(params, fn: str) -> tuple[int, int, int, int]:

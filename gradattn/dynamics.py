@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_head_inputs, check_params
+from gradattn._checks import check_head_inputs, check_params, concrete, is_real_number
 from gradattn.head import HeadOutputs, HeadParams, causal_mask, forward, loss_fn, normalised_weights, token_losses
 from gradattn.laws import advantage, analytic_loss_and_grads, compatibility, output_error, value_grad
 
@@ -112,6 +112,8 @@ def first_order_report(
     n, *_ = check_head_inputs(params, x, y, weights, fn="first_order_report")
     if value_param not in ("values", "w_v"):
         raise ValueError(f"first_order_report: value_param must be 'values' or 'w_v', got {value_param!r}")
+    if not is_real_number(lr):
+        raise TypeError(f"first_order_report: lr must be a number (a positive step size), got {lr!r} of type {type(lr).__name__}")
     if np.ndim(lr) != 0:
         raise ValueError(f"first_order_report: lr must be a scalar, got shape {np.shape(lr)}")
     if not isinstance(lr, jax.core.Tracer) and not (np.isfinite(float(lr)) and float(lr) > 0):
@@ -341,8 +343,9 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
       params_series: HeadParams whose leaves have a leading checkpoint axis K (as recorded by
         :func:`feedback_probe` or training's default probe).
       x: (N, d_in) the training sequence.
-      rows: int array (R,) of query positions whose attention rows to keep; default: 64 rows evenly
-        spaced over 0..N-1 (attention rows are N long; all of them would be K x N x N).
+      rows: int array (R,) of query positions in [0, N) whose attention rows to keep (out-of-range
+        rows are a ValueError when ``rows`` is concrete); default: 64 rows evenly spaced over
+        0..N-1 (attention rows are N long; all of them would be K x N x N).
       causal: as in the head.
     Returns:
       :class:`Snapshots`. Computed checkpoint by checkpoint (``lax.map``), rows in blocks.
@@ -358,6 +361,15 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
     rows = jnp.linspace(0, n - 1, min(64, n)).astype(jnp.int32) if rows is None else jnp.asarray(rows)
     if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
         raise ValueError(f"snapshots: rows must be a 1-D integer array of query positions, got shape {rows.shape}, dtype {rows.dtype}")
+    # Out-of-range rows would be wrapped (negative) or clamped by the gather, silently: reject them
+    # when they are concrete (traced rows cannot be inspected).
+    rc = concrete(rows)
+    if rc is not None and ((rc < 0) | (rc >= n)).any():
+        bad = np.unique(rc[(rc < 0) | (rc >= n)])
+        raise ValueError(
+            f"snapshots: rows must be query positions in [0, N) with N = {n} (from x of shape {np.shape(x)}), "
+            f"got out-of-range rows {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}"
+        )
 
     def one(p):
         q, k, v = x @ p.w_q, x @ p.w_k, x @ p.w_v
@@ -413,9 +425,15 @@ def settling_step(checkpoint_steps, series, tol: float = 0.1, scale: str | None 
 
     With d_k = :func:`distance_to_final` (``scale="final"``: relative to the size of the final
     value; ``"change"``: relative to the run's total change; ``None``: absolute), the answer is
-    checkpoint_steps[k*] for the smallest k* such that d_k <= tol for every k >= k*. The last
-    checkpoint always qualifies (d = 0), so the answer is defined; it is checkpoint_steps[0] when the
-    series never leaves the tolerance.
+    checkpoint_steps[k*] for the smallest k* such that d_k <= tol for every k >= k*. For a finite
+    series the last checkpoint always qualifies (d = 0), so the answer is defined; it is
+    checkpoint_steps[0] when the series never leaves the tolerance.
+
+    A series with any non-finite value (a diverged run) never settles: it has no final value to
+    settle to, and every comparison with NaN fails, which would otherwise read as "settled at the
+    first checkpoint". Called eagerly, that is a ValueError naming ``series`` and the checkpoints
+    concerned; traced (under ``jit``/``vmap``, e.g. in a sweep where one seed diverges), the result
+    is NaN, so means over seeds show it instead of absorbing a plausible-looking step.
 
     Args:
       checkpoint_steps: (K,) the step of each checkpoint, increasing (e.g. 0, k, 2k, ...).
@@ -423,23 +441,37 @@ def settling_step(checkpoint_steps, series, tol: float = 0.1, scale: str | None 
       tol: tolerance on d_k.
       scale: the normaliser of d_k, as above.
     Returns:
-      scalar, the settling step (dtype of ``checkpoint_steps``). Pure and vmap-able over seeds.
+      scalar, the settling step, floating (so that "never" can be NaN): the dtype of
+      ``checkpoint_steps`` if it is floating, else JAX's default float. Pure and vmap-able over seeds.
     """
-    _check_scale(scale, "settling_step")
+    return _settling_step(checkpoint_steps, series, tol, scale, "series", "settling_step")
+
+
+def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> jax.Array:
+    """:func:`settling_step`, with the argument and function names its errors should give."""
+    _check_scale(scale, fn)
     steps = jnp.asarray(checkpoint_steps)
     series = jnp.asarray(series)
     if steps.ndim != 1:
-        raise ValueError(f"settling_step: checkpoint_steps must be 1-D (K,), got shape {steps.shape}")
+        raise ValueError(f"{fn}: checkpoint_steps must be 1-D (K,), got shape {steps.shape}")
     if series.ndim < 1 or series.shape[0] != steps.shape[0]:
         raise ValueError(
-            f"settling_step: series must have shape (K, ...) with K = {steps.shape[0]} (from checkpoint_steps), "
+            f"{fn}: {name} must have shape (K, ...) with K = {steps.shape[0]} (from checkpoint_steps), "
             f"got shape {series.shape}"
         )
     if np.ndim(tol) != 0 or (not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0):
-        raise ValueError(f"settling_step: tol must be a non-negative scalar, got {tol!r}")
+        raise ValueError(f"{fn}: tol must be a non-negative scalar, got {tol!r}")
+    sc = concrete(series)
+    if sc is not None and not np.isfinite(sc).all():
+        bad = np.flatnonzero(~np.isfinite(sc.reshape(sc.shape[0], -1)).all(axis=1))
+        raise ValueError(
+            f"{fn}: {name} (shape {series.shape}) has non-finite values at checkpoints {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}; a non-finite series never settles"
+        )
     within = distance_to_final(series, scale) <= tol
     stays = jnp.flip(jnp.cumprod(jnp.flip(within).astype(jnp.int32))).astype(bool)
-    return steps[jnp.argmax(stays)]
+    dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
+    return jnp.where(jnp.all(jnp.isfinite(series)), steps[jnp.argmax(stays)].astype(dtype), jnp.nan)
 
 
 settling_steps = settling_step
@@ -449,7 +481,7 @@ class FrameBeforePrecision(NamedTuple):
     """Settling steps of attention (the frame) and of the values (the precision) in one run.
 
     Attributes:
-      attention_step: :func:`settling_step` of the attention snapshots.
+      attention_step: :func:`settling_step` of the attention snapshots (floating; NaN: never).
       value_step: :func:`settling_step` of the values.
       lag: value_step - attention_step (> 0: frame before precision).
     """
@@ -476,9 +508,10 @@ def frame_before_precision(
       tol: tolerance for attention; ``value_tol`` for the values (default: ``tol``).
       scale: ``"change"`` (default), ``"final"`` or ``None``, as in :func:`distance_to_final`.
     Returns:
-      :class:`FrameBeforePrecision`; vmap over seeds for many runs.
+      :class:`FrameBeforePrecision`; vmap over seeds for many runs. A non-finite series never
+      settles (see :func:`settling_step`): a ValueError eagerly, NaN steps (and lag) when traced.
     """
     value_tol = tol if value_tol is None else value_tol
-    a = settling_step(checkpoint_steps, attention_series, tol, scale)
-    v = settling_step(checkpoint_steps, value_series, value_tol, scale)
+    a = _settling_step(checkpoint_steps, attention_series, tol, scale, "attention_series", "frame_before_precision")
+    v = _settling_step(checkpoint_steps, value_series, value_tol, scale, "value_series", "frame_before_precision")
     return FrameBeforePrecision(attention_step=a, value_step=v, lag=v - a)

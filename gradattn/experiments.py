@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn import laws
+from gradattn._checks import check_positive_int
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 from gradattn.sweep import sweep
 from gradattn.tasks import StickyMarkov
@@ -51,10 +52,10 @@ class EmVsSgdConfig:
     grad_source: str = "analytic"
 
     def __post_init__(self):
+        # Sizes of any integral type are stored as Python ints: a config built from np.int64 is equal
+        # to (and shares make_em_vs_sgd's cache entry with) the one built from ints, and to_dict is JSON.
         for name in ("steps", "d_k", "d_v"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"EmVsSgdConfig: {name} must be a positive integer, got {val!r}")
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name), "EmVsSgdConfig"))
         for name in ("sgd_lr", "value_lr", "routing_lr", "init_scale"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
@@ -82,7 +83,6 @@ def end_metrics(params, x, y) -> dict:
     }
 
 
-@functools.lru_cache(maxsize=16)
 def make_em_vs_sgd(config: EmVsSgdConfig):
     """The per-seed experiment as a pure function ``run(key) -> dict`` (jit/vmap-able).
 
@@ -93,10 +93,18 @@ def make_em_vs_sgd(config: EmVsSgdConfig):
     the training sequence after the last update.
 
     Cached per config (configs are frozen and hashable), so repeated sweeps of one config reuse
-    one compiled program.
+    one compiled program. The config is validated again (rebuilt with ``dataclasses.replace``)
+    before the cache is consulted, so a config altered after construction raises here and never
+    leaves a cached closure that would fail inside the sweep.
     """
     if not isinstance(config, EmVsSgdConfig):
         raise TypeError(f"make_em_vs_sgd: config must be an EmVsSgdConfig, got {type(config).__name__}")
+    return _make_em_vs_sgd(dataclasses.replace(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _make_em_vs_sgd(config: EmVsSgdConfig):
+    """:func:`make_em_vs_sgd` for a validated config (the cached part)."""
     task = config.task
     arms = {"sgd": sgd(config.sgd_lr), "em": em_like(config.value_lr, config.routing_lr)}
 
@@ -113,6 +121,11 @@ def make_em_vs_sgd(config: EmVsSgdConfig):
         return out
 
     return run
+
+
+# The cache stays inspectable and clearable under the public name, as when it was the decorated function.
+make_em_vs_sgd.cache_info = _make_em_vs_sgd.cache_info
+make_em_vs_sgd.cache_clear = _make_em_vs_sgd.cache_clear
 
 
 def steps_to_threshold(curves: np.ndarray, threshold: float) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_head_inputs
+from gradattn._checks import check_head_inputs, check_positive_int
 
 
 class HeadParams(NamedTuple):
@@ -60,10 +60,15 @@ class HeadOutputs(NamedTuple):
 
 
 def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float = 0.1, dtype=jnp.float32) -> HeadParams:
-    """Parameters with every entry drawn i.i.d. from N(0, scale^2) (the paper's initialisation)."""
-    for name, val in (("d_in", d_in), ("d_k", d_k), ("d_v", d_v), ("n_classes", n_classes)):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-            raise ValueError(f"init_head: {name} must be a positive integer, got {val!r}")
+    """Parameters with every entry drawn i.i.d. from N(0, scale^2) (the paper's initialisation).
+
+    The sizes may be any integral type (``np.int64(20)`` as well as ``20``); bools and floats are
+    TypeErrors, sizes below 1 ValueErrors.
+    """
+    d_in = check_positive_int("d_in", d_in, "init_head")
+    d_k = check_positive_int("d_k", d_k, "init_head")
+    d_v = check_positive_int("d_v", d_v, "init_head")
+    n_classes = check_positive_int("n_classes", n_classes, "init_head")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"init_head: dtype must be floating point, got {dtype}")
     k_q, k_k, k_v, k_o = jax.random.split(key, 4)

@@ -16,6 +16,7 @@ on any number of devices (the tests check this). Changing ``chunk_size`` may cha
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,8 +32,9 @@ DEFAULT_CHUNK_SIZE = 8
 def seed_keys(seeds) -> jax.Array:
     """Typed PRNG keys (n,) from integer seeds (``jax.random.key(seed)`` each) or from keys.
 
-    ``seeds`` may be a sequence of non-negative Python/numpy integers, a 1-D typed key array, or a
-    raw ``uint32`` key array of shape (n, 2).
+    ``seeds`` may be any 1-D integer array-like of non-negative seeds (a sequence of Python/numpy
+    integers, a numpy or jax integer array), a 1-D typed key array, or a raw ``uint32`` key array of
+    shape (n, 2). Floats (even integral ones), bools, other 2-D arrays and empty seeds are rejected.
     """
     if isinstance(seeds, jax.Array) and jnp.issubdtype(seeds.dtype, jax.dtypes.prng_key):
         if seeds.ndim != 1:
@@ -40,16 +42,32 @@ def seed_keys(seeds) -> jax.Array:
         return seeds
     if isinstance(seeds, (jax.Array, np.ndarray)) and np.ndim(seeds) == 2 and np.asarray(seeds).dtype == np.uint32:
         return jax.random.wrap_key_data(jnp.asarray(seeds))
-    try:
-        seeds = list(seeds)
-    except TypeError:
-        raise TypeError(f"sweep: seeds must be a sequence of integers or a key array, got {type(seeds).__name__}") from None
+    if isinstance(seeds, (jax.Array, np.ndarray)):
+        if seeds.ndim != 1:
+            raise ValueError(
+                f"sweep: an array of integer seeds must be 1-D (n,), got shape {seeds.shape} "
+                "(raw keys are uint32 of shape (n, 2); typed keys a key array (n,))"
+            )
+        if seeds.size and not jnp.issubdtype(seeds.dtype, jnp.integer):  # bool is not an integer dtype
+            raise ValueError(f"sweep: every seed must be a non-negative integer, got an array of dtype {seeds.dtype}")
+        seeds = np.asarray(seeds).tolist()
+    else:
+        try:
+            seeds = list(seeds)
+        except TypeError:
+            raise TypeError(f"sweep: seeds must be a sequence of integers or a key array, got {type(seeds).__name__}") from None
+    ints = []
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+        try:
+            i = None if isinstance(s, (bool, np.bool_)) else operator.index(s)  # ints, numpy and 0-d jax ints
+        except TypeError:
+            i = None
+        if i is None or i < 0:
             raise ValueError(f"sweep: every seed must be a non-negative integer, got {s!r}")
-    if not seeds:
+        ints.append(i)
+    if not ints:
         raise ValueError("sweep: seeds is empty; give at least one seed")
-    return jnp.stack([jax.random.key(int(s)) for s in seeds])
+    return jnp.stack([jax.random.key(i) for i in ints])
 
 
 def _check_devices(devices) -> list:
@@ -80,7 +98,8 @@ def sweep(
     Args:
       fn: a pure function of one PRNG key returning a pytree of arrays. It is traced and compiled
         once, as ``jit(vmap(fn))`` over ``chunk_size * len(devices)`` keys.
-      seeds: non-negative integers, or a key array (n,) / raw uint32 keys (n, 2).
+      seeds: non-negative integers (a sequence, or a 1-D numpy or jax integer array), or a key
+        array (n,) / raw uint32 keys (n, 2).
       chunk_size: seeds vmapped together on each device in one call (memory grows with it); the
         unit of bit-reproducibility (see the module docstring). Default ``DEFAULT_CHUNK_SIZE`` (8).
       devices: devices to shard each call over (1-D mesh along the seed axis); default: all

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gradattn._checks import check_positive_int, is_real_number
 from gradattn.head import HeadParams, dense_loss
 from gradattn.laws import analytic_loss_and_grads
 
@@ -58,15 +59,21 @@ def param_labels() -> HeadParams:
 
 
 def _check_lr(name: str, lr, fn: str) -> None:
-    """A learning rate is an optax schedule, a traced scalar (e.g. vmapped over), or a finite number >= 0."""
+    """A learning rate is an optax schedule, a traced scalar (e.g. vmapped over), or a finite number >= 0.
+
+    Anything else that is not a real number (a string such as ``"0.1"``, a bool, a list) is a
+    TypeError here, at construction: optax would accept it and fail only inside the first update.
+    """
     if callable(lr) or isinstance(lr, jax.core.Tracer):
         return
-    if isinstance(lr, bool) or np.ndim(lr) != 0:
-        raise ValueError(f"{fn}: {name} must be a scalar learning rate or an optax schedule, got {lr!r}")
-    try:
-        val = float(lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"{fn}: {name} must be a finite non-negative number or an optax schedule, got {lr!r}") from None
+    if not is_real_number(lr):
+        raise TypeError(
+            f"{fn}: {name} must be a number or an optax schedule (a callable step -> rate), "
+            f"got {lr!r} of type {type(lr).__name__}"
+        )
+    if np.ndim(lr) != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar learning rate or an optax schedule, got shape {np.shape(lr)}")
+    val = float(lr)
     if not (math.isfinite(val) and val >= 0):
         raise ValueError(f"{fn}: {name} must be a finite non-negative number or an optax schedule, got {lr!r}")
 
@@ -132,8 +139,7 @@ def alternating(value_lr=0.1, routing_lr=0.01, period: int = 1, base: Callable[.
     """
     _check_lr("value_lr", value_lr, "alternating")
     _check_lr("routing_lr", routing_lr, "alternating")
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"alternating: period must be a positive integer, got {period!r}")
+    period = check_positive_int("period", period, "alternating")
     if not callable(base):
         raise TypeError(f"alternating: base must be an optax optimiser factory such as optax.sgd, got {base!r}")
     phase = lambda t: (t // period) % 2  # noqa: E731
@@ -220,11 +226,6 @@ def params_probe(state_before: TrainState, state_after: TrainState, x: jax.Array
     return state_before.params
 
 
-def _check_positive_int(name: str, val, fn: str) -> None:
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-        raise ValueError(f"{fn}: {name} must be a positive integer, got {val!r}")
-
-
 def train(
     params: HeadParams,
     x: jax.Array,
@@ -248,7 +249,7 @@ def train(
       params: HeadParams at step 0.
       x: (N, d_in) inputs.  y: (N,) integer targets.
       optimizer: an optax GradientTransformation (e.g. :func:`sgd`, :func:`em_like`).
-      steps: number of updates (a positive int).
+      steps: number of updates (a positive integer of any integral type, e.g. ``np.int64``).
       grad_source, weights, causal: as in :func:`make_step`.
       checkpoint_every: ``k`` dividing ``steps``; if given, ``probe(state_before, state_after, x, y)``
         is recorded for the first step of each chunk of ``k`` steps, i.e. at steps 0, k, 2k, ...
@@ -260,10 +261,10 @@ def train(
       update, ``grad_norm_value`` and ``grad_norm_routing`` (steps,), and, with checkpoints,
       ``checkpoints``: the probe's pytree with a leading axis of ``steps // k``.
     """
-    _check_positive_int("steps", steps, "train")
+    steps = check_positive_int("steps", steps, "train")
     _check_optimizer(optimizer, "train")
     if checkpoint_every is not None:
-        _check_positive_int("checkpoint_every", checkpoint_every, "train")
+        checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every, "train")
         if steps % checkpoint_every:
             raise ValueError(
                 f"train: checkpoint_every={checkpoint_every} must divide steps={steps} "

@@ -167,6 +167,45 @@ def test_snapshots_match_forward():
         snapshots(p, x)
 
 
+def test_snapshots_reject_rows_outside_the_sequence():
+    p, x, _ = problem(n=20)
+    series = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), p)
+    # Row 20 would be clamped to 19 by the gather and row -1 wrapped to 19: both silently wrong.
+    with pytest.raises(ValueError, match=r"rows must be query positions in \[0, N\) with N = 20.*got out-of-range rows \[20\]"):
+        snapshots(series, x, rows=jnp.array([0, 7, 20]))
+    with pytest.raises(ValueError, match=r"rows.*N = 20.*\[-1, 25\]"):
+        snapshots(series, x, rows=[-1, 3, 25, 25])
+    # The edges are fine.
+    assert snapshots(series, x, rows=np.array([0, 19])).alpha.shape == (2, 2, 20)
+
+
+def test_non_finite_series_never_settles():
+    steps = jnp.arange(0, 100, 10)
+    good = (1.0 + 2.0 * 0.5 ** jnp.arange(10.0)).at[-1].set(1.0)  # settles at 50 (see below)
+    diverged = good.at[7:].set(jnp.nan)  # NaN from checkpoint 7 on: used to read as "settled at 0"
+    # Eagerly: a ValueError naming the argument and the checkpoints.
+    with pytest.raises(ValueError, match=r"settling_step: series .*non-finite values at checkpoints \[7, 8, 9\]"):
+        settling_step(steps, diverged)
+    with pytest.raises(ValueError, match=r"non-finite values at checkpoints \[3\]"):
+        settling_step(steps, good.at[3].set(jnp.inf))
+    attn = jnp.ones((10, 2, 3))
+    with pytest.raises(ValueError, match=r"frame_before_precision: value_series .*checkpoints \[9\]"):
+        frame_before_precision(steps, attn, jnp.ones((10, 3)).at[9, 1].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"frame_before_precision: attention_series"):
+        frame_before_precision(steps, attn.at[0].set(jnp.nan), jnp.ones((10, 3)))
+    # Traced (a sweep where one seed diverges): NaN, not a step.
+    out = jax.vmap(lambda s: settling_step(steps, s, 0.1))(jnp.stack([good, diverged, good.at[2].set(jnp.nan)]))
+    assert out[0] == 50 and np.isnan(out[1]) and np.isnan(out[2])
+    fbp = jax.jit(frame_before_precision)(steps, attn, jnp.ones((10, 3)).at[9].set(jnp.nan))
+    assert int(fbp.attention_step) == 0 and np.isnan(fbp.value_step) and np.isnan(fbp.lag)
+
+
+def test_first_order_report_rejects_a_string_lr():
+    p, x, y = problem(n=6)
+    with pytest.raises(TypeError, match="first_order_report: lr must be a number.*'0.1'"):
+        first_order_report(p, x, y, "0.1")
+
+
 def test_settling_step_constructed():
     steps = jnp.arange(0, 100, 10)
     # Exponential approach to 1: relative distance 2 * 0.5^k; within tol=0.1 from k = 5 (0.0625).

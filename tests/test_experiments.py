@@ -49,6 +49,32 @@ def test_summary_schema(tiny):
     json.dumps(tiny, allow_nan=False)  # plain JSON
 
 
+def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
+    a = EmVsSgdConfig(steps=np.int64(6), task=StickyMarkov(seq_len=np.int64(32)), d_k=np.int32(10), d_v=np.uint8(15))
+    b = EmVsSgdConfig(steps=6, task=TASK)
+    assert a == b and hash(a) == hash(b)
+    assert type(a.steps) is int and type(a.d_k) is int and type(a.d_v) is int and type(a.task.seq_len) is int
+    assert make_em_vs_sgd(a) is make_em_vs_sgd(b)  # one cache entry, one compiled program
+    json.dumps(a.to_dict())  # plain ints, so the results file can hold the config
+    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be a positive integer, got 6.0"):
+        EmVsSgdConfig(steps=6.0, task=TASK)
+    with pytest.raises(TypeError, match="EmVsSgdConfig: d_k must be a positive integer, got the bool"):
+        EmVsSgdConfig(d_k=True, task=TASK)
+    with pytest.raises(ValueError, match="EmVsSgdConfig: d_v must be a positive integer, got 0"):
+        EmVsSgdConfig(d_v=np.int64(0), task=TASK)
+
+
+def test_invalid_config_leaves_no_cached_closure():
+    bad = EmVsSgdConfig(steps=7, task=TASK)
+    object.__setattr__(bad, "steps", 0)  # altered after validation: the closure would fail in the sweep
+    before = make_em_vs_sgd.cache_info().currsize
+    with pytest.raises(ValueError, match="EmVsSgdConfig: steps must be a positive integer, got 0"):
+        make_em_vs_sgd(bad)
+    with pytest.raises(TypeError, match="make_em_vs_sgd: config must be an EmVsSgdConfig, got dict"):
+        make_em_vs_sgd({"steps": 7})  # unhashable: used to fail inside lru_cache
+    assert make_em_vs_sgd.cache_info().currsize == before
+
+
 def test_steps_to_threshold():
     curves = np.array([[3.0, 2.5, 2.0, 1.5], [3.0, 2.9, 2.8, 2.7], [1.0, 0.5, 0.4, 0.3]])
     np.testing.assert_array_equal(steps_to_threshold(curves, 2.1), [2, 4, 0])

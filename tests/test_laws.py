@@ -337,6 +337,21 @@ class TestBadInput:
         with pytest.raises(TypeError, match="dtype must be floating"):
             ga.init_head(jax.random.key(0), 4, 2, 3, 2, dtype=jnp.int32)
 
+    def test_init_head_accepts_any_integral_size(self):
+        key = jax.random.key(0)
+        p = ga.init_head(key, np.int64(4), np.int32(2), np.array(3), jnp.int32(2))
+        ref = ga.init_head(key, 4, 2, 3, 2)
+        for a, b in zip(p, ref):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(TypeError, match="init_head: d_v must be a positive integer, got 3.0 of type float"):
+            ga.init_head(key, 4, 2, 3.0, 2)
+        with pytest.raises(TypeError, match="init_head: d_in must be a positive integer, got the bool"):
+            ga.init_head(key, True, 2, 3, 2)
+        with pytest.raises(TypeError, match="n_classes"):
+            ga.init_head(key, 4, 2, 3, np.float64(2))
+        with pytest.raises(ValueError, match="d_k must be a positive integer, got 0"):
+            ga.init_head(key, 4, np.int64(0), 3, 2)
+
     def test_init_head_draws_the_papers_distribution(self):
         p = ga.init_head(jax.random.key(0), 200, 100, 150, 80)
         assert p.w_q.dtype == jnp.float32 and p.w_o.shape == (150, 80)

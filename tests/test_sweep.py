@@ -52,6 +52,42 @@ def test_keys_ints_and_raw_keys_agree():
     np.testing.assert_array_equal(jax.random.key_data(seed_keys([7])[0]), jax.random.key_data(jax.random.key(7)))
 
 
+def test_integer_array_seeds_of_any_kind():
+    def draw(k):
+        return {"u": jax.random.uniform(k, (2,))}
+
+    ref = sweep(draw, [5, 0, 7], chunk_size=2)
+    for seeds in (
+        np.array([5, 0, 7]),
+        np.array([5, 0, 7], np.uint32),
+        jnp.array([5, 0, 7]),  # used to be rejected: its elements are 0-d jax arrays
+        jnp.array([5, 0, 7], jnp.int64),
+        [np.int64(5), jnp.int32(0), 7],
+        (5, 0, 7),
+    ):
+        assert_trees_equal(sweep(draw, seeds, chunk_size=2), ref)
+
+
+@pytest.mark.parametrize(
+    "seeds, match",
+    [
+        (jnp.array([1.0, 2.0]), "non-negative integer, got an array of dtype float"),
+        (np.array([True, False]), "non-negative integer, got an array of dtype bool"),
+        (jnp.array([[1, 2], [3, 4]]), r"must be 1-D \(n,\), got shape \(2, 2\)"),
+        (np.array([[1, 2, 3]], np.int64), r"must be 1-D \(n,\), got shape \(1, 3\)"),
+        (jnp.array([], jnp.int32), "empty"),
+        (np.array([]), "empty"),
+        (jnp.array([3, -1]), "non-negative integer, got -1"),
+        ([1, True], "non-negative integer, got True"),
+        ([jnp.array(2.0)], "non-negative integer"),
+        ([[1, 2]], "non-negative integer"),
+    ],
+)
+def test_bad_array_seeds(seeds, match):
+    with pytest.raises(ValueError, match=match):
+        seed_keys(seeds)
+
+
 def test_progress_bar_runs(capsys):
     out = sweep(lambda k: {"u": jax.random.uniform(k, (2,))}, range(5), chunk_size=2, progress=True)
     assert out["u"].shape == (5, 2)

@@ -193,8 +193,10 @@ def test_train_vmaps_over_params_and_float32_stays_float32():
     "kwargs, err, match",
     [
         (dict(steps=0), ValueError, "steps"),
-        (dict(steps=2.0), ValueError, "steps"),
-        (dict(steps=True), ValueError, "steps"),
+        (dict(steps=2.0), TypeError, "steps must be a positive integer, got 2.0 of type float"),
+        (dict(steps=True), TypeError, "steps must be a positive integer, got the bool"),
+        (dict(steps=np.float32(2)), TypeError, "steps"),
+        (dict(steps=6, checkpoint_every=2.0), TypeError, "checkpoint_every"),
         (dict(steps=6, checkpoint_every=4), ValueError, "divide"),
         (dict(steps=6, checkpoint_every=0), ValueError, "checkpoint_every"),
         (dict(steps=6, probe=lambda *a: 0), ValueError, "checkpoint_every"),
@@ -215,11 +217,38 @@ def test_bad_optimizer_and_lr():
         training.train(params, x, y, object(), 2)
     with pytest.raises(ValueError, match="lr"):
         training.sgd(-0.1)
-    with pytest.raises(ValueError, match="value_lr"):
+    with pytest.raises(TypeError, match="value_lr"):
         training.em_like(value_lr="fast")
     # A schedule is a valid learning rate.
     training.sgd(optax.constant_schedule(0.1))
     training.em_like(np.float32(0.1), jnp.asarray(0.01))
+
+
+def test_numpy_integer_sizes_are_accepted():
+    params, x, y = case(3)
+    opt = training.sgd(0.1)
+    final, hist = training.train(params, x, y, opt, np.int64(4), checkpoint_every=np.int32(2))
+    ref_final, ref_hist = training.train(params, x, y, opt, 4, checkpoint_every=2)
+    np.testing.assert_array_equal(hist["loss"], ref_hist["loss"])
+    np.testing.assert_array_equal(final.params.w_v, ref_final.params.w_v)
+    assert hist["checkpoints"].w_q.shape[0] == 2
+    training.alternating(period=np.int64(2))
+    with pytest.raises(TypeError, match="period"):
+        training.alternating(period=2.0)
+
+
+@pytest.mark.parametrize("bad", ["0.1", b"0.1", True, None, [0.1], 0.1 + 0j, np.array("0.1")])
+def test_non_numeric_learning_rates_are_rejected_early(bad):
+    # A string used to pass (float("0.1") parses) and fail deep inside optax's first update.
+    with pytest.raises(TypeError, match=r"sgd: lr must be a number or an optax schedule"):
+        training.sgd(bad)
+    with pytest.raises(TypeError, match="em_like: routing_lr must be a number"):
+        training.em_like(0.1, bad)
+    with pytest.raises(TypeError, match="alternating: value_lr must be a number"):
+        training.alternating(bad, 0.01)
+    # Shape errors of a numeric lr stay ValueErrors.
+    with pytest.raises(ValueError, match=r"lr must be a scalar.*\(2,\)"):
+        training.sgd(np.array([0.1, 0.2]))
 
 
 def test_learning_rates_can_be_vmapped():

@@ -60,6 +60,7 @@ class StickyMarkov:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
                 raise TypeError(f"StickyMarkov: {name} must be an integer, got {val!r}")
+            object.__setattr__(self, name, int(val))  # numpy ints stored as ints: equal, hashable, JSON-able
         if self.n_symbols < 2:
             raise ValueError(f"StickyMarkov: n_symbols must be >= 2, got {self.n_symbols}")
         if self.d_embed < 1:
