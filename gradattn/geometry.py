@@ -27,6 +27,44 @@ import numpy as np
 LN2 = math.log(2.0)
 
 
+def _one_matrix_at_a_time(fn):
+    """``fn`` (a call into LAPACK: SVD, least squares) whose ``vmap`` runs the batch one matrix at a
+    time (``lax.map``), so the compiled program never holds a *batched* LAPACK call.
+
+    Why: on CPU, jaxlib runs a batched LAPACK kernel as a parallel map over XLA's intra-op thread pool
+    and blocks its own worker thread until the map is done. When XLA schedules two such kernels at
+    once and the pool has no more threads than that (2 on a 2-core machine), every worker waits for
+    work that no free thread can pick up, and the program hangs for ever (jaxlib 0.10.2: the
+    dynamics notebook, which computes five of these per arm over vmapped seeds, hung in about half
+    of the runs when another process shared the CPU; gdb showed both pool threads in
+    ``jax::ParallelBatchMap`` under ``lapack_sgesdd_ffi``). The matrices here are small (N x d), so
+    running them in turn costs little. Values are unchanged; differentiation goes through ``fn``.
+    """
+    def plain(*args):
+        return fn(*args)
+
+    def vmap_rule(axis_size, in_batched, *args):
+        mapped = [a for a, b in zip(args, in_batched) if b]
+
+        def one(mapped_args):
+            it = iter(mapped_args)
+            return seq(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+        out = jax.lax.map(one, mapped)
+        return out, jax.tree.map(lambda _: True, out)
+
+    batched = jax.custom_batching.custom_vmap(plain)
+    batched.def_vmap(vmap_rule)
+    seq = jax.custom_jvp(lambda *args: batched(*args))
+    seq.defjvp(lambda primals, tangents: jax.jvp(plain, primals, tangents))
+    return seq
+
+
+_singular_values = _one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, compute_uv=False))
+_right_singular_vectors = _one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, full_matrices=False)[2])
+_least_squares = _one_matrix_at_a_time(lambda a, b: jnp.linalg.lstsq(a, b)[0])
+
+
 def _check_rows(name: str, z, fn: str) -> None:
     if np.ndim(z) != 2:
         raise ValueError(f"{fn}: {name} must be 2-D (M points, D dims), got shape {tuple(np.shape(z))}")
@@ -75,7 +113,7 @@ def pca_spectrum(z: jax.Array, center: bool = True) -> jax.Array:
     """
     _check_rows("z", z, "pca_spectrum")
     zc = _centred(z, center)
-    s = jnp.linalg.svd(zc, compute_uv=False)
+    s = _singular_values(zc)
     return s * s / zc.shape[0]
 
 
@@ -113,7 +151,7 @@ def principal_components(z: jax.Array, n_components: int = 2, center: bool = Tru
     _check_rows("z", z, "principal_components")
     _check_k(n_components, min(np.shape(z)), "principal_components")
     zc = _centred(z, center)
-    _, _, vt = jnp.linalg.svd(zc, full_matrices=False)
+    vt = _right_singular_vectors(zc)
     dirs = vt[:n_components]
     pivot = jnp.take_along_axis(dirs, jnp.argmax(jnp.abs(dirs), axis=-1)[:, None], axis=-1)
     dirs = dirs * jnp.where(pivot < 0, -1.0, 1.0).astype(dirs.dtype)
@@ -185,7 +223,7 @@ def decoding_r2(z: jax.Array, targets: jax.Array) -> jax.Array:
     t = t.reshape(t.shape[0], -1).astype(jnp.result_type(z))
     zc = jnp.asarray(z) - jnp.mean(z, axis=0)
     tc = t - jnp.mean(t, axis=0)
-    coef, *_ = jnp.linalg.lstsq(zc, tc)
+    coef = _least_squares(zc, tc)
     resid = jnp.sum((tc - zc @ coef) ** 2)
     total = jnp.sum(tc * tc)
     return jnp.where(total > 0, 1.0 - resid / jnp.where(total > 0, total, 1.0), 0.0)

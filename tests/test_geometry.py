@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gradattn import geometry
 from gradattn.geometry import (
     attention_entropy_bits,
     covariate_r2,
@@ -122,3 +123,26 @@ def test_decoding_r2_known_answer():
     assert float(decoding_r2(jnp.asarray(z), jnp.ones(3000))) == 0.0
     with pytest.raises(ValueError, match=r"targets must have shape \(3000,\)"):
         decoding_r2(jnp.asarray(z), jnp.ones(5))
+
+
+def test_vmapped_lapack_calls_take_one_matrix_at_a_time():
+    # A batched LAPACK call can deadlock XLA:CPU's thread pool when two run at once (see
+    # geometry._one_matrix_at_a_time): under vmap every LAPACK custom call must see one matrix.
+    import re
+
+    z = jax.ShapeDtypeStruct((4, 30, 5), jnp.float32)
+    t = jax.ShapeDtypeStruct((4, 30, 2), jnp.float32)
+    cases = {
+        "pca_spectrum": (jax.vmap(geometry.pca_spectrum), (z,)),
+        "principal_components": (jax.vmap(lambda a: geometry.principal_components(a, 2)), (z,)),
+        "decoding_r2": (jax.vmap(geometry.decoding_r2), (z, t)),
+        "nested": (jax.vmap(jax.vmap(geometry.pca_spectrum)), (jax.ShapeDtypeStruct((3, 4, 30, 5), jnp.float32),)),
+    }
+    for name, (fn, args) in cases.items():
+        text = jax.jit(fn).lower(*args).compile().as_text()
+        calls = [line for line in text.splitlines() if 'custom_call_target="lapack_' in line]
+        assert calls, name
+        for line in calls:
+            operands = re.search(r"operand_layout_constraints=\{(.*?)\}\}?,", line).group(1)
+            for shape in re.findall(r"f32\[([\d,]*)\]", operands):
+                assert len(shape.split(",")) <= 2, f"{name}: batched LAPACK operand f32[{shape}] in {line[:120]}"
