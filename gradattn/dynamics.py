@@ -197,6 +197,13 @@ class FeedbackStats(NamedTuple):
     attention_entropy_bits: jax.Array
 
 
+def _block_size(block_size, fn: str) -> int:
+    """``block_size`` as a Python int >= 1 (numpy ints accepted); anything else a ValueError naming it."""
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size!r}")
+    return int(block_size)
+
+
 def _row_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + block_size, n)) for r0 in range(0, n, block_size)]
 
@@ -241,8 +248,7 @@ def feedback_stats(
         raise ValueError(
             f"feedback_stats: params_before and params_after must have the same shapes, got {shapes_before} and {shapes_after}"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"feedback_stats: block_size must be a positive integer, got {block_size!r}")
+    block_size = _block_size(block_size, "feedback_stats")
     dt = x.dtype
     w = normalised_weights(weights, n, dt)
     q0, k0, v0 = x @ params_before.w_q, x @ params_before.w_k, x @ params_before.w_v
@@ -357,6 +363,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
         )
     first = jax.tree.map(lambda a: a[0], params_series)
     check_params(first, "snapshots")
+    block_size = _block_size(block_size, "snapshots")
     n, *_ = check_head_inputs(first, x, fn="snapshots")
     rows = jnp.linspace(0, n - 1, min(64, n)).astype(jnp.int32) if rows is None else jnp.asarray(rows)
     if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):

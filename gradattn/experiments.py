@@ -227,6 +227,10 @@ def em_vs_sgd(
         if seeds < 1:
             raise ValueError(f"em_vs_sgd: seeds must be a positive number of seeds, got {seeds}")
         seeds = list(range(int(seeds)))
+    if isinstance(seeds, (jax.Array, np.ndarray)):
+        if seeds.ndim != 1 or not jnp.issubdtype(seeds.dtype, jnp.integer):
+            raise ValueError(f"em_vs_sgd: an array of seeds must be 1-D and integer, got shape {seeds.shape}, dtype {seeds.dtype}")
+        seeds = np.asarray(seeds).tolist()
     seeds = [s for s in seeds]
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:

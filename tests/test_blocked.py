@@ -162,6 +162,7 @@ def test_compiled_step_holds_no_n_by_n_buffer():
 
 def test_block_layout_and_bad_block_size():
     assert query_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert query_blocks(10, np.int64(4)) == [(0, 4), (4, 8), (8, 10)]  # numpy sizes, as from arithmetic
     assert query_blocks(3, 256) == [(0, 3)]
     assert default_block_size(1999) == 256 and default_block_size(8192) == 512 and default_block_size(16384) == 1024
     params, x, y, _ = problem(8)

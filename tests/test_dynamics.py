@@ -157,7 +157,7 @@ def test_probe_inside_training_scan_under_vmap():
 def test_snapshots_match_forward():
     p, x, _ = problem(n=20)
     series = jax.tree.map(lambda a: jnp.stack([a, 2 * a, 3 * a]), p)
-    snap = snapshots(series, x, rows=jnp.array([0, 7, 19]), block_size=6)
+    snap = snapshots(series, x, rows=jnp.array([0, 7, 19]), block_size=np.int64(6))
     for k in range(3):
         out = forward(jax.tree.map(lambda a: (k + 1) * a, p), x)
         np.testing.assert_allclose(snap.alpha[k], out.alpha[jnp.array([0, 7, 19])], rtol=1e-12)

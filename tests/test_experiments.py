@@ -125,3 +125,16 @@ def test_laws_check_errors_are_tiny():
     errors = experiments.laws_check_errors(jax.random.key(1), n=11)
     assert len(errors) == 11
     assert max(errors.values()) < 1e-9
+
+
+def test_em_vs_sgd_takes_an_array_of_seeds():
+    import jax.numpy as jnp
+
+    want = experiments.em_vs_sgd([2, 0], steps=3, task=TASK)
+    for seeds in (np.array([2, 0]), jnp.array([2, 0], dtype=jnp.int32)):
+        got = experiments.em_vs_sgd(seeds, steps=3, task=TASK)
+        assert got["per_seed"]["seed"] == [2, 0]
+        assert got["per_seed"]["sgd_final_loss"] == want["per_seed"]["sgd_final_loss"]
+    for bad in (np.array([1.0, 2.0]), jnp.array([[1, 2]])):
+        with pytest.raises(ValueError, match="seeds"):
+            experiments.em_vs_sgd(bad, steps=3, task=TASK)
