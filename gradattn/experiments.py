@@ -58,8 +58,10 @@ class EmVsSgdConfig:
             object.__setattr__(self, name, check_positive_int(name, getattr(self, name), "EmVsSgdConfig"))
         for name in ("sgd_lr", "value_lr", "routing_lr", "init_scale"):
             val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+            if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(val) or val < 0:
                 raise ValueError(f"EmVsSgdConfig: {name} must be a finite non-negative number, got {val!r}")
+            object.__setattr__(self, name, float(val) if isinstance(val, (float, np.floating)) else int(val))
         if not isinstance(self.task, StickyMarkov):
             raise TypeError(f"EmVsSgdConfig: task must be a StickyMarkov, got {type(self.task).__name__}")
         if self.grad_source not in ("analytic", "autodiff"):

@@ -56,6 +56,9 @@ def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
     assert type(a.steps) is int and type(a.d_k) is int and type(a.d_v) is int and type(a.task.seq_len) is int
     assert make_em_vs_sgd(a) is make_em_vs_sgd(b)  # one cache entry, one compiled program
     json.dumps(a.to_dict())  # plain ints, so the results file can hold the config
+    c = EmVsSgdConfig(sgd_lr=np.float32(0.5), value_lr=np.float64(0.1), routing_lr=np.int64(0), task=TASK)
+    assert (type(c.sgd_lr), c.sgd_lr, type(c.value_lr), type(c.routing_lr)) == (float, 0.5, float, int)
+    json.dumps(c.to_dict())  # numpy scalars would not serialise
     with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be a positive integer, got 6.0"):
         EmVsSgdConfig(steps=6.0, task=TASK)
     with pytest.raises(TypeError, match="EmVsSgdConfig: d_k must be a positive integer, got the bool"):
