@@ -151,8 +151,9 @@ BLOCKS_IN_FLIGHT = 2
 """How many query blocks XLA may run at once: block i waits for block i - BLOCKS_IN_FLIGHT.
 
 Two blocks in flight let XLA:CPU overlap one block's small, single-threaded operations with the
-other's large ones on a 2-core machine (measured ~10-15% faster per step at N = 1999 than one at a
-time), while the live memory stays that of two blocks."""
+other's large ones on a 2-core machine (N = 1999, quiet machine: 4.12 ms per step against 5.07 ms
+one block at a time with the same 256 rows, and 4.96 ms with 512 rows, the best single-block
+size), while the live memory stays that of two blocks."""
 
 
 def _after(arrays, scalars):
