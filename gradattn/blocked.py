@@ -33,8 +33,8 @@ linearly: the row scale 1/l goes onto the small (|R|, d) factors.
 
 Blocks are static Python slices (every shape is known at trace time), so XLA compiles one
 straight-line program with at most ``block_size x N`` matrices, run at most
-:data:`BLOCKS_IN_FLIGHT` blocks at a time (:func:`_after`), so that the live memory is that of two
-blocks, not of N x N (benchmarks/README.md has the figures per N). Compile time grows with the
+:data:`BLOCKS_IN_FLIGHT` blocks at a time (:func:`_after`), so that the live memory is that of a
+few blocks, not of N x N (benchmarks/README.md has the figures per N). Compile time grows with the
 number of blocks, hence :func:`default_block_size`. Under ``vmap`` over many seeds, chunks of
 :func:`seed_chunk` seeds run in turn (:func:`_seeds_in_chunks`) so that the working set stays in cache.
 
@@ -70,10 +70,10 @@ def default_block_size(n: int) -> int:
 
     256 rows up to N = 4096 (a 256 x N block of scores: 2 MB at N = 1999); beyond that, the
     smallest multiple of 256 that covers N in ``MAX_BLOCKS`` blocks, so compile time stays bounded
-    (N = 8192: 512 rows; N = 16384: 1024 rows, a 64 MB block). Measured on a 2-core CPU with two
-    blocks in flight (ms per step; benchmarks/README.md): N = 1999: 256 rows 4.70, 384 5.17,
-    512 5.30; N = 4096: 17.4 / 18.8 / 18.3; N = 8192: 256 rows 71 ms but 9 s to compile, 512
-    rows 79 ms and 3.7 s, 1024 rows 104 ms.
+    (N = 8192: 512 rows; N = 16384: 1024 rows, a 64 MB block). Measured on a 2-core CPU with
+    three blocks in flight (ms per step; benchmarks/README.md): N = 1999: 128 rows 4.99, 256 3.92,
+    384 4.68, 512 4.94; N = 4096: 16.8 / 15.7 / 18.6 / 20.0. With two in flight, N = 8192: 256 rows
+    71 ms but 9 s to compile, 512 rows 79 ms and 3.7 s, 1024 rows 104 ms.
     """
     multiple = -(-n // (MAX_BLOCKS * DEFAULT_BLOCK_SIZE))
     return DEFAULT_BLOCK_SIZE * max(1, multiple)
@@ -147,13 +147,14 @@ def _projections(params: HeadParams, x: jax.Array, weights):
     return q, q_t, x @ params.w_k, x @ params.w_v, normalised_weights(weights, x.shape[0], x.dtype)
 
 
-BLOCKS_IN_FLIGHT = 2
+BLOCKS_IN_FLIGHT = 3
 """How many query blocks XLA may run at once: block i waits for block i - BLOCKS_IN_FLIGHT.
 
-Two blocks in flight let XLA:CPU overlap one block's small, single-threaded operations with the
-other's large ones on a 2-core machine (N = 1999, quiet machine: 4.12 ms per step against 5.07 ms
-one block at a time with the same 256 rows, and 4.96 ms with 512 rows, the best single-block
-size), while the live memory stays that of two blocks."""
+Several blocks in flight let XLA:CPU overlap one block's small, single-threaded operations with
+another's large ones on a 2-core machine. N = 1999, 256 rows, quiet machine (ms per step, medians
+of 7 rounds, two runs): 1 → 5.58, 2 → 4.04 / 4.14, 3 → 3.77 / 3.86, 4 → 3.94, 6 → 4.17. The live
+memory grows with it (XLA temporaries at N = 16384: 157 / 205 / 270 / 339 / 415 MB), far from
+the 1.2 GB of all blocks at once."""
 
 
 def _after(arrays, scalars):

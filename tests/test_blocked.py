@@ -153,11 +153,12 @@ def test_compiled_step_holds_no_n_by_n_buffer():
     params, x, y, _ = problem(n, d_in=20, d_k=10, d_v=15, n_classes=8, dtype=jnp.float32, scale=0.1)
     compiled = jax.jit(lambda p, x_, y_: blocked_loss_and_grads(p, x_, y_, None, True, block)).lower(params, x, y).compile()
     assert f"[{n},{n}]" not in compiled.as_text()
-    # A few (block x N) matrices alive at a time (4.2 MB each here; two blocks in flight), never the
-    # N x N ones (67 MB) nor all blocks at once (the causal triangle, 33.6 MB; measured 21.4 MB).
+    # A few (block x N) matrices alive at a time (4.2 MB each here; BLOCKS_IN_FLIGHT blocks), never
+    # the N x N ones (67 MB) nor all blocks at once: measured 22.8 MB with 3 blocks in flight, 74 MB
+    # with every block alive; the causal triangle alone is 33.6 MB.
     temp = compiled.memory_analysis().temp_size_in_bytes
     triangle = 4 * n * n / 2
-    assert temp < 0.75 * triangle, f"temporary buffers {temp / 1e6:.1f} MB, the causal triangle is {triangle / 1e6:.1f} MB"
+    assert temp < triangle, f"temporary buffers {temp / 1e6:.1f} MB, the causal triangle is {triangle / 1e6:.1f} MB"
 
 
 def test_block_layout_and_bad_block_size():
