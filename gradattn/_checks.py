@@ -46,6 +46,14 @@ def check_positive_int(name: str, val, fn: str) -> int:
     return i
 
 
+def check_block_size(block_size, fn: str) -> int:
+    """A query-block size as a Python ``int`` >= 1 (numpy integers accepted); anything else,
+    bools and floats included, is a ValueError naming ``fn`` and ``block_size``."""
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size!r}")
+    return int(block_size)
+
+
 def is_real_number(val) -> bool:
     """True for a real number or a real array: Python/numpy ints and floats, integer or floating
     numpy/jax arrays (any shape; tracers included). False for bools, strings, complex numbers and

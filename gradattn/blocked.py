@@ -51,9 +51,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gradattn._checks import check_head_inputs
+from gradattn._checks import check_block_size, check_head_inputs
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_weight_grad, projection_grads, query_grad
 
@@ -104,9 +103,7 @@ def query_blocks(n: int, block_size: int | None = None) -> list[tuple[int, int]]
     """
     if block_size is None:
         block_size = default_block_size(n)
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    block_size = int(block_size)
+    block_size = check_block_size(block_size, "query_blocks")
     return [(r0, min(r0 + block_size, n)) for r0 in range(0, n, block_size)]
 
 

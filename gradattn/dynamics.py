@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_head_inputs, check_params, concrete, is_real_number
+from gradattn._checks import check_block_size, check_head_inputs, check_params, concrete, is_real_number
+from gradattn.blocked import _masked_scores, query_blocks
 from gradattn.head import HeadOutputs, HeadParams, causal_mask, forward, loss_fn, normalised_weights, token_losses
 from gradattn.laws import advantage, analytic_loss_and_grads, compatibility, output_error, value_grad
 
@@ -197,23 +198,9 @@ class FeedbackStats(NamedTuple):
     attention_entropy_bits: jax.Array
 
 
-def _block_size(block_size, fn: str) -> int:
-    """``block_size`` as a Python int >= 1 (numpy ints accepted); anything else a ValueError naming it."""
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size!r}")
-    return int(block_size)
-
-
-def _row_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
-    return [(r0, min(r0 + block_size, n)) for r0 in range(0, n, block_size)]
-
-
 def _attention_rows(q_r, k, r0: int, causal: bool):
-    s = (q_r @ k.T) / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype))
-    if causal:
-        rows = r0 + jnp.arange(s.shape[0])[:, None]
-        s = jnp.where(jnp.arange(s.shape[1])[None, :] <= rows, s, -jnp.inf)
-    return jax.nn.softmax(s, axis=-1)
+    """alpha for query rows r0:r0+|R| against keys ``k`` (|R|, len(k)): the blocked pass's masked scores."""
+    return jax.nn.softmax(_masked_scores(q_r / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype)), k, r0, causal), axis=-1)
 
 
 def _xlogx(p):
@@ -248,7 +235,7 @@ def feedback_stats(
         raise ValueError(
             f"feedback_stats: params_before and params_after must have the same shapes, got {shapes_before} and {shapes_after}"
         )
-    block_size = _block_size(block_size, "feedback_stats")
+    block_size = check_block_size(block_size, "feedback_stats")
     dt = x.dtype
     w = normalised_weights(weights, n, dt)
     q0, k0, v0 = x @ params_before.w_q, x @ params_before.w_k, x @ params_before.w_v
@@ -259,7 +246,7 @@ def feedback_stats(
     zero = jnp.zeros((), dt)
     agree = count = agree_w = mass = loss = ent = zero
     dv = jnp.zeros_like(v0)
-    for r0, r1 in _row_blocks(n, block_size):
+    for r0, r1 in query_blocks(n, block_size):
         end = r1 if causal else n
         a0 = _attention_rows(q0[r0:r1], k0[:end], r0, causal)
         a1 = _attention_rows(q1[r0:r1], k1[:end], r0, causal)
@@ -363,7 +350,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
         )
     first = jax.tree.map(lambda a: a[0], params_series)
     check_params(first, "snapshots")
-    block_size = _block_size(block_size, "snapshots")
+    block_size = check_block_size(block_size, "snapshots")
     n, *_ = check_head_inputs(first, x, fn="snapshots")
     rows = jnp.linspace(0, n - 1, min(64, n)).astype(jnp.int32) if rows is None else jnp.asarray(rows)
     if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
@@ -381,7 +368,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
     def one(p):
         q, k, v = x @ p.w_q, x @ p.w_k, x @ p.w_v
         ctx = []
-        for r0, r1 in _row_blocks(n, block_size):
+        for r0, r1 in query_blocks(n, block_size):
             end = r1 if causal else n
             ctx.append(_attention_rows(q[r0:r1], k[:end], r0, causal) @ v[:end])
         s = (q[rows] @ k.T) / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype))

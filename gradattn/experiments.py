@@ -22,7 +22,7 @@ import numpy as np
 from gradattn import laws
 from gradattn._checks import check_positive_int
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
-from gradattn.sweep import sweep
+from gradattn.sweep import seed_ints, sweep
 from gradattn.tasks import StickyMarkov
 from gradattn.training import em_like, sgd, train
 
@@ -229,16 +229,7 @@ def em_vs_sgd(
         if seeds < 1:
             raise ValueError(f"em_vs_sgd: seeds must be a positive number of seeds, got {seeds}")
         seeds = list(range(int(seeds)))
-    if isinstance(seeds, (jax.Array, np.ndarray)):
-        if seeds.ndim != 1 or not jnp.issubdtype(seeds.dtype, jnp.integer):
-            raise ValueError(f"em_vs_sgd: an array of seeds must be 1-D and integer, got shape {seeds.shape}, dtype {seeds.dtype}")
-        seeds = np.asarray(seeds).tolist()
-    seeds = [s for s in seeds]
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
-            raise ValueError(f"em_vs_sgd: every seed must be a non-negative integer, got {s!r}")
-    if not seeds:
-        raise ValueError("em_vs_sgd: seeds is empty")
+    seeds = seed_ints(seeds, "em_vs_sgd")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"em_vs_sgd: seeds must be distinct, got {seeds}")
     config = EmVsSgdConfig(

@@ -29,6 +29,38 @@ DEFAULT_CHUNK_SIZE = 8
 """Seeds vmapped per device per call when ``chunk_size`` is not given."""
 
 
+def seed_ints(seeds, fn: str = "sweep") -> list[int]:
+    """``seeds`` as a list of Python ints: any 1-D integer array-like of non-negative seeds (a
+    sequence of Python/numpy/0-d jax integers, a numpy or jax integer array).
+
+    Floats (even integral ones), bools, 2-D arrays and empty seeds are ValueErrors naming ``fn``;
+    a non-iterable is a TypeError.
+    """
+    if isinstance(seeds, (jax.Array, np.ndarray)):
+        if seeds.ndim != 1:
+            raise ValueError(f"{fn}: an array of integer seeds must be 1-D (n,), got shape {seeds.shape}")
+        if seeds.size and not jnp.issubdtype(seeds.dtype, jnp.integer):  # bool is not an integer dtype
+            raise ValueError(f"{fn}: every seed must be a non-negative integer, got an array of dtype {seeds.dtype} for seeds")
+        seeds = np.asarray(seeds).tolist()
+    else:
+        try:
+            seeds = list(seeds)
+        except TypeError:
+            raise TypeError(f"{fn}: seeds must be a sequence of integers or a key array, got {type(seeds).__name__}") from None
+    ints = []
+    for s in seeds:
+        try:
+            i = None if isinstance(s, (bool, np.bool_)) else operator.index(s)  # ints, numpy and 0-d jax ints
+        except TypeError:
+            i = None
+        if i is None or i < 0:
+            raise ValueError(f"{fn}: every seed must be a non-negative integer, got {s!r}")
+        ints.append(i)
+    if not ints:
+        raise ValueError(f"{fn}: seeds is empty; give at least one seed")
+    return ints
+
+
 def seed_keys(seeds) -> jax.Array:
     """Typed PRNG keys (n,) from integer seeds (``jax.random.key(seed)`` each) or from keys.
 
@@ -42,32 +74,12 @@ def seed_keys(seeds) -> jax.Array:
         return seeds
     if isinstance(seeds, (jax.Array, np.ndarray)) and np.ndim(seeds) == 2 and np.asarray(seeds).dtype == np.uint32:
         return jax.random.wrap_key_data(jnp.asarray(seeds))
-    if isinstance(seeds, (jax.Array, np.ndarray)):
-        if seeds.ndim != 1:
-            raise ValueError(
-                f"sweep: an array of integer seeds must be 1-D (n,), got shape {seeds.shape} "
-                "(raw keys are uint32 of shape (n, 2); typed keys a key array (n,))"
-            )
-        if seeds.size and not jnp.issubdtype(seeds.dtype, jnp.integer):  # bool is not an integer dtype
-            raise ValueError(f"sweep: every seed must be a non-negative integer, got an array of dtype {seeds.dtype}")
-        seeds = np.asarray(seeds).tolist()
-    else:
-        try:
-            seeds = list(seeds)
-        except TypeError:
-            raise TypeError(f"sweep: seeds must be a sequence of integers or a key array, got {type(seeds).__name__}") from None
-    ints = []
-    for s in seeds:
-        try:
-            i = None if isinstance(s, (bool, np.bool_)) else operator.index(s)  # ints, numpy and 0-d jax ints
-        except TypeError:
-            i = None
-        if i is None or i < 0:
-            raise ValueError(f"sweep: every seed must be a non-negative integer, got {s!r}")
-        ints.append(i)
-    if not ints:
-        raise ValueError("sweep: seeds is empty; give at least one seed")
-    return jnp.stack([jax.random.key(i) for i in ints])
+    if isinstance(seeds, (jax.Array, np.ndarray)) and np.ndim(seeds) != 1:
+        raise ValueError(
+            f"sweep: an array of integer seeds must be 1-D (n,), got shape {seeds.shape} "
+            "(raw keys are uint32 of shape (n, 2); typed keys a key array (n,))"
+        )
+    return jnp.stack([jax.random.key(i) for i in seed_ints(seeds)])
 
 
 def _check_devices(devices) -> list:
