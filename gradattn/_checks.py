@@ -7,6 +7,7 @@ a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected wi
 
 from __future__ import annotations
 
+import math
 import operator
 
 import jax
@@ -28,30 +29,80 @@ def _shape(a) -> tuple:
     return tuple(np.shape(a))
 
 
-def check_positive_int(name: str, val, fn: str) -> int:
-    """``val`` as a Python ``int`` >= 1, from any integral type (``operator.index``).
+def _range_text(minimum, maximum, exclusive_minimum=False, exclusive_maximum=False) -> str:
+    lo = "(" if exclusive_minimum else "["
+    hi = ")" if exclusive_maximum else "]"
+    lo_v = "-inf" if minimum is None else repr(minimum)
+    hi_v = "inf" if maximum is None else repr(maximum)
+    if maximum is None:
+        hi = ")"
+    if minimum is None:
+        lo = "("
+    return f"{lo}{lo_v}, {hi_v}{hi}"
 
-    Python, numpy and 0-d integer array sizes are all accepted (``np.int64(20)`` from numpy
-    arithmetic is a size like ``20``) and normalised to ``int``, so they hash, compare and serialise
-    as plain ints. Bools and floats (even ``2.0``) are TypeErrors; values below 1 ValueErrors.
+
+def check_int(name: str, val, fn: str, *, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """``val`` as a Python ``int`` in ``[minimum, maximum]`` (``None``: unbounded on that side).
+
+    Any integral type is accepted through ``operator.index`` (Python ints, numpy integers, 0-d
+    integer arrays: ``np.int64(20)`` from numpy arithmetic is a size like ``20``) and normalised to
+    ``int``, so it hashes, compares and serialises as a plain int.
+
+    Raises:
+      TypeError: ``val`` is a bool, a float (even ``2.0``) or anything else not integral.
+      ValueError: ``val`` is outside the range; the message names ``fn``, ``name``, the value and
+        the range.
     """
     if isinstance(val, (bool, np.bool_)):
-        raise TypeError(f"{fn}: {name} must be a positive integer, got the bool {val!r}")
+        raise TypeError(f"{fn}: {name} must be an integer, got the bool {val!r}")
     try:
         i = operator.index(val)
     except TypeError:
-        raise TypeError(f"{fn}: {name} must be a positive integer, got {val!r} of type {type(val).__name__}") from None
-    if i < 1:
-        raise ValueError(f"{fn}: {name} must be a positive integer, got {i}")
-    return i
+        raise TypeError(f"{fn}: {name} must be an integer, got {val!r} of type {type(val).__name__}") from None
+    if (minimum is not None and i < minimum) or (maximum is not None and i > maximum):
+        raise ValueError(f"{fn}: {name} must be an integer in {_range_text(minimum, maximum)}, got {i}")
+    return int(i)
 
 
-def check_block_size(block_size, fn: str) -> int:
-    """A query-block size as a Python ``int`` >= 1 (numpy integers accepted); anything else,
-    bools and floats included, is a ValueError naming ``fn`` and ``block_size``."""
-    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size!r}")
-    return int(block_size)
+def check_positive_int(name: str, val, fn: str) -> int:
+    """:func:`check_int` with ``minimum=1`` (kept for callers written before it)."""
+    return check_int(name, val, fn, minimum=1)
+
+
+def check_number(
+    name: str,
+    val,
+    fn: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
+) -> float:
+    """``val`` as a finite Python ``float`` within the given bounds.
+
+    Accepted: Python and numpy real scalars (ints and floats, ``np.float32`` included) and 0-d real
+    numpy/jax arrays. ``exclusive_minimum``/``exclusive_maximum`` make the bound strict.
+
+    Raises:
+      TypeError: a bool, a string (``"0.1"`` is not a number even though ``float()`` parses it), a
+        complex number, or anything else that is not a real scalar.
+      ValueError: an array that is not 0-d; NaN or infinity; a value out of range. The message
+        names ``fn``, ``name``, the value and the range.
+    """
+    if not is_real_number(val):
+        raise TypeError(f"{fn}: {name} must be a real number, got {val!r} of type {type(val).__name__}")
+    if np.ndim(val) != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar, got shape {tuple(np.shape(val))}")
+    f = float(val)
+    rng = _range_text(minimum, maximum, exclusive_minimum, exclusive_maximum)
+    if not math.isfinite(f):
+        raise ValueError(f"{fn}: {name} must be a finite number in {rng}, got {f!r}")
+    too_low = minimum is not None and (f <= minimum if exclusive_minimum else f < minimum)
+    too_high = maximum is not None and (f >= maximum if exclusive_maximum else f > maximum)
+    if too_low or too_high:
+        raise ValueError(f"{fn}: {name} must be a number in {rng}, got {f!r}")
+    return f
 
 
 def is_real_number(val) -> bool:

@@ -52,7 +52,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_block_size, check_head_inputs
+from gradattn._checks import check_head_inputs, check_int
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_weight_grad, projection_grads, query_grad
 
@@ -103,7 +103,7 @@ def query_blocks(n: int, block_size: int | None = None) -> list[tuple[int, int]]
     """
     if block_size is None:
         block_size = default_block_size(n)
-    block_size = check_block_size(block_size, "query_blocks")
+    block_size = check_int("block_size", block_size, "query_blocks")
     return [(r0, min(r0 + block_size, n)) for r0 in range(0, n, block_size)]
 
 

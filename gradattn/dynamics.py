@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_block_size, check_head_inputs, check_params, concrete, is_real_number
+from gradattn._checks import check_head_inputs, check_int, check_params, concrete, is_real_number
 from gradattn.blocked import _masked_scores, query_blocks
 from gradattn.head import HeadOutputs, HeadParams, causal_mask, forward, loss_fn, normalised_weights, token_losses
 from gradattn.laws import advantage, analytic_loss_and_grads, compatibility, output_error, value_grad
@@ -235,7 +235,7 @@ def feedback_stats(
         raise ValueError(
             f"feedback_stats: params_before and params_after must have the same shapes, got {shapes_before} and {shapes_after}"
         )
-    block_size = check_block_size(block_size, "feedback_stats")
+    block_size = check_int("block_size", block_size, "feedback_stats")
     dt = x.dtype
     w = normalised_weights(weights, n, dt)
     q0, k0, v0 = x @ params_before.w_q, x @ params_before.w_k, x @ params_before.w_v
@@ -350,7 +350,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
         )
     first = jax.tree.map(lambda a: a[0], params_series)
     check_params(first, "snapshots")
-    block_size = check_block_size(block_size, "snapshots")
+    block_size = check_int("block_size", block_size, "snapshots")
     n, *_ = check_head_inputs(first, x, fn="snapshots")
     rows = jnp.linspace(0, n - 1, min(64, n)).astype(jnp.int32) if rows is None else jnp.asarray(rows)
     if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):

@@ -167,8 +167,11 @@ def test_block_layout_and_bad_block_size():
     assert query_blocks(3, 256) == [(0, 3)]
     assert default_block_size(1999) == 256 and default_block_size(8192) == 512 and default_block_size(16384) == 1024
     params, x, y, _ = problem(8)
-    for bad in (0, -3, 2.5, True):
+    for bad in (0, -3):
         with pytest.raises(ValueError, match="block_size"):
+            loss_fn(params, x, y, block_size=bad)
+    for bad in (2.5, 2.0, True):  # one policy with the other sizes: a non-integer is a TypeError
+        with pytest.raises(TypeError, match="block_size"):
             loss_fn(params, x, y, block_size=bad)
 
 
