@@ -35,7 +35,8 @@ from gradattn.laws import (
 
 __version__ = "0.1.0"
 
-from gradattn import experiments, sweep, tasks, training  # noqa: E402
+from gradattn import experiments, sweeps, tasks, training  # noqa: E402
+from gradattn.sweeps import sweep  # noqa: E402
 from gradattn.tasks import StickyMarkov  # noqa: E402
 from gradattn.training import (  # noqa: E402
     TrainState,

@@ -1,4 +1,4 @@
-"""The paper's experiments, each a pure function of a PRNG key (run over seeds by :mod:`gradattn.sweep`).
+"""The paper's experiments, each a pure function of a PRNG key (run over seeds by :mod:`gradattn.sweeps`).
 
 ``em_vs_sgd`` is SPEC §3 (paper Sec. 5.2): on the sticky Markov chain, plain SGD (one learning rate
 on all four matrices) against the EM-like two-timescale schedule (a larger rate on W_V), paired per
@@ -22,7 +22,7 @@ import numpy as np
 from gradattn import laws
 from gradattn._checks import check_positive_int
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
-from gradattn.sweep import seed_ints, sweep
+from gradattn.sweeps import seed_ints, sweep
 from gradattn.tasks import StickyMarkov
 from gradattn.training import em_like, sgd, train
 
@@ -215,7 +215,7 @@ def em_vs_sgd(
 ) -> dict[str, Any]:
     """SPEC §3's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
 
-    ``chunk_size`` seeds are vmapped per device per call (see :func:`gradattn.sweep.sweep`; a seed's
+    ``chunk_size`` seeds are vmapped per device per call (see :func:`gradattn.sweeps.sweep`; a seed's
     result is bit-reproducible for a given ``chunk_size``). The default 1 suits the paper's N = 1999,
     where one sequence already fills a CPU and vmapping more only multiplies the N x N buffers;
     raise it for short sequences or on accelerators.

@@ -8,7 +8,7 @@ import pytest
 
 from gradattn import experiments
 from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
-from gradattn.sweep import sweep
+from gradattn.sweeps import sweep
 from gradattn.tasks import StickyMarkov
 
 TASK = StickyMarkov(seq_len=32)

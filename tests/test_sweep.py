@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd
-from gradattn.sweep import seed_keys, sweep
+from gradattn.sweeps import seed_keys, sweep
 from gradattn.tasks import StickyMarkov
 
 # A real (tiny) experiment: sampling, matmuls, softmax reductions and a training scan.
@@ -116,7 +116,7 @@ SCRIPT = textwrap.dedent(
     import jax
     import numpy as np
     from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd
-    from gradattn.sweep import sweep
+    from gradattn.sweeps import sweep
     from gradattn.tasks import StickyMarkov
 
     assert jax.device_count() == 4, jax.devices()
