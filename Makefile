@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SEEDS ?= 5
 STEPS ?= 1000
 
-.PHONY: venv test run bench clean
+.PHONY: venv test run bench docs clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,20 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/seed_scaling.py
 	$(PY) benchmarks/memory.py
+
+# The API reference, generated from the docstrings by pdoc into build/docs (not committed).
+# pdoc follows a package's __all__, so every public module is named on the command line, each one only
+# if no module named before it already brings it in (pdoc warns about repeats); private modules are left out.
+DOCS_DIR ?= build/docs
+
+docs: $(STAMP)
+	rm -rf $(DOCS_DIR)
+	mods="$$($(PY) -c "import functools, pkgutil, gradattn; from pdoc.extract import walk_specs; \
+	    mods = ['gradattn'] + sorted(m.name for m in pkgutil.walk_packages(gradattn.__path__, 'gradattn.') if '._' not in m.name); \
+	    print(' '.join(functools.reduce(lambda s, m: s if s and m in walk_specs(s) else s + [m], mods, [])))")" && \
+	test -n "$$mods" && \
+	$(PY) -m pdoc --docformat google --output-directory $(DOCS_DIR) $$mods '!.*\._'
+	@echo "API reference: $(DOCS_DIR)/index.html"
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
