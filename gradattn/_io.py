@@ -1,20 +1,88 @@
-"""Result files are written whole or not at all: a temp file in the same directory, then a rename."""
+"""Result files are written whole or not at all: a temp file in the same directory, then a rename.
+
+Temp files are named ``.<target name>.gradattn-<pid>-<random>.tmp``, so they are recognisably
+ours and name the process that wrote them. A process killed during its final write (SIGKILL leaves
+no chance to clean up) leaves one behind; the next write to the same target removes those whose
+process is gone, and never one whose writer is still running (concurrent runs to one path each
+finish whole).
+"""
 
 from __future__ import annotations
 
+import glob
+import json
+import math
 import os
+import stat
 import tempfile
-from typing import Callable, IO
+from typing import IO, Callable
+
+_TAG = ".gradattn-"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False, suffix: str = "") -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it to ``path``.
+def resolve_target(path: str | os.PathLike) -> str:
+    """The regular file that a write to ``path`` replaces: ``path`` itself, or, for a symlink, the
+    file it points to (so the link stays a link).
 
-    On any error the temp file is removed and ``path`` is left as it was. The file gets the
-    ordinary permissions of the process umask (``mkstemp`` alone would leave it 0600).
+    Raises:
+      ValueError: the target exists and is not a regular file (a directory, a device node, a FIFO,
+        a socket), or is a symlink whose target is one of those or dangles into a missing directory.
     """
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix)
+    real = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(real))):
+            raise ValueError(f"{path!r}: directory {os.path.dirname(os.path.abspath(real))!r} does not exist") from None
+        return real
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{path!r} is {kind}; refusing to replace it (give the path of a regular file)")
+    return real
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Remove the temp files of earlier writes to ``path`` whose writing process no longer exists.
+
+    Returns the removed paths.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}{_TAG}*.tmp")):
+        pid_text = os.path.basename(tmp)[len(name) + 1 + len(_TAG):].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            try:
+                os.unlink(tmp)
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it to ``path``.
+
+    ``path`` must be a regular file or not exist yet; a symlink is followed and its target replaced
+    (:func:`resolve_target`). On any error the temp file is removed and ``path`` is left as it was.
+    The file gets the ordinary permissions of the process umask (``mkstemp`` alone would leave it
+    0600). Stale temp files of the same target are removed first (:func:`remove_stale_temps`).
+    """
+    target = resolve_target(path)
+    remove_stale_temps(target)
+    directory, name = os.path.split(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -23,8 +91,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float (a diverged run) replaced by None, i.e. JSON null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON to ``path`` whole or not at all (NaN and inf written as null)."""
+
+    def write(f):
+        json.dump(finite_json(obj), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+    atomic_write(path, write)

@@ -13,7 +13,7 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     """``fig.savefig`` to ``path`` whole or not at all; the format comes from the file suffix."""
     path = os.fspath(path)
     fmt = kwargs.pop("format", None) or (os.path.splitext(path)[1].lstrip(".").lower() or "png")
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs), binary=True, suffix="." + fmt)
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs), binary=True)
 
 
 def plot_em_vs_sgd(results: dict, path: str | os.PathLike | None = None, *, ax=None, dpi: int = 150):

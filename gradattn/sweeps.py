@@ -2,7 +2,7 @@
 
 An experiment is a pure function of a PRNG key (PureJaxRL style); seeds, memory and devices are
 handled here, once. ``sweep(fn, seeds)`` evaluates ``jit(vmap(fn))`` over the keys
-``jax.random.key(seed)``, and shards each call over a 1-D mesh of all visible devices.
+:func:`seed_key` of each seed, and shards each call over a 1-D mesh of all visible devices.
 
 Reproducibility. XLA may round differently when the *shape* of a vmapped computation changes (a
 batch of 1 and a batch of 5 can differ in the last bit of a float32 matmul), but never with a
@@ -24,17 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gradattn._checks import check_int
+
 SEED_AXIS = "seeds"
 DEFAULT_CHUNK_SIZE = 8
 """Seeds vmapped per device per call when ``chunk_size`` is not given."""
 
 
+MAX_SEED = 2**64 - 1
+"""Seeds are integers in [0, 2^64): each gives its own key (:func:`seed_key`)."""
+
+
 def seed_ints(seeds, fn: str = "sweep") -> list[int]:
-    """``seeds`` as a list of Python ints: any 1-D integer array-like of non-negative seeds (a
+    """``seeds`` as a list of Python ints: any 1-D integer array-like of seeds in ``[0, 2^64)`` (a
     sequence of Python/numpy/0-d jax integers, a numpy or jax integer array).
 
-    Floats (even integral ones), bools, 2-D arrays and empty seeds are ValueErrors naming ``fn``;
-    a non-iterable is a TypeError.
+    Floats (even integral ones), bools, 2-D arrays, seeds outside ``[0, 2^64)`` and empty seeds are
+    ValueErrors naming ``fn``; a non-iterable is a TypeError.
     """
     if isinstance(seeds, (jax.Array, np.ndarray)):
         if seeds.ndim != 1:
@@ -55,18 +61,51 @@ def seed_ints(seeds, fn: str = "sweep") -> list[int]:
             i = None
         if i is None or i < 0:
             raise ValueError(f"{fn}: every seed must be a non-negative integer, got {s!r}")
+        if i > MAX_SEED:
+            raise ValueError(f"{fn}: seeds must be below 2^64 = {MAX_SEED + 1}, got {i}")
         ints.append(i)
     if not ints:
         raise ValueError(f"{fn}: seeds is empty; give at least one seed")
     return ints
 
 
-def seed_keys(seeds) -> jax.Array:
-    """Typed PRNG keys (n,) from integer seeds (``jax.random.key(seed)`` each) or from keys.
+def _threefry_default() -> bool:
+    return jax.random.key_data(jax.random.key(0)).shape == (2,)
 
-    ``seeds`` may be any 1-D integer array-like of non-negative seeds (a sequence of Python/numpy
+
+def _keys_from_ints(ints: list[int], fn: str) -> jax.Array:
+    """Typed keys (n,) for validated integer seeds; distinct seeds give distinct keys.
+
+    With JAX's default threefry keys, seed s gets the key data ``[s >> 32, s & 0xFFFFFFFF]``: for
+    s < 2^32 that is exactly ``jax.random.key(s)``, and for larger seeds it is what
+    ``jax.random.key(s)`` gives with 64-bit integers enabled (without them JAX would keep only the
+    low 32 bits, so 0 and 2^32 would share a key). Built with numpy in one go, so a million seeds
+    take milliseconds.
+    """
+    if _threefry_default():
+        data = np.asarray(ints, dtype=np.uint64)
+        pairs = np.stack([data >> np.uint64(32), data & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
+        return jax.random.wrap_key_data(jnp.asarray(pairs))
+    big = [i for i in ints if i >= 2**32]
+    if big:
+        raise ValueError(
+            f"{fn}: with the PRNG implementation {jax.config.jax_default_prng_impl!r} seeds must be below 2^32, got {big[0]}"
+        )
+    return jnp.stack([jax.random.key(i) for i in ints])
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The typed PRNG key of one integer seed in ``[0, 2^64)``, as every sweep builds it."""
+    return _keys_from_ints(seed_ints([seed], "seed_key"), "seed_key")[0]
+
+
+def seed_keys(seeds) -> jax.Array:
+    """Typed PRNG keys (n,) from integer seeds (see :func:`seed_key`) or from keys.
+
+    ``seeds`` may be any 1-D integer array-like of seeds in ``[0, 2^64)`` (a sequence of Python/numpy
     integers, a numpy or jax integer array), a 1-D typed key array, or a raw ``uint32`` key array of
     shape (n, 2). Floats (even integral ones), bools, other 2-D arrays and empty seeds are rejected.
+    No two distinct integer seeds share a key.
     """
     if isinstance(seeds, jax.Array) and jnp.issubdtype(seeds.dtype, jax.dtypes.prng_key):
         if seeds.ndim != 1:
@@ -79,7 +118,7 @@ def seed_keys(seeds) -> jax.Array:
             f"sweep: an array of integer seeds must be 1-D (n,), got shape {seeds.shape} "
             "(raw keys are uint32 of shape (n, 2); typed keys a key array (n,))"
         )
-    return jnp.stack([jax.random.key(i) for i in seed_ints(seeds)])
+    return _keys_from_ints(seed_ints(seeds), "sweep")
 
 
 def _check_devices(devices) -> list:
@@ -105,13 +144,13 @@ def sweep(
     devices: Sequence[jax.Device] | None = None,
     progress: bool = False,
 ):
-    """``fn`` over every seed: ``out[i] = fn(jax.random.key(seeds[i]))``, stacked along axis 0.
+    """``fn`` over every seed: ``out[i] = fn(seed_key(seeds[i]))``, stacked along axis 0.
 
     Args:
       fn: a pure function of one PRNG key returning a pytree of arrays. It is traced and compiled
         once, as ``jit(vmap(fn))`` over ``chunk_size * len(devices)`` keys.
-      seeds: non-negative integers (a sequence, or a 1-D numpy or jax integer array), or a key
-        array (n,) / raw uint32 keys (n, 2).
+      seeds: integers in ``[0, 2^64)`` (a sequence, or a 1-D numpy or jax integer array), or a key
+        array (n,) / raw uint32 keys (n, 2). Distinct seeds never share a key.
       chunk_size: seeds vmapped together on each device in one call (memory grows with it); the
         unit of bit-reproducibility (see the module docstring). Default ``DEFAULT_CHUNK_SIZE`` (8).
       devices: devices to shard each call over (1-D mesh along the seed axis); default: all
@@ -124,12 +163,9 @@ def sweep(
         raise TypeError(f"sweep: fn must be a callable key -> pytree, got {fn!r}")
     keys = seed_keys(seeds)
     n = keys.shape[0]
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"sweep: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else check_int("chunk_size", chunk_size, "sweep")
     devices = _check_devices(devices)
-    per_call = int(chunk_size) * len(devices)
+    per_call = chunk_size * len(devices)
 
     run, sharding = _compiled(fn, tuple(devices))
 

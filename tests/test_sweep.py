@@ -158,3 +158,23 @@ def test_cli_per_seed_results_identical_on_four_devices(tmp_path):
     assert four["n_devices"] == 4 and one["n_devices"] == 1
     assert four["per_seed"] == one["per_seed"]
     assert four["curves"] == one["curves"]
+
+
+def test_large_seeds_get_their_own_keys():
+    seeds = [0, 2**32, 2**40, 2**63, 2**64 - 1, 5]
+    keys = jax.random.key_data(seed_keys(seeds))
+    assert len({tuple(k) for k in np.asarray(keys).tolist()}) == len(seeds)
+    # below 2^32 a seed's key is jax.random.key(seed), so earlier results are unchanged
+    np.testing.assert_array_equal(keys[-1], jax.random.key_data(jax.random.key(5)))
+    np.testing.assert_array_equal(keys[0], jax.random.key_data(jax.random.key(0)))
+    out = sweep(lambda k: {"u": jax.random.uniform(k, (3,))}, [0, 2**32, 2**40], chunk_size=1)
+    assert len({tuple(r) for r in out["u"].tolist()}) == 3
+    with jax.enable_x64(True):  # JAX's own 64-bit seeding agrees with ours
+        np.testing.assert_array_equal(keys[2], jax.random.key_data(jax.random.key(2**40)))
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70])
+def test_seeds_from_2_to_the_64_rejected(seed):
+    with pytest.raises(ValueError, match="below 2\\^64"):
+        seed_keys([1, seed])
+
