@@ -1,0 +1,181 @@
+"""The documentation stands alone: the API reference builds, docs/theory.md states every law and the
+task's numbers as the code computes them, the licence and citation files are complete, and no file
+cites material that is not in the repository."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import gradattn
+from gradattn.tasks import StickyMarkov
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+THEORY = ROOT / "docs" / "theory.md"
+
+LAWS = (
+    "output_error",
+    "upstream_grad",
+    "output_weight_grad",
+    "compatibility",
+    "advantage",
+    "routing_grad",
+    "value_grad",
+    "query_grad",
+    "key_grad",
+    "projection_grads",
+)
+
+CORE_PAGES = ("head", "laws", "blocked", "training", "sweeps", "experiments", "bayes", "dynamics", "geometry", "tasks")
+
+# pdoc's messages when a module cannot be imported or is documented twice.
+IMPORT_PROBLEMS = ("Cannot find spec", "Error importing", "Error loading", "Couldn't import", "ModuleNotFoundError",
+                   "ImportError", "adds a module named")
+
+
+def _public_modules() -> list[str]:
+    """Every module file of the package whose dotted name has no _private part."""
+    pkg = ROOT / "gradattn"
+    names = []
+    for path in sorted(pkg.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not any(part.startswith("_") for part in parts):
+            names.append(".".join(parts))
+    return names
+
+
+@pytest.fixture(scope="module")
+def api_reference(tmp_path_factory):
+    """``make docs`` into a temporary directory, with this interpreter (and no reinstall)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    tmp = tmp_path_factory.mktemp("api")
+    stamp = tmp / "stamp"  # newer than pyproject.toml, so make does not reinstall the environment
+    stamp.touch()
+    out = tmp / "docs"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "docs", f"PY={sys.executable}", f"STAMP={stamp}", f"DOCS_DIR={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    return proc, out
+
+
+def test_make_docs_builds_a_page_for_every_public_module(api_reference):
+    proc, out = api_reference
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "index.html").is_file()
+    assert (out / "gradattn.html").is_file()
+    expected = ["gradattn." + name for name in CORE_PAGES] + _public_modules()
+    missing = [m for m in expected if not (out / (m.replace(".", "/") + ".html")).is_file()]
+    assert not missing, f"no page for {missing}; pages: {sorted(str(p.relative_to(out)) for p in out.rglob('*.html'))}"
+    private = sorted(str(p.relative_to(out)) for p in out.rglob("_*.html"))
+    assert not private, f"private modules documented: {private}"
+
+
+def test_make_docs_reports_no_missing_module(api_reference):
+    proc, _ = api_reference
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines() if any(p in line for p in IMPORT_PROBLEMS)]
+    assert not problems, "\n".join(problems)
+
+
+def test_law_pages_carry_the_docstrings(api_reference):
+    proc, out = api_reference
+    assert proc.returncode == 0
+    page = (out / "gradattn" / "laws.html").read_text(encoding="utf-8")
+    for name in LAWS:
+        assert f'id="{name}"' in page, f"{name} has no entry on the laws page"
+    assert "routing law" in page.lower()
+
+
+def test_theory_states_every_law_by_its_name():
+    text = THEORY.read_text(encoding="utf-8")
+    for name in LAWS:
+        assert callable(getattr(gradattn, name, None)), f"gradattn.{name} is not a public function"
+        assert f"`{name}`" in text, f"docs/theory.md does not name the law {name}"
+    lower = text.lower()
+    for phrase in ("output error", "upstream gradient", "compatibility", "advantage", "routing law", "value law",
+                   "query", "key", "projection", "row of `dl/ds` sums to zero", "masked", "two-timescale",
+                   "forward algorithm",
+                   "u_i . g_i", "per-head laws"):
+        assert phrase in lower, f"docs/theory.md does not mention {phrase!r}"
+
+
+def test_theory_states_the_task_numbers_the_code_computes():
+    text = THEORY.read_text(encoding="utf-8")
+    task = StickyMarkov()
+    p = np.asarray(task.transition_matrix)
+    assert f"{task.h_min:.4f} nats" in text
+    assert f"{p[0, 0]:.4f}" in text
+    assert "  ".join(f"{v:.4f}" for v in p[0]) in text  # row 0, as printed in the doc
+    assert f"N = T - 1 = {task.n_positions}" in text
+    assert "torch.manual_seed(0); torch.randn(8, 20)" in text
+    # The cost model: N^2 (3 d_k + 3 d_v) multiply-adds at N = 1999, d_k = 10, d_v = 15.
+    assert f"{task.n_positions ** 2 / 1e6:.3f}e6 x 75" in text
+    assert round(task.n_positions ** 2 * 75 / 1e8) == 3  # "about 300 million"
+
+
+def test_install_notes_cover_x64_and_accelerators():
+    text = (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    for needle in ("jax.enable_x64", "JAX_ENABLE_X64", 'jax[cuda12]', 'jax[cuda13]', 'jax[tpu]',
+                   'grad_source="auto"', "torch==2.13.0", "pip install -e '.[dev]'"):
+        assert needle in text, needle
+
+
+def test_licence_and_citation():
+    licence = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert licence.startswith("MIT License") and "The gradattn authors" in licence
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0"
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(rf'^version = "{re.escape(str(cff["version"]))}"$', pyproject, re.M), "CITATION.cff version != pyproject"
+    paper = cff["preferred-citation"]
+    assert [a["family-names"] for a in paper["authors"]] == ["Agarwal", "Dalal", "Misra"]
+    assert "Cross-Entropy Sculpts Bayesian Manifolds" in paper["title"]
+    assert any("2512.22473" in str(i["value"]) for i in paper["identifiers"])
+    assert paper["year"] == 2025
+
+
+# What the project must not cite: a specification, its section numbers, tracker numbers or how the
+# project was built. Each pattern is assembled so that this file does not match it.
+_FORBIDDEN = [
+    ("specification", re.compile(r"\b" + "SP" + r"EC\b")),
+    ("section sign", re.compile("\u00a7" + r"\s*\d")),
+    ("tracker number", re.compile(r"\b" + "iss" + r"ues?(\s+#?|\s*#)\d+", re.I)),
+    ("numbered session", re.compile(r"\b" + "sess" + r"ions?(\s+#?|\s*#)\d+", re.I)),
+    ("build history", re.compile(r"\bdevelopment\s+" + "sess" + "ions?", re.I)),
+    ("ordinal session", re.compile(r"\b(first|second|third|earlier|previous|later|next|last)\s+" + "sess" + r"ion\b", re.I)),
+]
+
+
+def _repository_files() -> list[pathlib.Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"not a git checkout ({err})")
+    names = [n for n in listed.decode("utf-8", "surrogateescape").split("\0") if n]
+    return [ROOT / n for n in names if not n.startswith(("shared/", ".git/")) and (ROOT / n).is_file()]
+
+
+def test_no_file_cites_outside_material():
+    hits = []
+    files = _repository_files()
+    assert any(f.name == "theory.md" for f in files)
+    for path in files:
+        text = path.read_bytes().decode("utf-8", "replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            found = [(what, m) for what, pattern in _FORBIDDEN if (m := pattern.search(line))]
+            if found:
+                start = min(m.start() for _, m in found)
+                what = ", ".join(w for w, _ in found)
+                hits.append(f"{path.relative_to(ROOT)}:{lineno}: {what}: ...{line[max(0, start - 40):start + 80]}...")
+    assert not hits, f"{len(hits)} citation(s) of material outside the repository:\n" + "\n".join(hits[:200])
