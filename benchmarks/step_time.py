@@ -1,28 +1,44 @@
-"""Time one training step of the paper's configuration (SPEC §4): JAX variants against PyTorch eager.
+"""Time one training step of the paper's head: the library's gradient paths against the strongest PyTorch peers.
 
-One step = loss + gradients + an SGD update (lr 0.01), jitted, at N = 1999, d_in = 20, d_k = 10,
-d_v = 15, C = 8, causal, float32. Variants, each in its own process, timed in alternating rounds:
+One step = loss + gradients + an SGD update (lr 0.01) at N = 1999, d_in = 20, d_k = 10, d_v = 15,
+C = 8, causal, float32, full batch. Every variant runs in its own process on the same data and the
+same initial parameters, and is timed in alternating rounds (medians over rounds):
 
-  blocked      gradattn.analytic_loss_and_grads: the fused blocked pass of the laws (the default)
-  loss_fn_vjp  jax.value_and_grad(gradattn.loss_fn): the same pass behind loss_fn's custom VJP
-  dense_laws   gradattn.dense_loss_and_grads: the laws on whole N x N matrices
-  autodiff     jax.value_and_grad(gradattn.dense_loss): XLA's own reverse mode of the dense loss
-  torch        PyTorch eager autograd of the same model + torch.optim.SGD (skipped if not importable)
+  auto                 gradattn.make_step(gradattn.sgd(lr)): the library's default path for the backend
+  blocked              make_step(..., grad_source="blocked"): the fused blocked pass of the laws
+  loss_fn_vjp          make_step with jax.value_and_grad(gradattn.loss_fn): the same pass behind a custom VJP
+  dense_laws           make_step(..., grad_source="dense"): the laws on whole N x N matrices
+  autodiff             make_step(..., grad_source="autodiff"): XLA's reverse mode of the dense loss
+  torch_eager          PyTorch eager autograd of the same model (explicit N x N softmax) + torch.optim.SGD
+  torch_sdpa           the same with torch's fused scaled_dot_product_attention (q, k, v zero-padded to a
+                       head size of 16 as the fused kernel needs equal sizes; scale 1/sqrt(d_k); is_causal)
+  torch_compile_eager  torch.compile of torch_eager's loss (forward and backward compiled by inductor)
+  torch_compile_sdpa   torch.compile of torch_sdpa's loss
 
-It also measures this machine's floor (SPEC §4): the time of one dense f32 matmul with the step's
-multiply-adds (the six N x N x d products, causal half: N^2 (3 d_k + 3 d_v) FLOP) plus jnp.exp of
-N^2 / 2 numbers; and the compile time of a 1000-step training ``lax.scan``.
+Before any timing, each variant's loss and gradients at the initial parameters are compared with
+the library's float64 reference (gradattn.dense_loss_and_grads under x64); a relative error of
+1e-4 or more (max |a - ref| / max |ref|, per gradient) stops the benchmark with exit status 1. The
+JAX variants are checked through the very step function that is timed (an optimiser that records
+the gradients it is given).
 
-    python benchmarks/step_time.py            # ~2 minutes
-    python benchmarks/step_time.py --quick    # smoke run, ~1 minute
+Figures: ms per jitted call (dispatch included), the ratio of the fastest PyTorch variant's time to
+each variant's, and the step time inside a 1000-step training ``lax.scan`` (gradattn.train, the
+library's default path), the figure to compare with this machine's floor: one dense f32 matmul with
+the step's FLOPs (the six N x N x d products over the causal half: N^2 (3 d_k + 3 d_v) FLOP) plus
+jnp.exp of N^2 / 2 numbers, both measured here.
 
-Writes benchmarks/results/step_time.json and prints a table.
+    python benchmarks/step_time.py                 # ~3 minutes on a 2-core CPU (torch.compile: ~1 min)
+    python benchmarks/step_time.py --quick         # smoke run
+    python benchmarks/step_time.py --no-torch-compile --platform gpu
+
+Writes <out-dir>/step_time.json and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,12 +47,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
-SPEC_FLOOR_MS = 2.0  # SPEC §4: ~1 ms of arithmetic + ~1 ms of exponentials on a CI-class 2-core CPU
-CONFIG = dict(d_in=20, d_k=10, d_v=15, n_classes=8, lr=0.01)
-JAX_VARIANTS = ("blocked", "loss_fn_vjp", "dense_laws", "autodiff")
+CONFIG = dict(d_in=20, d_k=10, d_v=15, n_classes=8, lr=0.01, init_scale=0.1)
+JAX_VARIANTS = ("auto", "blocked", "loss_fn_vjp", "dense_laws", "autodiff")
+TORCH_VARIANTS = ("torch_eager", "torch_sdpa", "torch_compile_eager", "torch_compile_sdpa")
+PARAMS = ("w_q", "w_k", "w_v", "w_o")
+CHECK_TOL = 1e-4
+TARGET_VS_TORCH = 3.0  # the training step at least this much faster than the fastest PyTorch variant
+TARGET_FLOOR = 0.8  # the scan at this fraction of the measured floor or more
 
 
 def _data(n: int):
+    """The shared data and initial parameters (numpy float32; identical in every worker)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -44,104 +65,170 @@ def _data(n: int):
     y = rng.integers(0, CONFIG["n_classes"], n).astype(np.int32)
     shapes = [(CONFIG["d_in"], CONFIG["d_k"]), (CONFIG["d_in"], CONFIG["d_k"]), (CONFIG["d_in"], CONFIG["d_v"]),
               (CONFIG["d_v"], CONFIG["n_classes"])]
-    weights = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+    weights = [(CONFIG["init_scale"] * rng.standard_normal(s)).astype(np.float32) for s in shapes]
     return x, y, weights
 
 
-def jax_grad_source(variant: str, block_size):
-    """``(params, x, y) -> (loss, grads)`` for one JAX variant."""
+def _check_payload(loss, grads) -> dict:
+    import numpy as np
+
+    return {"loss": float(loss), "grads": {k: np.asarray(g, np.float64).tolist() for k, g in zip(PARAMS, grads)}}
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def reference_worker(spec):
+    """The library's loss and gradients at the initial parameters, in float64."""
+    import jax
+    import jax.numpy as jnp
+
+    import gradattn as ga
+
+    x, y, w = _data(spec["n"])
+    with jax.enable_x64(True):
+        params = ga.HeadParams(*(jnp.asarray(a, jnp.float64) for a in w))
+        loss, g = ga.dense_loss_and_grads(params, jnp.asarray(x, jnp.float64), jnp.asarray(y))
+        out = _check_payload(loss, g)
+    H.serve(lambda: out, lambda **_: {})
+
+
+def _jax_grad_source(variant: str, block_size):
+    import functools
+
     import jax
 
     import gradattn as ga
 
-    if variant == "blocked":
-        from gradattn.blocked import blocked_loss_and_grads
-
-        return lambda p, x, y: blocked_loss_and_grads(p, x, y, None, True, block_size)
     if variant == "loss_fn_vjp":
-        return lambda p, x, y: jax.value_and_grad(ga.loss_fn)(p, x, y, None, True, block_size)
-    if variant == "dense_laws":
-        return lambda p, x, y: ga.dense_loss_and_grads(p, x, y)
-    if variant == "autodiff":
-        return lambda p, x, y: jax.value_and_grad(ga.dense_loss)(p, x, y)
-    raise ValueError(variant)
+        kw = {} if block_size is None else {"block_size": block_size}
+        return lambda p, x, y, w, c: jax.value_and_grad(ga.loss_fn)(p, x, y, w, c, **kw)
+    if block_size is not None and variant == "blocked":
+        return functools.partial(ga.blocked_loss_and_grads, block_size=block_size)
+    return {"auto": "auto", "blocked": "blocked", "dense_laws": "dense", "autodiff": "autodiff"}[variant]
+
+
+def _recording_optimizer():
+    """An optax transformation that stores the gradients it is given in its state and updates nothing."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    return optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p),
+        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
+    )
 
 
 def jax_worker(spec):
     import jax
     import jax.numpy as jnp
-    import optax
 
     import gradattn as ga
 
     x_np, y_np, w_np = _data(spec["n"])
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     params = ga.HeadParams(*map(jnp.asarray, w_np))
-    opt = optax.sgd(CONFIG["lr"])
-    grad_source = jax_grad_source(spec["variant"], spec.get("block_size"))
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss, grads = grad_source(params, x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    state = [params, opt.init(params)]
+    source = _jax_grad_source(spec["variant"], spec.get("block_size"))
+    opt = ga.sgd(CONFIG["lr"])
+    step = jax.jit(ga.make_step(opt, grad_source=source))
+    state = {}
 
     def setup():
+        recorder = _recording_optimizer()
+        s, metrics = jax.jit(ga.make_step(recorder, grad_source=source))(ga.init_state(params, recorder), x, y)
+        check = _check_payload(metrics["loss"], s.opt_state)
+        s0 = ga.init_state(params, opt)
         t = time.perf_counter()
-        compiled = step.lower(*state, x, y).compile()
+        compiled = step.lower(s0, x, y).compile()
         compile_s = time.perf_counter() - t
-        state[0], state[1], _ = compiled(*state, x, y)
-        jax.block_until_ready(state[0])
-        state.append(compiled)
-        return {"compile_s": compile_s}
+        s1, _ = compiled(s0, x, y)
+        jax.block_until_ready(s1)
+        state.update(f=compiled, s=s1)
+        return {"compile_s": compile_s, "check": check, "device": str(jax.devices()[0])}
 
     def timed(steps):
-        compiled = state[2]
+        f, s = state["f"], state["s"]
         t = time.perf_counter()
-        p, s = state[0], state[1]
         for _ in range(steps):
-            p, s, loss = compiled(p, s, x, y)
-        jax.block_until_ready(p)
-        state[0], state[1] = p, s
+            s, metrics = f(s, x, y)
+        jax.block_until_ready(s)
+        state["s"] = s
         return {"seconds": (time.perf_counter() - t) / steps}
 
     H.serve(setup, timed)
 
 
 def torch_worker(spec):
-    import numpy as np
     import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    torch.set_num_threads(os.cpu_count())
-    n = spec["n"]
+    device = torch.device(spec["torch_device"])
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    variant = spec["variant"]
+    fused = variant.endswith("sdpa")
+    n, d_k, d_v = spec["n"], CONFIG["d_k"], CONFIG["d_v"]
     x_np, y_np, w_np = _data(n)
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np).long()
-    ws = [torch.from_numpy(w).requires_grad_() for w in w_np]
-    future = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-    opt = torch.optim.SGD(ws, lr=CONFIG["lr"])
-    scale = 1.0 / np.sqrt(CONFIG["d_k"])
+    x = torch.from_numpy(x_np).to(device)
+    y = torch.from_numpy(y_np).long().to(device)
+    ws = [torch.from_numpy(w).to(device).requires_grad_() for w in w_np]
+    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+    scale = 1.0 / math.sqrt(d_k)
+    head = 16  # one head size for q, k and v, as the fused kernel needs
+    # Only fused kernels: if none applies, torch raises instead of falling back to the unfused math path.
+    backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cpu" else [SDPBackend.FLASH_ATTENTION,
+                                                                           SDPBackend.EFFICIENT_ATTENTION]
 
-    def step():
-        w_q, w_k, w_v, w_o = ws
+    def loss_eager(w_q, w_k, w_v, w_o):
         q, k, v = x @ w_q, x @ w_k, x @ w_v
         alpha = torch.softmax((q @ k.T * scale).masked_fill(future, float("-inf")), dim=-1)
-        loss = torch.nn.functional.cross_entropy((alpha @ v) @ w_o, y)
-        opt.zero_grad()
+        return F.cross_entropy((alpha @ v) @ w_o, y)
+
+    def loss_sdpa(w_q, w_k, w_v, w_o):
+        q = F.pad(x @ w_q, (0, head - d_k))[None, None]
+        k = F.pad(x @ w_k, (0, head - d_k))[None, None]
+        v = F.pad(x @ w_v, (0, head - d_v))[None, None]
+        g = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0, 0, :, :d_v]
+        return F.cross_entropy(g @ w_o, y)
+
+    loss_fn = loss_sdpa if fused else loss_eager
+    if variant.startswith("torch_compile"):
+        loss_fn = torch.compile(loss_fn)
+    opt = torch.optim.SGD(ws, lr=CONFIG["lr"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with sdpa_kernel(backends):
+            loss = loss_fn(*ws)
+        opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
         return loss
 
     def setup():
+        t = time.perf_counter()
+        with sdpa_kernel(backends):
+            loss = loss_fn(*ws)
+        loss.backward()
+        sync()
+        first_s = time.perf_counter() - t
+        check = _check_payload(loss.item(), [w.grad.detach().cpu().numpy() for w in ws])
+        for w in ws:
+            w.grad = None
         for _ in range(3):
             step()
-        return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        sync()
+        return {"compile_s": first_s if variant.startswith("torch_compile") else None, "check": check,
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                "sdpa_backends": [b.name for b in backends] if fused else None}
 
     def timed(steps):
         t = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         return {"seconds": (time.perf_counter() - t) / steps}
 
     H.serve(setup, timed)
@@ -155,14 +242,14 @@ def floor_worker(spec):
     n = spec["n"]
     flops = n * n * (3 * CONFIG["d_k"] + 3 * CONFIG["d_v"])  # 2 * (N^2 / 2) * (3 d_k + 3 d_v)
     m = round((flops / 2) ** (1 / 3))
-    a = jax.random.normal(jax.random.PRNGKey(0), (m, m), jnp.float32)
-    e = jax.random.normal(jax.random.PRNGKey(1), (n * n // 2,), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32)
+    e = jax.random.normal(jax.random.key(1), (n * n // 2,), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     exp = jax.jit(jnp.exp)
 
     def setup():
         jax.block_until_ready((matmul(a), exp(e)))
-        return {"flops": flops, "matmul_side": m, "exp_count": n * n // 2}
+        return {"flops": 2 * m ** 3, "step_flops": flops, "matmul_side": m, "exp_count": n * n // 2}
 
     def timed(steps):
         t = time.perf_counter()
@@ -180,11 +267,10 @@ def floor_worker(spec):
     H.serve(setup, timed)
 
 
-def scan_compile_worker(spec):
-    """Compile time of a 1000-step training scan (gradattn.training.train when it exists)."""
+def scan_worker(spec):
+    """A ``steps``-step training scan (gradattn.train, default path): trace, compile, then timed runs."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     import gradattn as ga
 
@@ -192,129 +278,181 @@ def scan_compile_worker(spec):
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     params = ga.HeadParams(*map(jnp.asarray, w_np))
     steps = spec["steps"]
-    try:
-        from gradattn.training import sgd, train
-
-        run = jax.jit(lambda p, x, y: train(p, x, y, sgd(CONFIG["lr"]), steps)[1]["loss"])
-        source = "gradattn.training.train"
-    except ImportError:
-        opt = optax.sgd(CONFIG["lr"])
-
-        def run(p, x, y):
-            def body(carry, _):
-                p, s = carry
-                loss, g = ga.analytic_loss_and_grads(p, x, y)
-                u, s = opt.update(g, s, p)
-                return (optax.apply_updates(p, u), s), loss
-
-            return jax.lax.scan(body, (p, opt.init(p)), None, length=steps)[1]
-
-        run = jax.jit(run)
-        source = "own lax.scan of analytic_loss_and_grads + optax.sgd"
+    run = jax.jit(lambda p, x, y: ga.train(p, x, y, ga.sgd(CONFIG["lr"]), steps)[1]["loss"])
+    state = {}
 
     def setup():
         t = time.perf_counter()
         lowered = run.lower(params, x, y)
-        t_lower = time.perf_counter() - t
+        trace_s = time.perf_counter() - t
         t = time.perf_counter()
-        compiled = lowered.compile()
-        t_compile = time.perf_counter() - t
-        t = time.perf_counter()
-        losses = jax.block_until_ready(compiled(params, x, y))
-        t_run = time.perf_counter() - t
-        return {"source": source, "steps": steps, "trace_s": t_lower, "compile_s": t_compile, "run_s": t_run,
+        state["f"] = lowered.compile()
+        compile_s = time.perf_counter() - t
+        losses = jax.block_until_ready(state["f"](params, x, y))
+        return {"steps": steps, "trace_s": trace_s, "compile_s": compile_s, "first_loss": float(losses[0]),
                 "final_loss": float(losses[-1])}
 
-    H.serve(setup, lambda **_: {"seconds": 0.0})
+    def timed():
+        t = time.perf_counter()
+        jax.block_until_ready(state["f"](params, x, y))
+        return {"seconds": time.perf_counter() - t}
+
+    H.serve(setup, timed)
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+def _check(name: str, got: dict, ref: dict) -> dict:
+    errs = {"loss": abs(got["loss"] - ref["loss"]) / abs(ref["loss"])}
+    errs.update({k: H.rel_err(got["grads"][k], ref["grads"][k]) for k in PARAMS})
+    return errs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: few rounds, few steps")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 3 steps, a 100-step scan")
     ap.add_argument("--n", type=int, default=1999, help="sequence length N (default 1999, the paper's)")
-    ap.add_argument("--block-size", type=int, default=None, help="query block size (default: the library's)")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 15, quick 3)")
-    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="query block size for blocked and loss_fn_vjp (default: the library's)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 15; quick 3)")
+    ap.add_argument("--scan-rounds", type=int, default=None, help="timed runs of the training scan (default 5; quick 1)")
+    ap.add_argument("--no-torch", action="store_true", help="leave out every PyTorch variant (named in the output)")
+    ap.add_argument("--no-torch-compile", action="store_true",
+                    help="leave out the torch.compile variants (named in the output)")
+    H.add_common_args(ap)
     args = ap.parse_args(argv)
 
     if args.worker:
         spec = json.loads(args.worker)
-        {"jax": jax_worker, "torch": torch_worker, "floor": floor_worker, "scan": scan_compile_worker}[spec["kind"]](spec)
+        {"reference": reference_worker, "jax": jax_worker, "torch": torch_worker, "floor": floor_worker,
+         "scan": scan_worker}[spec["kind"]](spec)
         return
 
     rounds = args.rounds or (3 if args.quick else 15)
-    steps_per_round = 5 if args.quick else 10
-    script = os.path.abspath(__file__)
+    steps_per_round = 3 if args.quick else 10
+    scan_rounds = args.scan_rounds or (1 if args.quick else 5)
+    scan_steps = 100 if args.quick else 1000
     n = args.n
-    notes = []
-    workers = {}
-    for v in JAX_VARIANTS:
-        workers[v] = H.Worker(script, {"kind": "jax", "variant": v, "n": n, "block_size": args.block_size})
-    if not args.no_torch:
-        try:
-            import torch  # noqa: F401
+    script = os.path.abspath(__file__)
+    env = H.worker_env(args.platform)
+    backend = H.probe_backend(env)
+    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    left_out = {}
+    torch_variants = list(TORCH_VARIANTS)
+    if args.no_torch:
+        left_out.update({v: "--no-torch" for v in TORCH_VARIANTS})
+        torch_variants = []
+    elif args.no_torch_compile:
+        left_out.update({v: "--no-torch-compile" for v in TORCH_VARIANTS if "compile" in v})
+        torch_variants = [v for v in TORCH_VARIANTS if "compile" not in v]
+    print(f"backend {backend['jax_backend']} ({backend['device_kind']}); torch on {torch_device if torch_variants else '-'}",
+          flush=True)
 
-            workers["torch"] = H.Worker(script, {"kind": "torch", "n": n})
-        except ImportError:
-            notes.append("torch not importable: PyTorch baseline skipped (pip install '.[bench]')")
-    workers["floor"] = H.Worker(script, {"kind": "floor", "n": n})
+    specs = {"reference": {"kind": "reference", "n": n}}
+    specs.update({v: {"kind": "jax", "variant": v, "n": n, "block_size": args.block_size} for v in JAX_VARIANTS})
+    specs.update({v: {"kind": "torch", "variant": v, "n": n, "torch_device": torch_device} for v in torch_variants})
+    specs["floor"] = {"kind": "floor", "n": n}
+    print(f"starting {len(specs)} workers (compiling; torch.compile takes a while) ...", flush=True)
+    workers = H.start_workers(script, specs, lambda _: env)
+    try:
+        ref = workers.pop("reference")
+        ref.close()
+        checks = {name: _check(name, w.ready["check"], ref.ready) for name, w in workers.items() if "check" in w.ready}
+        bad = {name: e for name, e in checks.items() if max(e.values()) >= CHECK_TOL}
+        print("\ncheck against the library's float64 loss and gradients (relative error):")
+        print(H.table([[name] + [f"{e[k]:.1e}" for k in ("loss", *PARAMS)] for name, e in checks.items()],
+                      ["variant", "loss", *PARAMS]))
+        if bad:
+            raise H.BenchmarkError(f"loss or gradients differ from the library's by {CHECK_TOL:g} or more: "
+                                   f"{sorted(bad)}; nothing was timed")
 
-    print(f"N = {n}; {rounds} alternating rounds of {steps_per_round} steps per variant ...", flush=True)
-    answers = H.alternate(workers, rounds, steps=steps_per_round)
+        print(f"\nN = {n}; {rounds} alternating rounds of {steps_per_round} steps per variant ...", flush=True)
+        answers = H.alternate(workers, rounds, steps=steps_per_round)
+        H.close_all(workers)
+    except BaseException:
+        H.kill_all(workers)
+        raise
     floor_answers = answers.pop("floor")
+    floor = workers.pop("floor").ready
     floor_parts = {part: H.median([a[part] for a in floor_answers]) for part in ("matmul_s", "exp_s")}
-    times = {name: [a["seconds"] for a in ans] for name, ans in answers.items()}
-    for w in workers.values():
-        w.close()
-    scan = H.Worker(script, {"kind": "scan", "n": n, "steps": 1000})
-    scan_info = scan.ready
-    scan.close()
-
-    ms = {name: 1e3 * H.median(ts) for name, ts in times.items()}
     floor_ms = 1e3 * (floor_parts["matmul_s"] + floor_parts["exp_s"])
-    torch_ms = ms.get("torch")
+
+    print(f"training scan: {scan_steps} steps, {scan_rounds} timed run(s) ...", flush=True)
+    scan = H.start_workers(script, {"scan": {"kind": "scan", "n": n, "steps": scan_steps}}, lambda _: env)["scan"]
+    try:
+        scan_answers = [scan.ask()["seconds"] for _ in range(scan_rounds)]
+        scan.close()
+    except BaseException:
+        scan.kill()
+        raise
+    scan_info = scan.ready
+    scan_first_err = abs(scan_info["first_loss"] - ref.ready["loss"]) / ref.ready["loss"]
+    if scan_first_err >= CHECK_TOL:
+        raise H.BenchmarkError(f"the training scan's first loss {scan_info['first_loss']} differs from the library's "
+                               f"{ref.ready['loss']} (relative error {scan_first_err:.1e})")
+    scan_ms = 1e3 * H.median(scan_answers) / scan_steps
+
+    times = {name: [a["seconds"] for a in ans] for name, ans in answers.items()}
+    ms = {name: 1e3 * H.median(ts) for name, ts in times.items()}
+    torch_ms = {k: v for k, v in ms.items() if k.startswith("torch")}
+    fastest_torch = min(torch_ms, key=torch_ms.get) if torch_ms else None
+    base = torch_ms[fastest_torch] if fastest_torch else None
     rows = []
     for name, t in ms.items():
-        rows.append([
-            name,
-            f"{t:.2f}",
-            f"{1e3 * min(times[name]):.2f}",
-            f"{torch_ms / t:.1f}x" if torch_ms else "-",
-            f"{SPEC_FLOOR_MS / t:.2f}",
-            f"{floor_ms / t:.2f}",
-            f"{workers[name].ready.get('compile_s', float('nan')):.2f}" if name != "torch" else "-",
-        ])
-    header = ["variant", "median ms/step", "min ms", "speed-up vs torch", "SPEC floor/t", "measured floor/t",
-              "compile s"]
+        c = workers[name].ready.get("compile_s")
+        rows.append([name, f"{t:.2f}", f"{1e3 * min(times[name]):.2f}", f"{base / t:.2f}x" if base else "-",
+                     f"{floor_ms / t:.2f}", "-" if c is None else f"{c:.1f}"])
+    rows.append([f"scan ({scan_steps} steps)", f"{scan_ms:.2f}", f"{1e3 * min(scan_answers) / scan_steps:.2f}",
+                 f"{base / scan_ms:.2f}x" if base else "-", f"{floor_ms / scan_ms:.2f}", f"{scan_info['compile_s']:.1f}"])
+    for name, why in left_out.items():
+        rows.append([name, f"left out ({why})", "", "", "", ""])
+    header = ["variant", "median ms/step", "min ms", f"vs {fastest_torch or 'torch'}", "floor/t", "compile s"]
+
+    m = H.machine(backend)
     print()
     print(H.table(rows, header))
-    print()
-    print(f"measured floor on this machine: {floor_ms:.2f} ms = matmul of {workers['floor'].ready['flops'] / 1e6:.0f} "
-          f"MFLOP ({1e3 * floor_parts['matmul_s']:.2f} ms, {workers['floor'].ready['flops'] / floor_parts['matmul_s'] / 1e9:.0f} "
-          f"GFLOP/s) + exp of {workers['floor'].ready['exp_count'] / 1e6:.1f} M numbers ({1e3 * floor_parts['exp_s']:.2f} ms, "
-          f"{workers['floor'].ready['exp_count'] / floor_parts['exp_s'] / 1e9:.2f} G/s); SPEC §4 floor ~{SPEC_FLOOR_MS} ms")
-    print(f"1000-step training scan ({scan_info['source']}): trace {scan_info['trace_s']:.2f} s, "
-          f"compile {scan_info['compile_s']:.2f} s, run {scan_info['run_s']:.2f} s")
-    for note in notes:
-        print("note:", note)
+    print(f"\nper-call rows: one jitted call per step (dispatch included); scan: the {scan_steps}-step "
+          f"gradattn.train run / {scan_steps} (trace {scan_info['trace_s']:.2f} s, compile {scan_info['compile_s']:.1f} s)")
+    print(f"floor on this machine: {floor_ms:.2f} ms = the step's {floor['step_flops'] / 1e6:.0f} MFLOP at the dense "
+          f"f32 matmul rate ({floor['flops'] / floor_parts['matmul_s'] / 1e9:.0f} GFLOP/s: "
+          f"{1e3 * floor_parts['matmul_s']:.2f} ms) + exp of {floor['exp_count'] / 1e6:.1f} M numbers "
+          f"({floor['exp_count'] / floor_parts['exp_s'] / 1e9:.2f} G/s: {1e3 * floor_parts['exp_s']:.2f} ms)")
+    targets = None
+    if base:
+        fastest_jax = min(JAX_VARIANTS, key=ms.get)
+        targets = {"step_vs_fastest_torch": {"target": TARGET_VS_TORCH, "variant": "auto", "reached": base / ms["auto"]},
+                   "scan_vs_fastest_torch": {"reached": base / scan_ms},
+                   "scan_fraction_of_floor": {"target": TARGET_FLOOR, "reached": floor_ms / scan_ms},
+                   "fastest_jax_variant": fastest_jax}
+        print(f"fastest PyTorch variant: {fastest_torch} ({base:.2f} ms); default step (auto) {base / ms['auto']:.2f}x "
+              f"faster (target {TARGET_VS_TORCH}x), scan {base / scan_ms:.2f}x; scan at {floor_ms / scan_ms:.2f} of "
+              f"the floor (target {TARGET_FLOOR})")
+    print("machine:", H.describe(m))
 
     payload = {
+        "benchmark": "step_time",
         "config": dict(CONFIG, n=n, causal=True, dtype="float32", block_size=args.block_size),
-        "rounds": rounds, "steps_per_round": steps_per_round,
+        "quick": args.quick, "rounds": rounds, "steps_per_round": steps_per_round,
         "ms_per_step_median": ms, "ms_per_step_all": {k: [1e3 * t for t in v] for k, v in times.items()},
-        "speedup_vs_torch": {k: torch_ms / t for k, t in ms.items()} if torch_ms else None,
-        "floor": {"spec_ms": SPEC_FLOOR_MS, "measured_ms": floor_ms, "measured_matmul_ms": 1e3 * floor_parts["matmul_s"],
-                  "measured_exp_ms": 1e3 * floor_parts["exp_s"], **workers["floor"].ready},
-        "fraction_of_floor": {k: {"spec": SPEC_FLOOR_MS / t, "measured": floor_ms / t} for k, t in ms.items()},
-        "compile_s": {k: w.ready.get("compile_s") for k, w in workers.items() if k in JAX_VARIANTS},
-        "torch": workers["torch"].ready if "torch" in workers else None,
-        "scan_1000_steps": scan_info,
-        "notes": notes,
-        "machine": H.machine(),
+        "fastest_torch": fastest_torch,
+        "speedup_vs_fastest_torch": {k: base / t for k, t in ms.items()} if base else None,
+        "left_out": left_out,
+        "check": {"tolerance": CHECK_TOL, "reference": "gradattn.dense_loss_and_grads, float64",
+                  "relative_errors": checks},
+        "scan": {**scan_info, "rounds": scan_rounds, "seconds_all": scan_answers, "ms_per_step_median": scan_ms,
+                 "grad_source": "auto"},
+        "floor": {"measured_ms": floor_ms, "matmul_ms": 1e3 * floor_parts["matmul_s"],
+                  "exp_ms": 1e3 * floor_parts["exp_s"], **floor,
+                  "matmul_gflops": floor["flops"] / floor_parts["matmul_s"] / 1e9,
+                  "exp_per_s": floor["exp_count"] / floor_parts["exp_s"]},
+        "fraction_of_floor": {**{k: floor_ms / t for k, t in ms.items()}, "scan": floor_ms / scan_ms},
+        "targets": targets,
+        "workers": {k: {kk: vv for kk, vv in w.ready.items() if kk != "check"} for k, w in workers.items()},
+        "machine": m,
     }
-    print("wrote", H.write_json("step_time.json", payload))
+    print("wrote", H.write_json(args.out_dir, "step_time.json", payload))
 
 
 if __name__ == "__main__":
-    main()
+    H.run_main(main)
