@@ -46,4 +46,4 @@ docs: $(STAMP)
 	@echo "API reference: $(DOCS_DIR)/index.html"
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache build
