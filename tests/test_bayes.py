@@ -7,17 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gradattn.tasks import StickyMarkov
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_filter, bayes_log_predictive, bayes_loss, bayes_predictive
 
 
-def numpy_forward(P, mu, x, return_filter=False):
+def numpy_forward(P, mu, x, return_filter=False, sigma=1.0):
     """Textbook forward algorithm in probability space, float64, renormalising every step."""
     P, mu, x = (np.asarray(a, np.float64) for a in (P, mu, x))
     c = P.shape[0]
     prior = np.full(c, 1.0 / c)
     preds, posts = [], []
     for xt in x:
-        lik = np.exp(-0.5 * ((xt[None, :] - mu) ** 2).sum(-1))
+        lik = np.exp(-0.5 * ((xt[None, :] - mu) ** 2).sum(-1) / sigma**2)
         post = prior * lik
         post /= post.sum()
         pred = post @ P
@@ -136,3 +137,56 @@ def test_sticky_chain_bayes_loss_near_h_min():
     assert 1.80 < losses.mean() < 1.87, losses
     assert losses.mean() > task.h_min - 0.02
     np.testing.assert_allclose(task.bayes_predictive(xs[0]), bayes_predictive(task.transition_matrix, task.embeddings, xs[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_noise_std_matches_numpy_forward(sigma):
+    # Data drawn at this noise level, so the posterior is as (un)certain as the task makes it.
+    rng = np.random.default_rng(int(sigma * 10))
+    P, mu, _, _ = random_hmm(8)
+    states = rng.integers(0, 5, size=80)
+    x = mu[states] + sigma * rng.standard_normal((80, 4))
+    beta_ref, ref = numpy_forward(P, mu, x, return_filter=True, sigma=sigma)
+    xj = jnp.asarray(x, jnp.float64)
+    np.testing.assert_allclose(bayes_predictive(P, mu, xj, noise_std=sigma), ref, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(np.exp(bayes_log_filter(P, mu, xj, noise_std=sigma)), beta_ref, rtol=1e-10, atol=1e-13)
+    if sigma != 1.0:  # the noise level changes the answer: the default would be wrong here
+        assert np.abs(np.asarray(bayes_predictive(P, mu, xj)) - ref).max() > 1e-3
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_task_bayes_follows_its_noise(sigma):
+    task = StickyMarkov(seq_len=120, noise_std=sigma)
+    x, y = task.sample(jax.random.key(1), jnp.float64)
+    beta_ref, ref = numpy_forward(task.transition_matrix, task.embeddings, np.asarray(x), return_filter=True, sigma=sigma)
+    np.testing.assert_allclose(task.bayes_predictive(x), ref, rtol=1e-10, atol=1e-13)
+    res = task.bayes_loss(x, y)
+    np.testing.assert_allclose(res.per_position, -np.log(ref[np.arange(len(y)), np.asarray(y)]), rtol=1e-10)
+    np.testing.assert_allclose(task.bayes_entropy(x), -(ref * np.log(ref)).sum(1), rtol=1e-9)
+    np.testing.assert_allclose(task.bayes_filter_entropy(x), -(beta_ref * np.log(beta_ref)).sum(1), rtol=1e-8, atol=1e-12)
+
+
+def test_larger_noise_leaves_the_posterior_uncertain():
+    keys = jax.random.split(jax.random.key(0), 2)
+    frac = []
+    for sigma in (1.0, 3.0):
+        task = StickyMarkov(seq_len=1000, noise_std=sigma)
+        xs, _ = jax.vmap(task.sample)(keys)
+        ent = np.asarray(jax.vmap(task.bayes_filter_entropy)(xs))
+        frac.append((ent > 0.1).mean())
+    assert frac[0] < 0.15 and frac[1] > 0.5, frac
+
+
+@pytest.mark.parametrize("bad, err", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), ("1", TypeError)])
+def test_bad_noise_std(bad, err):
+    P, mu, x, y = random_hmm(9)
+    with pytest.raises(err, match="noise_std"):
+        bayes_predictive(P, mu, x, noise_std=bad)
+    with pytest.raises(err, match="noise_std"):
+        bayes_loss(P, mu, x, y, noise_std=bad)
+
+
+def test_noise_std_traced_under_jit():
+    P, mu, x, _ = random_hmm(10)
+    f = jax.jit(lambda s: bayes_predictive(P, mu, jnp.asarray(x, jnp.float64), noise_std=s))
+    np.testing.assert_allclose(f(jnp.float64(2.0)), numpy_forward(P, mu, x, sigma=2.0), rtol=1e-10, atol=1e-13)

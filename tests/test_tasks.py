@@ -1,11 +1,15 @@
-"""The sticky Markov-chain task of SPEC §3."""
+"""The sticky Markov-chain task: chain, means (reference, seeded, explicit), noise, validation, protocol."""
+
+import dataclasses
+import importlib.resources
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn.tasks import StickyMarkov, sticky_transition_matrix
+from gradattn.tasks import DirichletHMM, StickyMarkov, Task, check_task, embeddings_from_spec, reference_embeddings, sticky_transition_matrix
 
 
 def test_h_min_and_row_zero_match_spec():
@@ -27,8 +31,9 @@ def test_transition_matrix_is_stochastic_and_circulant():
 
 
 def test_embeddings_fixed_by_seed():
-    a, b, c = StickyMarkov(), StickyMarkov(seq_len=10), StickyMarkov(embed_seed=1)
+    a, b, c = StickyMarkov(embed_seed=0), StickyMarkov(seq_len=10, embed_seed=0), StickyMarkov(embed_seed=1)
     assert a.embeddings.shape == (8, 20) and a.embeddings.dtype == np.float64
+    np.testing.assert_array_equal(a.embeddings, np.random.default_rng(0).standard_normal((8, 20)))
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     assert not np.array_equal(a.embeddings, c.embeddings)
     assert abs(a.embeddings.std() - 1.0) < 0.25
@@ -86,6 +91,15 @@ def test_sample_follows_the_chain_and_the_emission():
         (dict(d_embed=0), ValueError, "d_embed"),
         (dict(seq_len=10.0), TypeError, "seq_len"),
         (dict(embed_seed=-1), ValueError, "embed_seed"),
+        (dict(self_prob=-0.1), ValueError, r"self_prob must be a number in \[0.0, 1.0\)"),
+        (dict(self_prob=np.float32(1.0)), ValueError, "self_prob"),
+        (dict(self_prob=float("nan")), ValueError, "self_prob"),
+        (dict(self_prob=True), TypeError, "self_prob"),
+        (dict(self_prob="0.3"), TypeError, "self_prob"),
+        (dict(noise_std=0.0), ValueError, "noise_std"),
+        (dict(noise_std=-1.0), ValueError, "noise_std"),
+        (dict(noise_std=float("inf")), ValueError, "noise_std"),
+        (dict(noise_std="1"), TypeError, "noise_std"),
     ],
 )
 def test_bad_arguments(kwargs, err, match):
@@ -101,3 +115,177 @@ def test_bad_sample_dtype():
 def test_task_is_hashable_and_static():
     assert hash(StickyMarkov()) == hash(StickyMarkov())
     assert StickyMarkov().n_positions == 1999
+
+
+@pytest.mark.parametrize("value", [np.float32(0.3), np.float64(0.3), 0.3, np.array(0.3, np.float32), 0, np.int64(0)])
+def test_self_prob_accepts_any_real_number_type(value):
+    task = StickyMarkov(self_prob=value)
+    assert type(task.self_prob) is float and task.self_prob == float(value)
+    np.testing.assert_allclose(task.transition_matrix, sticky_transition_matrix(8, float(value)), rtol=1e-15)
+    hash(task)
+
+
+def _file_means():
+    text = importlib.resources.files("gradattn").joinpath("data", "sticky_markov_reference_embeddings.txt").read_text()
+    return np.array([[np.float32(v) for v in line.split()] for line in text.splitlines() if line.strip()])
+
+
+def test_reference_means_equal_the_package_file():
+    ref = reference_embeddings()
+    file_means = _file_means()
+    assert ref.dtype == np.float32 and ref.shape == (8, 20) and file_means.shape == (8, 20)
+    np.testing.assert_array_equal(ref, file_means)
+    assert ref[0, 0] == np.float32(-1.12583983) and ref[7, 19] == file_means[7, 19]
+    with pytest.raises(ValueError):
+        ref[0, 0] = 0.0  # read-only: a caller cannot alter the preset for everyone
+    for task in (StickyMarkov(), StickyMarkov.reference(), StickyMarkov(embeddings="reference", seq_len=10)):
+        assert task.embedding_source == "reference" and task.embed_seed is None
+        assert task.embeddings.dtype == np.float64
+        np.testing.assert_array_equal(task.embeddings, file_means.astype(np.float64))
+    x, _ = StickyMarkov.reference(seq_len=4).sample(jax.random.key(0))
+    assert x.dtype == jnp.float32
+
+
+def test_reference_means_are_torchs_seed_zero_draw():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(reference_embeddings(), torch.randn(8, 20).numpy())
+
+
+def test_default_means_reference_at_paper_size_else_seed_zero():
+    assert StickyMarkov() == StickyMarkov.reference() and hash(StickyMarkov()) == hash(StickyMarkov.reference())
+    assert StickyMarkov() != StickyMarkov(embed_seed=0)
+    small = StickyMarkov(n_symbols=5, d_embed=3)
+    assert small.embed_seed == 0 and small.embedding_source is None
+    np.testing.assert_array_equal(small.embeddings, np.random.default_rng(0).standard_normal((5, 3)))
+    with pytest.raises(ValueError, match=r"n_symbols=5 does not match the reference means of shape \(8, 20\)"):
+        StickyMarkov.reference(n_symbols=5)
+
+
+def test_explicit_means():
+    mu = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
+    task = StickyMarkov(embeddings=mu)
+    assert (task.n_symbols, task.d_embed, task.n_classes, task.d_in) == (4, 3, 4, 3)
+    assert task.embed_seed is None and task.embeddings.dtype == np.float64
+    np.testing.assert_array_equal(task.embeddings, mu.astype(np.float64))
+    assert not task.embeddings.flags.writeable
+    # Equal values give equal, equally hashed tasks whatever the container; other values do not.
+    same = StickyMarkov(embeddings=jnp.asarray(mu), n_symbols=4, d_embed=3)
+    assert same == task and hash(same) == hash(task)
+    other = mu.copy()
+    other[0, 0] += 1.0
+    assert StickyMarkov(embeddings=other) != task
+    # The reference's numbers passed as an array are the reference task.
+    assert StickyMarkov(embeddings=np.array(reference_embeddings())) == StickyMarkov.reference()
+    mu[0, 0] = 99.0  # the task keeps its own copy
+    assert task.embeddings[0, 0] != 99.0
+    x, y = task.sample(jax.random.key(0), jnp.float64)
+    assert x.shape == (1999, 3)
+
+
+@pytest.mark.parametrize(
+    "embeddings, kwargs, err, match",
+    [
+        (np.ones((8, 20)), dict(n_symbols=7), ValueError, r"n_symbols=7 does not match embeddings of shape \(8, 20\)"),
+        (np.ones((8, 20)), dict(d_embed=10), ValueError, r"d_embed=10 does not match embeddings of shape \(8, 20\)"),
+        (np.ones(20), {}, ValueError, r"embeddings must have shape \(C, d\).*got shape \(20,\)"),
+        (np.ones((8, 20, 1)), {}, ValueError, "shape"),
+        (np.ones((1, 20)), {}, ValueError, "n_symbols must be >= 2"),
+        (np.ones((8, 0)), {}, ValueError, "shape"),
+        (np.full((8, 20), np.nan), {}, ValueError, "non-finite"),
+        (np.where(np.eye(8, 20) > 0, np.inf, 0.0), {}, ValueError, "non-finite"),
+        (np.ones((8, 20), np.int32), {}, TypeError, "floating point"),
+        ([[1, 2], [3, 4]], {}, TypeError, "floating point"),
+        ("seed:3", {}, ValueError, "embed_seed=N"),
+        ("reference", dict(embed_seed=0), ValueError, "not both"),
+        (np.ones((8, 20)), dict(embed_seed=2), ValueError, "not both"),
+    ],
+)
+def test_bad_embeddings(embeddings, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        StickyMarkov(embeddings=embeddings, **kwargs)
+
+
+def test_replace_and_json_round_trip():
+    for task in (StickyMarkov(seq_len=30), StickyMarkov(embed_seed=3, noise_std=2.0), StickyMarkov(embeddings=np.eye(3, 2))):
+        assert dataclasses.replace(task) == task
+        shorter = dataclasses.replace(task, seq_len=7)
+        assert shorter.seq_len == 7 and np.array_equal(shorter.embeddings, task.embeddings)
+        d = json.loads(json.dumps(task.to_dict()))
+        assert d["name"] == "StickyMarkov" and StickyMarkov.from_dict(d) == task
+        json.dumps(dataclasses.asdict(task))  # a config holding the task serialises too
+    assert StickyMarkov().to_dict()["embeddings"] == "reference"
+    assert StickyMarkov(embed_seed=3).to_dict()["embeddings"] == "seed:3"
+    assert dataclasses.replace(StickyMarkov(embed_seed=0), embed_seed=4) == StickyMarkov(embed_seed=4)
+    assert dataclasses.replace(StickyMarkov(), embeddings=np.eye(8, 20)) == StickyMarkov(embeddings=np.eye(8, 20))
+
+
+def test_embeddings_from_spec(tmp_path):
+    assert embeddings_from_spec("reference") == {"embeddings": "reference"}
+    assert embeddings_from_spec(" seed:12 ") == {"embed_seed": 12}
+    mu = np.random.default_rng(1).standard_normal((8, 20))
+    np.save(tmp_path / "mu.npy", mu)
+    spec = embeddings_from_spec(str(tmp_path / "mu.npy"))
+    np.testing.assert_array_equal(spec["embeddings"], mu)
+    assert StickyMarkov(**spec) == StickyMarkov(embeddings=mu)
+    assert StickyMarkov(**embeddings_from_spec("seed:12")) == StickyMarkov(embed_seed=12)
+    assert StickyMarkov(seq_len=5, **embeddings_from_spec("reference")) == StickyMarkov.reference(seq_len=5)
+
+
+def test_embeddings_from_spec_errors(tmp_path):
+    np.save(tmp_path / "flat.npy", np.ones(20))
+    np.save(tmp_path / "nan.npy", np.full((8, 20), np.nan))
+    np.save(tmp_path / "int.npy", np.ones((8, 20), np.int64))
+    (tmp_path / "junk.npy").write_text("not an array")
+    (tmp_path / "dir.npy").mkdir()
+    cases = [
+        ("seed:-1", "non-negative integer"),
+        ("seed:1.5", "non-negative integer"),
+        ("seed:", "non-negative integer"),
+        ("referencee", "expected 'reference', 'seed:N'"),
+        ("", "expected"),
+        (str(tmp_path / "missing.npy"), "no such file"),
+        (str(tmp_path / "dir.npy"), "not a regular file"),
+        (str(tmp_path / "junk.npy"), "not a readable .npy"),
+        (str(tmp_path / "flat.npy"), r"shape \(C, d\).*\(20,\)"),
+        (str(tmp_path / "nan.npy"), "non-finite"),
+        (str(tmp_path / "int.npy"), "floating point"),
+    ]
+    for text, match in cases:
+        with pytest.raises(ValueError, match=match):
+            embeddings_from_spec(text)
+    with pytest.raises(TypeError, match="string"):
+        embeddings_from_spec(3)
+    np.save(tmp_path / "small.npy", np.ones((3, 4)))
+    with pytest.raises(ValueError, match="does not match"):
+        StickyMarkov(n_symbols=8, **embeddings_from_spec(str(tmp_path / "small.npy")))
+
+
+@pytest.mark.parametrize("sigma", [0.5, 3.0])
+def test_noise_std_scales_the_emission(sigma):
+    task = StickyMarkov(seq_len=10001, noise_std=sigma)
+    x, y = task.sample(jax.random.key(2))
+    eps = np.asarray(x[1:], np.float64) - task.embeddings[np.asarray(y)[:-1]]
+    assert abs(eps.std() / sigma - 1.0) < 0.02 and abs(eps.mean()) < 0.02 * sigma
+    # Same key, same chain and same unit noise: only the scale changes.
+    x1, y1 = dataclasses.replace(task, noise_std=1.0).sample(jax.random.key(2))
+    np.testing.assert_array_equal(y, y1)
+    mu_prev = task.embeddings[np.asarray(y)[:-1]]
+    np.testing.assert_allclose(np.asarray(x[1:]) - mu_prev, sigma * (np.asarray(x1[1:]) - mu_prev), rtol=1e-4, atol=1e-4)
+
+
+def test_task_protocol():
+    for task in (StickyMarkov(seq_len=12), DirichletHMM(seq_len=12)):
+        assert isinstance(task, Task)
+        check_task(task, "test")
+        x, y = task.sample(jax.random.key(0))
+        assert x.shape == (task.n_positions, task.d_in) and y.shape == (task.n_positions,)
+        p = np.asarray(task.bayes_predictive(x))
+        assert p.shape == (task.n_positions, task.n_classes)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(task.bayes_loss(x, y).mean, -np.mean(np.log(p[np.arange(len(y)), np.asarray(y)])), rtol=1e-5)
+        assert task.bayes_filter_entropy(x).shape == (task.n_positions,)
+        json.dumps(task.to_dict())
+    assert not isinstance(object(), Task)
+    with pytest.raises(TypeError, match="test: task must provide the Task members.*lacks d_in"):
+        check_task(object(), "test")

@@ -1,8 +1,20 @@
-"""Tasks: data generators for training one head.
+"""Tasks: data generators for training one head, each with its exact Bayes predictor.
 
-  sticky_markov   StickyMarkov, the sticky Markov chain of the paper's Sec. 5.2 (SPEC §3)
+  base            Task (the protocol every task satisfies), check_task
+  sticky_markov   StickyMarkov, the sticky Markov chain of the paper's Sec. 5.2
+  hmm             DirichletHMM, next-observation prediction on a random discrete hidden Markov model
 """
 
-from gradattn.tasks.sticky_markov import StickyMarkov, sticky_transition_matrix
+from gradattn.tasks.base import Task, check_task
+from gradattn.tasks.hmm import DirichletHMM
+from gradattn.tasks.sticky_markov import StickyMarkov, embeddings_from_spec, reference_embeddings, sticky_transition_matrix
 
-__all__ = ["StickyMarkov", "sticky_transition_matrix"]
+__all__ = [
+    "DirichletHMM",
+    "StickyMarkov",
+    "Task",
+    "check_task",
+    "embeddings_from_spec",
+    "reference_embeddings",
+    "sticky_transition_matrix",
+]
