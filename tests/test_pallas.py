@@ -1,0 +1,192 @@
+"""The fused Pallas kernels equal the dense laws and autodiff (run here in Pallas interpret mode).
+
+Every distinct (N, tiles, causal, dtype) compiles the kernels again (a few seconds each in
+interpret mode on a 2-core CPU), so the cases below are few and chosen to cover: N = 1, N below
+one tile, N not a multiple of either tile, unequal query and key tiles both ways, causal and not,
+position weights, float64 (< 1e-9 against the laws and autodiff) and float32.
+"""
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradattn as ga
+from gradattn.blocked import BlockedPass
+from gradattn.head import dense_loss
+from gradattn.laws import dense_loss_and_grads
+from gradattn.pallas import PRECISIONS, pallas_loss_and_grads, pallas_pass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def problem(n, d_in=5, d_k=3, d_v=4, n_classes=6, seed=0, dtype=jnp.float64, weighted=False, scale=0.7):
+    k_p, k_x, k_y, k_w = jax.random.split(jax.random.PRNGKey(seed), 4)
+    params = ga.init_head(k_p, d_in, d_k, d_v, n_classes, scale=scale, dtype=dtype)
+    x = jax.random.normal(k_x, (n, d_in), dtype)
+    y = jax.random.randint(k_y, (n,), 0, n_classes)
+    w = jax.random.uniform(k_w, (n,), dtype) if weighted else None
+    return params, x, y, w
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| over all leaves, relative to the largest |b| over all leaves (a leaf that is
+    exactly zero, like dL/dW_Q at N = 1, is judged on the scale of the whole gradient)."""
+    scale = max(max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(b)), 1e-300)
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+
+def reference_pass(params, x, y, weights, causal):
+    """loss, CE_i and dL/dQ, dL/dK, dL/dV, dL/dW_O by autodiff of the head written out here."""
+    n, d_k = x.shape[0], params.w_q.shape[1]
+    w = jnp.ones(n, x.dtype) if weights is None else weights
+    w = w / jnp.sum(w)
+
+    def loss(q, k, v, w_o):
+        s = q @ k.T / jnp.sqrt(jnp.asarray(d_k, x.dtype))
+        if causal:
+            s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
+        logp = jax.nn.log_softmax(jax.nn.softmax(s, axis=-1) @ v @ w_o, axis=-1)
+        ce = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+        return jnp.sum(w * ce), ce
+
+    (value, ce), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+        x @ params.w_q, x @ params.w_k, x @ params.w_v, params.w_o)
+    return BlockedPass(value, ce, *grads)
+
+
+# (n, block_q, block_k, causal, weighted): N = 1; N < one tile; N = 33 and 100, not multiples of
+# 16 or 32; block_q < block_k and block_q > block_k (padding to the larger tile, key tiles wholly
+# in the padding, query tiles that see part of a key tile).
+CASES = [
+    (1, 16, 16, True, False),
+    (7, 16, 32, False, True),
+    (33, 16, 32, True, True),
+    (33, 32, 16, False, False),
+    (100, 32, 16, True, False),
+]
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def references(params, x, y, w, causal):
+    """The autodiff pass above, the dense laws and autodiff of the library's dense loss, in one program."""
+    return (reference_pass(params, x, y, w, causal), dense_loss_and_grads(params, x, y, w, causal),
+            jax.value_and_grad(dense_loss)(params, x, y, w, causal))
+
+
+@pytest.mark.parametrize("n, block_q, block_k, causal, weighted", CASES)
+def test_pass_and_grads_equal_laws_and_autodiff_float64(n, block_q, block_k, causal, weighted):
+    with jax.enable_x64(True):
+        params, x, y, w = problem(n, weighted=weighted, seed=n)
+        by_autodiff, by_laws, by_dense_autodiff = references(params, x, y, w, causal)
+        got = pallas_pass(params, x, y, w, causal, block_q=block_q, block_k=block_k)
+        assert isinstance(got, BlockedPass)
+        assert got.dq.shape == (n, 3) and got.dk.shape == (n, 3) and got.dv.shape == (n, 4)
+        assert got.dw_o.shape == (4, 6) and got.token_losses.shape == (n,)
+        assert all(a.dtype == jnp.float64 for a in got)
+        assert rel_err(got, by_autodiff) < 1e-9
+
+        loss, grads = pallas_loss_and_grads(params, x, y, w, causal, block_q=block_q, block_k=block_k)
+        assert isinstance(grads, ga.HeadParams)
+        assert rel_err((loss, grads), by_laws) < 1e-9
+        assert rel_err((loss, grads), by_dense_autodiff) < 1e-9
+
+
+def test_float32_and_the_faster_precisions():
+    """The paper's head sizes (d_in 20, d_k 10, d_v 15, C 8; padded to 16 inside), float32 in and
+    out, against the float64 laws, under jit with the options static.
+
+    float32: float32 accuracy. bfloat16 tile products: a real, bounded error (measured here about
+    1e-2 of the largest entry; the float32 accumulation keeps it from growing with N). tf32: in
+    interpret mode on a CPU every dot is exact, so it meets the float32 bound here; its TF32
+    error shows only on a GPU (benchmarks/gpu_pallas.py measures it there).
+    """
+    with jax.enable_x64(True):
+        p64, x64, y, w64 = problem(60, d_in=20, d_k=10, d_v=15, n_classes=8, scale=0.3, weighted=True)
+        ref = jax.jit(dense_loss_and_grads, static_argnums=(4,))(p64, x64, y, w64, True)
+    p32, x32, w32 = jax.tree.map(lambda a: a.astype(jnp.float32), (p64, x64, w64))
+    errs = {}
+    for prec in PRECISIONS:
+        fn = jax.jit(functools.partial(pallas_loss_and_grads, precision=prec), static_argnums=(4,))
+        loss, grads = fn(p32, x32, y, w32, True)
+        assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
+        errs[prec] = rel_err((loss, grads), ref)
+    assert errs["float32"] < 2e-5 and errs["tf32"] < 2e-5, errs
+    assert 1e-4 < errs["bfloat16"] < 5e-2, errs
+
+
+def test_vmap_over_seeds_is_a_grid_axis_and_equals_the_loop():
+    seeds = 3
+
+    def one(key):
+        params, x, y, w = problem(33, seed=int(key), dtype=jnp.float32, weighted=True)
+        return params, x, y, w
+
+    batch = [one(s) for s in range(seeds)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *batch)
+    fn = lambda p, x, y, w: pallas_loss_and_grads(p, x, y, w, True, block_q=16, block_k=16)  # noqa: E731
+    many = jax.jit(jax.vmap(fn))(*stacked)
+    for s in range(seeds):
+        one_seed = jax.jit(fn)(*batch[s])
+        assert rel_err(jax.tree.map(lambda a: a[s], many), one_seed) < 1e-6
+    # Both kernels take the seeds as an outer grid axis (one launch each), not a loop of launches.
+    grids = re.findall(r"grid=\(([^)]*)\)", str(jax.make_jaxpr(jax.vmap(fn))(*stacked)))
+    assert grids == ["3, 3", "3, 3"], grids
+
+    # A batch of parameter sets against one shared sequence (x, y, w unbatched).
+    params_only = jax.vmap(lambda p: fn(p, *batch[0][1:]))(stacked[0])
+    assert rel_err(jax.tree.map(lambda a: a[2], params_only), fn(batch[2][0], *batch[0][1:])) < 1e-6
+
+
+def test_no_n_by_n_array_anywhere():
+    """Neither the wrapper nor the kernel bodies hold an array with two dimensions >= N."""
+    n = 100  # padded to 112: tiles are 16 x 16
+    params, x, y, _ = problem(n, dtype=jnp.float32)
+    text = str(jax.make_jaxpr(lambda p, x, y: pallas_pass(p, x, y, block_q=16, block_k=16))(params, x, y))
+    shapes = [tuple(int(d) for d in s.split(",")) for s in re.findall(r"\[(\d+(?:,\d+)+)\]", text)]
+    assert shapes, "no array shapes found in the jaxpr"
+    assert not [s for s in shapes if sum(d >= n for d in s) >= 2]
+    assert (16, 16) in shapes  # the score tiles themselves
+
+
+def test_invalid_inputs():
+    params, x, y, _ = problem(9, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="pallas_pass: precision"):
+        pallas_pass(params, x, y, precision="float16")
+    with pytest.raises(TypeError, match="pallas_loss_and_grads: precision"):
+        pallas_loss_and_grads(params, x, y, precision=32)
+    with pytest.raises(ValueError, match="block_q must be a power of two"):
+        pallas_pass(params, x, y, block_q=48)
+    with pytest.raises(ValueError, match="block_k"):
+        pallas_pass(params, x, y, block_k=8)
+    with pytest.raises(TypeError, match="block_q"):
+        pallas_pass(params, x, y, block_q=16.0)
+    with pytest.raises(TypeError, match="interpret"):
+        pallas_pass(params, x, y, interpret="yes")
+    with pytest.raises(ValueError, match="pallas_pass: y"):
+        pallas_pass(params, x, y.at[0].set(6))
+    with pytest.raises(ValueError, match="pallas_loss_and_grads: x"):
+        pallas_loss_and_grads(params, x[None], y)
+    with pytest.raises(ValueError, match="weights"):
+        pallas_pass(params, x, y, jnp.zeros(9, jnp.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        pallas_pass(params, x.astype(jnp.float64), y)
+
+
+def test_gpu_benchmark_quick_runs(tmp_path):
+    """benchmarks/gpu_pallas.py --quick runs to the end (interpret mode here) and writes its JSON."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_pallas.py"), "--quick",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_pallas.json").read_text())
+    assert result["check"]["passed"] is True
+    assert {row["path"] for row in result["timing"]} >= {"pallas_float32", "pallas_bfloat16", "dense", "autodiff"}
+    assert all(np.isfinite(row["us_per_seed_step"]) for row in result["timing"] if "error" not in row)
