@@ -78,7 +78,7 @@ def _means_array(value, fn: str, name: str) -> np.ndarray:
         raise TypeError(f"{fn}: {name} must be a concrete array (the means are fixed per task), got a traced value")
     try:
         arr = np.asarray(value)
-    except Exception as err:  # ragged lists and other non-arrays
+    except (TypeError, ValueError) as err:  # ragged lists and other non-arrays
         raise TypeError(f"{fn}: {name} must be a (C, d) floating array, 'reference' or None, got {type(value).__name__}") from err
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"{fn}: {name} must be floating point (C, d), got dtype {arr.dtype} with shape {arr.shape}")
