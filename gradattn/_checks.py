@@ -53,14 +53,15 @@ def check_int(name: str, val, fn: str, *, minimum: int | None = 1, maximum: int 
       ValueError: ``val`` is outside the range; the message names ``fn``, ``name``, the value and
         the range.
     """
+    kind = "a positive integer" if (minimum == 1 and maximum is None) else "an integer"
     if isinstance(val, (bool, np.bool_)):
-        raise TypeError(f"{fn}: {name} must be an integer, got the bool {val!r}")
+        raise TypeError(f"{fn}: {name} must be {kind}, got the bool {val!r}")
     try:
         i = operator.index(val)
     except TypeError:
-        raise TypeError(f"{fn}: {name} must be an integer, got {val!r} of type {type(val).__name__}") from None
+        raise TypeError(f"{fn}: {name} must be {kind}, got {val!r} of type {type(val).__name__}") from None
     if (minimum is not None and i < minimum) or (maximum is not None and i > maximum):
-        raise ValueError(f"{fn}: {name} must be an integer in {_range_text(minimum, maximum)}, got {i}")
+        raise ValueError(f"{fn}: {name} must be {kind} in {_range_text(minimum, maximum)}, got {i}")
     return int(i)
 
 

@@ -18,46 +18,19 @@ chain, the per-position covariate is the Bayes predictive entropy (:func:`gradat
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-LN2 = math.log(2.0)
-
+from gradattn._checks import check_int
+from gradattn._math import entropy_bits
+from gradattn._vmap import chunked_vmap
 
 def _one_matrix_at_a_time(fn):
-    """``fn`` (a call into LAPACK: SVD, least squares) whose ``vmap`` runs the batch one matrix at a
-    time (``lax.map``), so the compiled program never holds a *batched* LAPACK call.
-
-    Why: on CPU, jaxlib runs a batched LAPACK kernel as a parallel map over XLA's intra-op thread pool
-    and blocks its own worker thread until the map is done. When XLA schedules two such kernels at
-    once and the pool has no more threads than that (2 on a 2-core machine), every worker waits for
-    work that no free thread can pick up, and the program hangs for ever (jaxlib 0.10.2: the
-    dynamics notebook, which computes five of these per arm over vmapped seeds, hung in about half
-    of the runs when another process shared the CPU; gdb showed both pool threads in
-    ``jax::ParallelBatchMap`` under ``lapack_sgesdd_ffi``). The matrices here are small (N x d), so
-    running them in turn costs little. Values are unchanged; differentiation goes through ``fn``.
-    """
-    def plain(*args):
-        return fn(*args)
-
-    def vmap_rule(axis_size, in_batched, *args):
-        mapped = [a for a, b in zip(args, in_batched) if b]
-
-        def one(mapped_args):
-            it = iter(mapped_args)
-            return seq(*[next(it) if b else a for a, b in zip(args, in_batched)])
-
-        out = jax.lax.map(one, mapped)
-        return out, jax.tree.map(lambda _: True, out)
-
-    batched = jax.custom_batching.custom_vmap(plain)
-    batched.def_vmap(vmap_rule)
-    seq = jax.custom_jvp(lambda *args: batched(*args))
-    seq.defjvp(lambda primals, tangents: jax.jvp(plain, primals, tangents))
-    return seq
+    """``fn`` (a call into LAPACK) whose ``vmap`` runs one matrix at a time: on CPU a batched LAPACK
+    call can deadlock XLA's thread pool (see :mod:`gradattn._vmap`). The matrices here are small
+    (N x d), so running them in turn costs little; values and derivatives are unchanged."""
+    return chunked_vmap(fn, 1)
 
 
 _singular_values = _one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, compute_uv=False))
@@ -74,9 +47,8 @@ def _check_rows(name: str, z, fn: str) -> None:
         raise TypeError(f"{fn}: {name} must be floating point, got dtype {jnp.result_type(z)}")
 
 
-def _check_k(k, d: int, fn: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d:
-        raise ValueError(f"{fn}: n_components must be an integer in [1, {d}] (the number of dims), got {k!r}")
+def _check_k(k, d: int, fn: str) -> int:
+    return check_int("n_components", k, fn, minimum=1, maximum=d)
 
 
 def attention_entropy_bits(alpha: jax.Array) -> jax.Array:
@@ -90,8 +62,7 @@ def attention_entropy_bits(alpha: jax.Array) -> jax.Array:
     alpha = jnp.asarray(alpha)
     if alpha.ndim < 1 or not jnp.issubdtype(alpha.dtype, jnp.floating):
         raise ValueError(f"attention_entropy_bits: alpha must be a floating array (..., N_keys), got shape {alpha.shape}, dtype {alpha.dtype}")
-    safe = jnp.where(alpha > 0, alpha, 1.0)
-    return -jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(safe), 0.0), axis=-1) / LN2
+    return entropy_bits(alpha, axis=-1)
 
 
 def _centred(z, center: bool):
@@ -149,7 +120,7 @@ def principal_components(z: jax.Array, n_components: int = 2, center: bool = Tru
       |entry| is positive (deterministic output for a given z).
     """
     _check_rows("z", z, "principal_components")
-    _check_k(n_components, min(np.shape(z)), "principal_components")
+    n_components = _check_k(n_components, min(np.shape(z)), "principal_components")
     zc = _centred(z, center)
     vt = _right_singular_vectors(zc)
     dirs = vt[:n_components]

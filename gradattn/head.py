@@ -1,6 +1,6 @@
-"""One attention head, its forward pass and its cross-entropy loss (SPEC §1).
+"""One attention head, its forward pass and its cross-entropy loss, written densely.
 
-Row-vector convention, one sequence ``x (N, d_in)``::
+Row-vector convention, one sequence ``x (N, d_in)`` (docs/theory.md has the model and notation)::
 
     q_i = x_i W_Q    k_j = x_j W_K    v_j = x_j W_V
     s_ij = q_i . k_j / sqrt(d_k)              (causal: only j <= i, diagonal kept)
@@ -10,6 +10,13 @@ Row-vector convention, one sequence ``x (N, d_in)``::
     L = sum_i w_i * (-log softmax(z_i)[y_i]) / sum_i w_i
 
 Batches of sequences (or of parameter sets) are ``jax.vmap`` over these single-sequence functions.
+
+A label outside [0, C) has no loss: where one arrives unchecked (under ``jit``, where values cannot
+be inspected), its token loss is NaN, and so are the loss and every gradient of every path, never
+a finite number. :func:`gradattn.checking.checked` turns it into an error instead.
+
+The public functions here validate their input (:mod:`gradattn._checks`); the ``*_unchecked``
+forms are what the library calls once the input has been validated at its door.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_head_inputs, check_positive_int
+from gradattn._checks import check_head_inputs, check_int, check_number, is_real_number
+from gradattn._rows import causal_visible
 
 
 class HeadParams(NamedTuple):
@@ -63,12 +71,19 @@ def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float =
     """Parameters with every entry drawn i.i.d. from N(0, scale^2) (the paper's initialisation).
 
     The sizes may be any integral type (``np.int64(20)`` as well as ``20``); bools and floats are
-    TypeErrors, sizes below 1 ValueErrors.
+    TypeErrors, sizes below 1 ValueErrors. ``scale`` must be a finite number > 0: at scale 0 every
+    matrix is zero, so every gradient is zero too and the head can never move.
     """
-    d_in = check_positive_int("d_in", d_in, "init_head")
-    d_k = check_positive_int("d_k", d_k, "init_head")
-    d_v = check_positive_int("d_v", d_v, "init_head")
-    n_classes = check_positive_int("n_classes", n_classes, "init_head")
+    d_in = check_int("d_in", d_in, "init_head")
+    d_k = check_int("d_k", d_k, "init_head")
+    d_v = check_int("d_v", d_v, "init_head")
+    n_classes = check_int("n_classes", n_classes, "init_head")
+    if is_real_number(scale) and jnp.ndim(scale) == 0 and float(scale) == 0.0:
+        raise ValueError(
+            "init_head: scale must be > 0, got 0: with every matrix zero every gradient is zero too, "
+            "so the head (its attention included) can never move"
+        )
+    scale = check_number("scale", scale, "init_head", minimum=0.0, exclusive_minimum=True)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"init_head: dtype must be floating point, got {dtype}")
     k_q, k_k, k_v, k_o = jax.random.split(key, 4)
@@ -83,16 +98,23 @@ def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float =
 
 def causal_mask(n: int) -> jax.Array:
     """(n, n) boolean mask, True where key j may be attended by query i (j <= i)."""
-    return jnp.tril(jnp.ones((n, n), dtype=bool))
+    return causal_visible(n, n)
 
 
 def forward(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
-    """The forward pass of SPEC §1 for one sequence ``x (N, d_in)``, keeping every intermediate."""
-    n, _, d_k, _, _ = check_head_inputs(params, x, fn="forward")
+    """The forward pass for one sequence ``x (N, d_in)``, keeping every intermediate (shapes in
+    :class:`HeadOutputs`)."""
+    check_head_inputs(params, x, fn="forward")
+    return forward_unchecked(params, x, causal)
+
+
+def forward_unchecked(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
+    """:func:`forward` for input already validated."""
+    n = x.shape[0]
     q = x @ params.w_q
     k = x @ params.w_k
     v = x @ params.w_v
-    scores = (q @ k.T) / jnp.sqrt(jnp.asarray(d_k, q.dtype))
+    scores = (q @ k.T) / jnp.sqrt(jnp.asarray(q.shape[1], q.dtype))
     masked = jnp.where(causal_mask(n), scores, -jnp.inf) if causal else scores
     alpha = jax.nn.softmax(masked, axis=-1)
     context = alpha @ v
@@ -108,47 +130,42 @@ def normalised_weights(weights, n: int, dtype) -> jax.Array:
     return w / jnp.sum(w)
 
 
+def label_factor(y: jax.Array, n_classes: int, dtype) -> jax.Array:
+    """(N,) 1 where the label y_i is in [0, C), NaN elsewhere.
+
+    Every per-position quantity that reads a label is multiplied by this, so an invalid label that
+    reaches compiled code makes the loss NaN *and* every gradient NaN, in every gradient path alike
+    (a factor, not a ``where``, so that autodiff carries the NaN into the gradient as well).
+    """
+    valid = (y >= 0) & (y < n_classes)
+    return jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
+
+
 def token_losses(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """(N,) per-position cross-entropy -log softmax(z_i)[y_i] in nats."""
+    """(N,) per-position cross-entropy -log softmax(z_i)[y_i] in nats (NaN where y_i is not in [0, C))."""
+    n_classes = logits.shape[-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logp, jnp.clip(y, 0, n_classes - 1)[:, None], axis=-1)[:, 0]
+    return -picked * label_factor(y, n_classes, logits.dtype)
 
 
 def dense_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:
-    """SPEC §1's loss written as plain jnp ops on the whole N x N matrices.
+    """The loss L written as plain jnp ops on the whole N x N matrices (scalar, dtype of x).
 
     This is the autodiff reference that every law is tested against: ``jax.grad(dense_loss)``
     differentiates the forward pass itself, with no hand-written rule anywhere.
     """
-    n, *_ = check_head_inputs(params, x, y, weights, fn="dense_loss")
-    out = forward(params, x, causal)
-    return jnp.sum(normalised_weights(weights, n, out.logits.dtype) * token_losses(out.logits, y))
+    check_head_inputs(params, x, y, weights, fn="dense_loss")
+    return dense_loss_unchecked(params, x, y, weights, causal)
 
 
-def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True,
-            block_size: int | None = None) -> jax.Array:
-    """Weighted mean cross-entropy (nats) of the head on one sequence (SPEC §1), fast to differentiate.
+def dense_loss_unchecked(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:
+    """:func:`dense_loss` for input already validated."""
+    out = forward_unchecked(params, x, causal)
+    return jnp.sum(normalised_weights(weights, x.shape[0], out.logits.dtype) * token_losses(out.logits, y))
 
-    Evaluated alone it runs the forward half of the blocked pass (:mod:`gradattn.blocked`), which
-    never builds an N x N matrix. Its reverse-mode rule is a ``jax.custom_vjp`` whose forward step
-    runs the fused blocked pass of the laws of SPEC §2 once and keeps dL/dQ, dL/dK, dL/dV, dL/dW_O
-    and the per-token losses, so ``jax.grad`` / ``jax.value_and_grad`` (w.r.t. params, x or weights)
-    cost one pass and match ``jax.grad(dense_loss)``. Works under ``jit`` and ``vmap``, and
-    reverse-over-reverse (``jax.jacrev(jax.grad(...))``); forward mode (``jax.jvp``, ``jax.hessian``)
-    is not defined for a custom VJP: differentiate :func:`dense_loss` for that.
 
-    Args:
-      params: HeadParams.
-      x: (N, d_in) inputs.
-      y: (N,) integer targets in [0, C).
-      weights: optional (N,) non-negative position weights (default: all 1, the mean).
-      causal: mask keys j > i.
-      block_size: query rows per block (default :func:`gradattn.blocked.default_block_size`).
-    Returns:
-      scalar loss, in the dtype of ``x``/``params``.
-    """
-    check_head_inputs(params, x, y, weights, fn="loss_fn")
-    from gradattn import blocked  # blocked builds on head (and laws); imported here to avoid a cycle
-
-    blocked.query_blocks(1, block_size)  # validates block_size before tracing into the custom VJP
-    return blocked.loss_with_blocked_vjp(params, x, y, weights, bool(causal), block_size)
+def __getattr__(name):
+    if name == "loss_fn":
+        raise AttributeError("loss_fn moved to gradattn.blocked.loss_fn (also gradattn.loss_fn)")
+    raise AttributeError(f"module 'gradattn.head' has no attribute {name!r}")

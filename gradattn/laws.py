@@ -1,4 +1,4 @@
-"""The first-order laws of one attention head (SPEC §2), each under its own name.
+"""The first-order laws of one attention head, each under its own name (docs/theory.md states them).
 
 Given the forward pass of :func:`gradattn.head.forward`, the gradient of the loss flows back as::
 
@@ -13,8 +13,11 @@ Given the forward pass of :func:`gradattn.head.forward`, the gradient of the los
     dL/dk_j  = sum_i dL/ds_ij q_i / sqrt(d_k)                       key (frame)         (N, d_k)
     dL/dW_Q = X^T dL/dQ,  dL/dW_K = X^T dL/dK,  dL/dW_V = X^T dL/dV
 
-Nothing here calls autodiff; the tests check every line against ``jax.grad`` in float64.
-These are the dense forms, which build whole N x N matrices: use them to look at the dynamics.
+Nothing here calls autodiff except :func:`autodiff_loss_and_grads`, the reference; the tests check
+every line against ``jax.grad`` in float64. These are the dense forms, which build whole N x N
+matrices: use them to look at the dynamics. :func:`output_error_rows` is the output error of any
+set of rows, called by the dense laws, the blocked pass (:mod:`gradattn.blocked`) and the feedback
+statistics alike.
 """
 
 from __future__ import annotations
@@ -23,7 +26,26 @@ import jax
 import jax.numpy as jnp
 
 from gradattn._checks import check_head_inputs, check_labels, check_matrix, check_weights
-from gradattn.head import HeadOutputs, HeadParams, forward, normalised_weights, token_losses
+from gradattn.head import (
+    HeadOutputs,
+    HeadParams,
+    dense_loss_unchecked,
+    forward_unchecked,
+    label_factor,
+    normalised_weights,
+    token_losses,
+)
+
+
+def output_error_rows(z: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
+    """E (R, C): e_i = w_i (softmax(z_i) - onehot(y_i)) for rows of logits z (R, C), labels y (R,)
+    and weights w (R,) already divided by sum_k w_k over the whole sequence.
+
+    A row whose label is not in [0, C) is NaN (see :func:`gradattn.head.label_factor`).
+    """
+    n_classes = z.shape[-1]
+    e = jax.nn.softmax(z, axis=-1) - jax.nn.one_hot(y, n_classes, dtype=z.dtype)
+    return (w * label_factor(y, n_classes, z.dtype))[:, None] * e
 
 
 def output_error(out: HeadOutputs, y: jax.Array, weights=None) -> jax.Array:
@@ -31,9 +53,7 @@ def output_error(out: HeadOutputs, y: jax.Array, weights=None) -> jax.Array:
     n, n_classes = out.logits.shape
     check_labels(y, n, n_classes, "output_error")
     check_weights(weights, n, "output_error")
-    p = jax.nn.softmax(out.logits, axis=-1)
-    w = normalised_weights(weights, n, p.dtype)
-    return w[:, None] * (p - jax.nn.one_hot(y, n_classes, dtype=p.dtype))
+    return output_error_rows(out.logits, y, normalised_weights(weights, n, out.logits.dtype))
 
 
 def upstream_grad(params: HeadParams, out: HeadOutputs, y: jax.Array, weights=None) -> jax.Array:
@@ -112,14 +132,22 @@ def projection_grads(x: jax.Array, dq: jax.Array, dk: jax.Array, dv: jax.Array, 
 
 
 def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, grads)`` assembled from the laws above on whole N x N matrices (no autodiff)."""
-    n, *_ = check_head_inputs(params, x, y, weights, fn="dense_loss_and_grads")
-    out = forward(params, x, causal)
-    loss = jnp.sum(normalised_weights(weights, n, out.logits.dtype) * token_losses(out.logits, y))
-    e = output_error(out, y, weights)
+    """``(loss, grads)`` assembled from the laws above on whole N x N matrices (no autodiff).
+
+    Shapes: x (N, d_in), y (N,), weights (N,) or None; returns a scalar and a HeadParams.
+    """
+    check_head_inputs(params, x, y, weights, fn="dense_loss_and_grads")
+    return dense_loss_and_grads_unchecked(params, x, y, weights, causal)
+
+
+def dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causal: bool = True):
+    """:func:`dense_loss_and_grads` for input already validated."""
+    out = forward_unchecked(params, x, causal)
+    w = normalised_weights(weights, x.shape[0], out.logits.dtype)
+    loss = jnp.sum(w * token_losses(out.logits, y))
+    e = output_error_rows(out.logits, y, w)
     u = e @ params.w_o.T
-    b = compatibility(u, out.v)
-    ds = routing_grad(out.alpha, b)
+    ds = routing_grad(out.alpha, compatibility(u, out.v))
     grads = projection_grads(
         x,
         dq=query_grad(ds, out.k),
@@ -130,24 +158,7 @@ def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights
     return loss, grads
 
 
-def analytic_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, dL/dparams)`` from the laws alone, in one fused pass. See :func:`analytic_grads`.
-
-    This is the fast path: :func:`gradattn.blocked.blocked_loss_and_grads` runs the laws above over
-    blocks of query rows, skips future key blocks when causal, and never builds an N x N matrix.
-    :func:`dense_loss_and_grads` computes the same numbers on whole matrices, for diagnostics.
-    """
-    check_head_inputs(params, x, y, weights, fn="analytic_loss_and_grads")
-    from gradattn.blocked import blocked_loss_and_grads  # blocked builds on these laws: import at call time
-
-    return blocked_loss_and_grads(params, x, y, weights, causal)
-
-
-def analytic_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> HeadParams:
-    """The full gradient dL/dparams assembled from the laws of SPEC §2 (no autodiff inside).
-
-    Runs the blocked pass (:func:`analytic_loss_and_grads`). Equal to
-    ``jax.grad(loss_fn)(params, x, y, weights, causal)`` and to ``jax.grad(dense_loss)``.
-    """
-    check_head_inputs(params, x, y, weights, fn="analytic_grads")
-    return analytic_loss_and_grads(params, x, y, weights, causal)[1]
+def autodiff_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
+    """``(loss, grads)`` by XLA's own reverse mode: ``jax.value_and_grad(dense_loss)``. The reference."""
+    check_head_inputs(params, x, y, weights, fn="autodiff_loss_and_grads")
+    return jax.value_and_grad(dense_loss_unchecked)(params, x, y, weights, causal)

@@ -3,7 +3,7 @@
 Every update rule is an optax ``GradientTransformation`` acting on a :class:`~gradattn.head.HeadParams`
 pytree, so any optax optimiser plugs in. The paper's two readings of "EM-like" training:
 
-* :func:`em_like` (the paper's, SPEC §3): one gradient step on all four matrices at once, but with
+* :func:`em_like` (the paper's): one gradient step on all four matrices at once, but with
   two learning rates, ``value_lr`` on ``W_V`` (the M-step: values are responsibility-weighted
   prototypes) and ``routing_lr`` on ``W_Q, W_K, W_O`` (the routing and read-out)::
 
@@ -14,23 +14,24 @@ pytree, so any optax optimiser plugs in. The paper's two readings of "EM-like" t
   ``W_Q, W_K, W_O`` move, and so on, starting with the values at step 0.
 
 :func:`make_step` builds ``step(state, x, y) -> (state, metrics)`` from an optimiser and a gradient
-source (the analytic laws of SPEC §2 by default); :func:`train` runs ``steps`` of them as one
+source (``"auto"`` by default: the laws, on the path fastest on the backend); :func:`train` runs ``steps`` of them as one
 ``lax.scan`` (PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gradattn._checks import check_positive_int, is_real_number
-from gradattn.head import HeadParams, dense_loss
-from gradattn.laws import analytic_loss_and_grads
+from gradattn._backend import backend_choices
+from gradattn._checks import check_int, check_number
+from gradattn._math import tree_norm
+from gradattn.blocked import blocked_loss_and_grads
+from gradattn.head import HeadParams
+from gradattn.laws import autodiff_loss_and_grads, dense_loss_and_grads
 
 VALUE = "value"
 ROUTING = "routing"
@@ -61,21 +62,18 @@ def param_labels() -> HeadParams:
 def _check_lr(name: str, lr, fn: str) -> None:
     """A learning rate is an optax schedule, a traced scalar (e.g. vmapped over), or a finite number >= 0.
 
-    Anything else that is not a real number (a string such as ``"0.1"``, a bool, a list) is a
-    TypeError here, at construction: optax would accept it and fail only inside the first update.
+    Anything else (a string such as ``"0.1"``, a bool, a list) is a TypeError here, at construction:
+    optax would accept it and fail only inside the first update.
     """
     if callable(lr) or isinstance(lr, jax.core.Tracer):
         return
-    if not is_real_number(lr):
+    try:
+        check_number(name, lr, fn, minimum=0.0)
+    except TypeError:
         raise TypeError(
             f"{fn}: {name} must be a number or an optax schedule (a callable step -> rate), "
             f"got {lr!r} of type {type(lr).__name__}"
-        )
-    if np.ndim(lr) != 0:
-        raise ValueError(f"{fn}: {name} must be a scalar learning rate or an optax schedule, got shape {np.shape(lr)}")
-    val = float(lr)
-    if not (math.isfinite(val) and val >= 0):
-        raise ValueError(f"{fn}: {name} must be a finite non-negative number or an optax schedule, got {lr!r}")
+        ) from None
 
 
 def sgd(lr) -> optax.GradientTransformation:
@@ -139,7 +137,7 @@ def alternating(value_lr=0.1, routing_lr=0.01, period: int = 1, base: Callable[.
     """
     _check_lr("value_lr", value_lr, "alternating")
     _check_lr("routing_lr", routing_lr, "alternating")
-    period = check_positive_int("period", period, "alternating")
+    period = check_int("period", period, "alternating")
     if not callable(base):
         raise TypeError(f"alternating: base must be an optax optimiser factory such as optax.sgd, got {base!r}")
     phase = lambda t: (t // period) % 2  # noqa: E731
@@ -163,30 +161,51 @@ def _check_optimizer(optimizer, fn: str) -> None:
         raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
 
 
-def _autodiff_loss_and_grads(params, x, y, weights=None, causal=True):
-    return jax.value_and_grad(dense_loss)(params, x, y, weights, causal)
+GRAD_SOURCES: dict[str, GradSource] = {
+    "blocked": blocked_loss_and_grads,
+    "dense": dense_loss_and_grads,
+    "autodiff": autodiff_loss_and_grads,
+    "analytic": blocked_loss_and_grads,  # the historical name of the blocked pass
+}
+"""The named gradient sources, each ``(params, x, y, weights, causal) -> (loss, grads)``. A new
+path is one line: ``GRAD_SOURCES["name"] = fn`` (or :func:`register_grad_source`)."""
+
+
+def register_grad_source(name: str, fn: GradSource) -> None:
+    """Make ``grad_source=name`` mean ``fn(params, x, y, weights, causal) -> (loss, HeadParams grads)``."""
+    if not isinstance(name, str) or name == "auto":
+        raise ValueError(f"register_grad_source: name must be a string other than 'auto', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_grad_source: fn must be callable, got {fn!r}")
+    GRAD_SOURCES[name] = fn
+
+
+def auto_loss_and_grads(params, x, y, weights=None, causal=True):
+    """The backend's own choice of path, read when traced (``jax.default_backend()``): the blocked
+    pass on CPU, the dense laws on GPU and TPU (measured; see benchmarks/README.md)."""
+    return GRAD_SOURCES[backend_choices().grad_source](params, x, y, weights, causal)
 
 
 def resolve_grad_source(grad_source) -> GradSource:
-    """``"analytic"`` (the laws of SPEC §2), ``"autodiff"`` (``jax.value_and_grad(dense_loss)``),
-    or a callable ``(params, x, y, weights, causal) -> (loss, grads)``."""
+    """A gradient source by name or as a callable ``(params, x, y, weights, causal) -> (loss, grads)``.
+
+    Names: ``"auto"`` (per backend: :func:`auto_loss_and_grads`), ``"blocked"``, ``"dense"``,
+    ``"autodiff"``, ``"analytic"`` (= ``"blocked"``) and any added by :func:`register_grad_source`.
+    """
     if callable(grad_source):
         return grad_source
-    if grad_source == "analytic":
-        return analytic_loss_and_grads
-    if grad_source == "autodiff":
-        return _autodiff_loss_and_grads
+    if grad_source == "auto":
+        return auto_loss_and_grads
+    if isinstance(grad_source, str) and grad_source in GRAD_SOURCES:
+        return GRAD_SOURCES[grad_source]
+    names = ", ".join(repr(k) for k in ("auto", *GRAD_SOURCES))
     raise ValueError(
-        f"grad_source must be 'analytic', 'autodiff' or a callable (params, x, y, weights, causal) -> (loss, grads), "
+        f"grad_source must be one of {names} or a callable (params, x, y, weights, causal) -> (loss, grads), "
         f"got {grad_source!r}"
     )
 
 
-def _norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree)))
-
-
-def make_step(optimizer: optax.GradientTransformation, grad_source="analytic", weights=None, causal: bool = True):
+def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weights=None, causal: bool = True):
     """A pure training step ``step(state, x, y) -> (new_state, metrics)``.
 
     One step: ``(L, g) = grad_source(params, x, y, weights, causal)``, then
@@ -195,8 +214,9 @@ def make_step(optimizer: optax.GradientTransformation, grad_source="analytic", w
 
     Args:
       optimizer: any optax GradientTransformation over HeadParams.
-      grad_source: ``"analytic"`` (default; :func:`gradattn.laws.analytic_loss_and_grads`),
-        ``"autodiff"`` or a callable ``(params, x, y, weights, causal) -> (loss, grads)``.
+      grad_source: ``"auto"`` (default: the blocked pass on CPU, the dense laws on GPU/TPU),
+        ``"blocked"``, ``"dense"``, ``"autodiff"``, ``"analytic"`` (= ``"blocked"``), or a callable
+        ``(params, x, y, weights, causal) -> (loss, grads)`` (see :func:`resolve_grad_source`).
       weights: optional (N,) position weights, fixed for the run.
       causal: mask future keys.
     Returns:
@@ -212,8 +232,8 @@ def make_step(optimizer: optax.GradientTransformation, grad_source="analytic", w
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm_value": _norm(grads.w_v),
-            "grad_norm_routing": _norm((grads.w_q, grads.w_k, grads.w_o)),
+            "grad_norm_value": tree_norm(grads.w_v),
+            "grad_norm_routing": tree_norm((grads.w_q, grads.w_k, grads.w_o)),
         }
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
@@ -233,7 +253,7 @@ def train(
     optimizer: optax.GradientTransformation,
     steps: int,
     *,
-    grad_source="analytic",
+    grad_source="auto",
     weights=None,
     causal: bool = True,
     checkpoint_every: int | None = None,
@@ -261,10 +281,10 @@ def train(
       update, ``grad_norm_value`` and ``grad_norm_routing`` (steps,), and, with checkpoints,
       ``checkpoints``: the probe's pytree with a leading axis of ``steps // k``.
     """
-    steps = check_positive_int("steps", steps, "train")
+    steps = check_int("steps", steps, "train")
     _check_optimizer(optimizer, "train")
     if checkpoint_every is not None:
-        checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every, "train")
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every, "train")
         if steps % checkpoint_every:
             raise ValueError(
                 f"train: checkpoint_every={checkpoint_every} must divide steps={steps} "

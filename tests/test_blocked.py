@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradattn as ga
-from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size, query_blocks
-from gradattn.head import dense_loss, forward, loss_fn
+from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size, loss_fn, query_blocks
+from gradattn.head import dense_loss, forward
 from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
 
 
@@ -185,9 +185,9 @@ def test_loss_fn_still_validates_inputs_at_trace_time():
 
 def test_vmap_over_many_seeds_runs_in_chunks_with_identical_values(monkeypatch):
     """Past seed_chunk seeds, vmap runs lax.map over chunks (here 3 seeds, 7 seeds: 3 + 3 + 1)."""
-    from gradattn import blocked
+    from gradattn import _backend, blocked
 
-    monkeypatch.setattr(blocked, "SEED_CHUNK_BYTES", 3 * 4 * 10 * 10)
+    monkeypatch.setattr(blocked, "backend_choices", lambda: _backend.CPU._replace(seed_chunk_bytes=3 * 4 * 10 * 10))
     assert blocked.seed_chunk(10) == 3
     keys = jax.random.split(jax.random.PRNGKey(8), 7)
     many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(keys)
@@ -202,3 +202,100 @@ def test_vmap_over_many_seeds_runs_in_chunks_with_identical_values(monkeypatch):
     meta = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: ga.analytic_grads(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
     meta_dense = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: jax.grad(dense_loss)(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
     assert_close(jax.jit(jax.grad(meta))(many), jax.grad(meta_dense)(many), 1e-9)
+
+
+def test_blocked_forms_are_the_named_laws_on_a_block():
+    """The routing, key and value laws as the blocked pass writes them equal the named laws."""
+    from gradattn.blocked import key_grad_block_t, routing_grad_block, value_grad_block_t
+    from gradattn.laws import key_grad, value_grad
+
+    params, x, y, _ = problem(11, weighted=True)
+    out = forward(params, x)
+    u = ga.upstream_grad(params, out, y)
+    e = output_error(out, y)
+    r0, r1 = 4, 9  # one block of query rows, keys 0:r1
+    alpha_r = out.alpha[r0:r1, :r1]
+    s_r = out.scores[r0:r1, :r1]
+    s_r = jnp.where(jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None], s_r, -jnp.inf)
+    exp_s = jnp.exp(s_r - jnp.max(s_r, axis=-1, keepdims=True))
+    inv_l = 1.0 / jnp.sum(exp_s, axis=-1, keepdims=True)
+    b_r = compatibility(u[r0:r1], out.v[:r1])
+    assert_close(routing_grad_block(exp_s, inv_l, b_r, u[r0:r1], out.context[r0:r1]), routing_grad(alpha_r, b_r), 1e-12)
+    ds = routing_grad(alpha_r, b_r)
+    q_t = out.q[r0:r1].T / jnp.sqrt(3.0)
+    assert_close(key_grad_block_t(q_t, ds), key_grad(ds, out.q[r0:r1]).T, 1e-12)
+    assert_close(value_grad_block_t(params.w_o, e[r0:r1], inv_l, exp_s), value_grad(alpha_r, u[r0:r1]).T, 1e-12)
+
+
+def test_one_validation_per_eager_call(monkeypatch):
+    """An eager analytic_grads validates its input once (it was three times, each copying x to host)."""
+    from gradattn import _checks
+
+    params, x, y, w = problem(9, weighted=True)
+    calls = []
+    real = _checks.check_params
+    monkeypatch.setattr(_checks, "check_params", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    for fn in (ga.analytic_grads, ga.analytic_loss_and_grads, ga.blocked_loss_and_grads, ga.dense_loss_and_grads,
+               ga.autodiff_loss_and_grads, ga.dense_loss, ga.loss_fn):
+        calls.clear()
+        fn(params, x, y, w)
+        assert len(calls) == 1, (fn.__name__, calls)
+    calls.clear()
+    jax.grad(ga.loss_fn)(params, x, y, w)
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("bad", [-1, 6])
+def test_invalid_labels_under_jit_give_nan_in_every_path(bad):
+    """A label outside [0, C) reaching compiled code: NaN loss and NaN gradients everywhere, never a
+    finite update; valid labels are unchanged."""
+    params, x, y, w = problem(9, weighted=True)
+    paths = {
+        "blocked": lambda *a: ga.blocked_loss_and_grads(*a, block_size=4),
+        "analytic": ga.analytic_loss_and_grads,
+        "dense": ga.dense_loss_and_grads,
+        "autodiff": ga.autodiff_loss_and_grads,
+        "loss_fn_vjp": jax.value_and_grad(loss_fn),
+    }
+    y_bad = y.at[3].set(bad)
+    reference = ga.autodiff_loss_and_grads(params, x, y, w)
+    for name, fn in paths.items():
+        loss, grads = jax.jit(fn)(params, x, y_bad, w)
+        assert np.isnan(loss), name
+        for leaf in jax.tree.leaves(grads):
+            assert np.isnan(np.asarray(leaf)).any(), name
+        assert not np.isfinite(np.asarray(grads.w_o)).any(), name  # every row of E feeds dW_O
+        assert_close(jax.jit(fn)(params, x, y, w), reference, 1e-9)
+    with pytest.raises(ValueError, match="outside"):  # eagerly it is still an error at the door
+        ga.analytic_grads(params, x, y_bad, w)
+
+
+def test_checked_mode_raises_inside_jit():
+    from jax.experimental import checkify
+
+    from gradattn.checking import checked
+
+    params, x, y, w = problem(9, weighted=True)
+    safe = checked(ga.analytic_loss_and_grads)
+    assert_close(safe(params, x, y, w), ga.autodiff_loss_and_grads(params, x, y, w), 1e-9)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"labels y must be in \[0, 6\)"):
+        safe(params, x, y.at[2].set(-1), w)
+    with pytest.raises(checkify.JaxRuntimeError, match="non-negative"):
+        safe(params, x, y, w.at[1].set(-0.5))
+    with pytest.raises(checkify.JaxRuntimeError, match="sum to zero"):
+        safe(params, x, y, jnp.zeros_like(w))
+    with pytest.raises(checkify.JaxRuntimeError, match="non-finite"):
+        checked(loss_fn)(params, x.at[0, 0].set(jnp.nan), y)
+    batched = checked(jax.vmap(ga.dense_loss, in_axes=(None, 0, 0)))
+    ys = jnp.stack([y, y.at[0].set(6)])
+    with pytest.raises(checkify.JaxRuntimeError, match="labels"):
+        batched(params, jnp.stack([x, x]), ys)
+
+
+def test_backend_choices_table():
+    from gradattn import _backend
+
+    assert _backend.backend_choices("cpu").grad_source == "blocked"
+    assert _backend.backend_choices("gpu").grad_source == "dense" and _backend.backend_choices("tpu").grad_source == "dense"
+    assert _backend.backend_choices("gpu").seed_chunk_bytes is None
+    assert _backend.backend_choices() == _backend.backend_choices(jax.default_backend())

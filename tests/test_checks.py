@@ -15,12 +15,12 @@ def test_check_int_accepts_integral_types_and_normalises():
 
 @pytest.mark.parametrize("bad", [2.0, 2.5, True, np.bool_(True), "3", None, np.float32(2.0)])
 def test_check_int_type_errors(bad):
-    with pytest.raises(TypeError, match=r"f: n must be an integer"):
+    with pytest.raises(TypeError, match=r"f: n must be a positive integer, got"):
         check_int("n", bad, "f")
 
 
 def test_check_int_range_errors_name_everything():
-    with pytest.raises(ValueError, match=r"f: n must be an integer in \[1, inf\), got 0"):
+    with pytest.raises(ValueError, match=r"f: n must be a positive integer in \[1, inf\), got 0"):
         check_int("n", 0, "f")
     with pytest.raises(ValueError, match=r"g: k must be an integer in \[2, 5\], got 6"):
         check_int("k", 6, "g", minimum=2, maximum=5)

@@ -84,7 +84,7 @@ def test_first_order_report_jit_and_errors():
     with pytest.raises(ValueError, match="x has shape"):
         first_order_report(p, x[:, :3], y, 1e-2)
     for bad in (0.0, -1e-3, float("nan")):
-        with pytest.raises(ValueError, match="lr must be a finite positive"):
+        with pytest.raises(ValueError, match=r"lr must be a (finite )?number in \(0.0, inf\)"):
             first_order_report(p, x, y, bad)
 
 
@@ -134,7 +134,7 @@ def test_value_only_step_in_value_space_aligns_perfectly():
 
 
 def test_probe_inside_training_scan_under_vmap():
-    training = pytest.importorskip("gradattn.training")
+    from gradattn import training
     ps, xs, ys = zip(*(problem(n=16, seed=s, dtype=jnp.float32) for s in range(2)))
     stack = lambda t: jax.tree.map(lambda *a: jnp.stack(a), *t)  # noqa: E731
     opt = training.sgd(0.05)
@@ -202,7 +202,7 @@ def test_non_finite_series_never_settles():
 
 def test_first_order_report_rejects_a_string_lr():
     p, x, y = problem(n=6)
-    with pytest.raises(TypeError, match="first_order_report: lr must be a number.*'0.1'"):
+    with pytest.raises(TypeError, match="first_order_report: lr must be a real number.*'0.1'"):
         first_order_report(p, x, y, "0.1")
 
 
@@ -223,7 +223,7 @@ def test_settling_step_constructed():
     np.testing.assert_array_equal(jax.vmap(lambda s: settling_step(steps, s, 0.1))(both), [50, 80])
     with pytest.raises(ValueError, match=r"series must have shape \(K, ...\) with K = 10"):
         settling_step(steps, jnp.ones(9))
-    with pytest.raises(ValueError, match="tol must be a non-negative scalar"):
+    with pytest.raises(ValueError, match=r"tol must be a number in \[0.0, inf\)"):
         settling_step(steps, series, tol=-1.0)
 
 

@@ -1,0 +1,47 @@
+"""The paper's mechanism, measured: first-order checks, the feedback loop, and settling times.
+
+Three subjects, one module each, every public name re-exported here:
+
+* :mod:`~gradattn.dynamics.first_order`: :func:`first_order_report`, one gradient step of size eta
+  against the first-order predictions of the laws.
+* :mod:`~gradattn.dynamics.feedback`: :func:`feedback_stats` / :func:`feedback_probe`, the positive
+  feedback loop along training (advantage sign vs attention change, value moves vs the
+  responsibility-weighted error), and :func:`snapshots` of attention, values and contexts.
+* :mod:`~gradattn.dynamics.settling`: :func:`settling_step` / :func:`frame_before_precision`, when
+  attention and the values reach their final state.
+"""
+
+from gradattn.dynamics.feedback import (
+    FeedbackRecord,
+    FeedbackStats,
+    Snapshots,
+    feedback_probe,
+    feedback_stats,
+    make_feedback_probe,
+    snapshots,
+)
+from gradattn.dynamics.first_order import FirstOrderReport, first_order_report
+from gradattn.dynamics.settling import (
+    FrameBeforePrecision,
+    distance_to_final,
+    frame_before_precision,
+    settling_step,
+    settling_steps,
+)
+
+__all__ = [
+    "FeedbackRecord",
+    "FeedbackStats",
+    "FirstOrderReport",
+    "FrameBeforePrecision",
+    "Snapshots",
+    "distance_to_final",
+    "feedback_probe",
+    "feedback_stats",
+    "first_order_report",
+    "frame_before_precision",
+    "make_feedback_probe",
+    "settling_step",
+    "settling_steps",
+    "snapshots",
+]

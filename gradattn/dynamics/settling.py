@@ -1,0 +1,145 @@
+"""Settling: from checkpoints of a run, when does attention reach (and stay within a tolerance of)
+its final pattern, and when do the values? The paper's two-timescale reading predicts attention
+first ("frame before precision")."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradattn._checks import check_number, concrete
+
+__all__ = ["FrameBeforePrecision", "distance_to_final", "frame_before_precision", "settling_step", "settling_steps"]
+
+
+_SCALES = ("final", "change", None)
+
+
+def _check_scale(scale, fn: str) -> None:
+    if scale not in _SCALES:
+        raise ValueError(f"{fn}: scale must be 'final', 'change' or None, got {scale!r}")
+
+
+def distance_to_final(series: jax.Array, scale: str | None = "final") -> jax.Array:
+    """(K,) d_k = ||s_k - s_{K-1}|| (Frobenius over all trailing axes), optionally normalised.
+
+    ``series`` (K, ...) holds one snapshot per checkpoint, the last one being the final state.
+    ``scale`` chooses the normaliser: ``"final"`` divides by ||s_{K-1}|| (relative to the final
+    value); ``"change"`` by ||s_0 - s_{K-1}|| (the fraction of the run's total change still to go,
+    1 at the start and 0 at the end: right for quantities such as attention that start near a large
+    constant pattern, where "relative to the final value" is small from step 0); ``None`` leaves the
+    distance absolute. A zero normaliser leaves the distance absolute.
+    """
+    _check_scale(scale, "distance_to_final")
+    series = jnp.asarray(series)
+    if series.ndim < 1 or series.shape[0] < 1:
+        raise ValueError(f"distance_to_final: series must have a leading checkpoint axis (K, ...), got shape {series.shape}")
+    flat = series.reshape(series.shape[0], -1)
+    d = jnp.linalg.norm(flat - flat[-1], axis=-1)
+    if scale is not None:
+        ref = jnp.linalg.norm(flat[-1]) if scale == "final" else d[0]
+        d = d / jnp.where(ref > 0, ref, 1.0)
+    return d
+
+
+def settling_step(checkpoint_steps, series, tol: float = 0.1, scale: str | None = "final") -> jax.Array:
+    """The first checkpoint step after which ``series`` stays within ``tol`` of its final value.
+
+    With d_k = :func:`distance_to_final` (``scale="final"``: relative to the size of the final
+    value; ``"change"``: relative to the run's total change; ``None``: absolute), the answer is
+    checkpoint_steps[k*] for the smallest k* such that d_k <= tol for every k >= k*. For a finite
+    series the last checkpoint always qualifies (d = 0), so the answer is defined; it is
+    checkpoint_steps[0] when the series never leaves the tolerance.
+
+    A series with any non-finite value (a diverged run) never settles: it has no final value to
+    settle to, and every comparison with NaN fails, which would otherwise read as "settled at the
+    first checkpoint". Called eagerly, that is a ValueError naming ``series`` and the checkpoints
+    concerned; traced (under ``jit``/``vmap``, e.g. in a sweep where one seed diverges), the result
+    is NaN, so means over seeds show it instead of absorbing a plausible-looking step.
+
+    Args:
+      checkpoint_steps: (K,) the step of each checkpoint, increasing (e.g. 0, k, 2k, ...).
+      series: (K, ...) a snapshot per checkpoint (attention rows, values, a scalar, ...).
+      tol: tolerance on d_k.
+      scale: the normaliser of d_k, as above.
+    Returns:
+      scalar, the settling step, floating (so that "never" can be NaN): the dtype of
+      ``checkpoint_steps`` if it is floating, else JAX's default float. Pure and vmap-able over seeds.
+    """
+    return _settling_step(checkpoint_steps, series, tol, scale, "series", "settling_step")
+
+
+def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> jax.Array:
+    """:func:`settling_step`, with the argument and function names its errors should give."""
+    _check_scale(scale, fn)
+    steps = jnp.asarray(checkpoint_steps)
+    series = jnp.asarray(series)
+    if steps.ndim != 1:
+        raise ValueError(f"{fn}: checkpoint_steps must be 1-D (K,), got shape {steps.shape}")
+    if series.ndim < 1 or series.shape[0] != steps.shape[0]:
+        raise ValueError(
+            f"{fn}: {name} must have shape (K, ...) with K = {steps.shape[0]} (from checkpoint_steps), "
+            f"got shape {series.shape}"
+        )
+    if isinstance(tol, jax.core.Tracer):
+        if np.ndim(tol) != 0:
+            raise ValueError(f"{fn}: tol must be a non-negative scalar, got shape {np.shape(tol)}")
+    else:
+        check_number("tol", tol, fn, minimum=0.0)
+    sc = concrete(series)
+    if sc is not None and not np.isfinite(sc).all():
+        bad = np.flatnonzero(~np.isfinite(sc.reshape(sc.shape[0], -1)).all(axis=1))
+        raise ValueError(
+            f"{fn}: {name} (shape {series.shape}) has non-finite values at checkpoints {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}; a non-finite series never settles"
+        )
+    within = distance_to_final(series, scale) <= tol
+    stays = jnp.flip(jnp.cumprod(jnp.flip(within).astype(jnp.int32))).astype(bool)
+    dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
+    return jnp.where(jnp.all(jnp.isfinite(series)), steps[jnp.argmax(stays)].astype(dtype), jnp.nan)
+
+
+settling_steps = settling_step
+
+
+class FrameBeforePrecision(NamedTuple):
+    """Settling steps of attention (the frame) and of the values (the precision) in one run.
+
+    Attributes:
+      attention_step: :func:`settling_step` of the attention snapshots (floating; NaN: never).
+      value_step: :func:`settling_step` of the values.
+      lag: value_step - attention_step (> 0: frame before precision).
+    """
+
+    attention_step: jax.Array
+    value_step: jax.Array
+    lag: jax.Array
+
+
+def frame_before_precision(
+    checkpoint_steps, attention_series, value_series, tol: float = 0.1, value_tol=None, scale: str | None = "change"
+) -> FrameBeforePrecision:
+    """When attention settles versus when the values settle (the paper's "frame before precision").
+
+    Both settling steps are :func:`settling_step` with the same ``scale``. The default, ``"change"``,
+    asks when each has covered all but ``tol`` of its total change over the run: attention starts
+    near the uniform causal pattern, whose norm dwarfs what training changes, so a tolerance relative
+    to the final attention would call it settled at step 0.
+
+    Args:
+      checkpoint_steps: (K,) steps of the checkpoints (include the final state as the last one).
+      attention_series: (K, ...) attention at each checkpoint, e.g. ``snapshots(...).alpha``.
+      value_series: (K, ...) the values at each checkpoint, e.g. ``snapshots(...).values``.
+      tol: tolerance for attention; ``value_tol`` for the values (default: ``tol``).
+      scale: ``"change"`` (default), ``"final"`` or ``None``, as in :func:`distance_to_final`.
+    Returns:
+      :class:`FrameBeforePrecision`; vmap over seeds for many runs. A non-finite series never
+      settles (see :func:`settling_step`): a ValueError eagerly, NaN steps (and lag) when traced.
+    """
+    value_tol = tol if value_tol is None else value_tol
+    a = _settling_step(checkpoint_steps, attention_series, tol, scale, "attention_series", "frame_before_precision")
+    v = _settling_step(checkpoint_steps, value_series, value_tol, scale, "value_series", "frame_before_precision")
+    return FrameBeforePrecision(attention_step=a, value_step=v, lag=v - a)

@@ -1,0 +1,105 @@
+"""The house's layering: the import graph of gradattn/ has no cycle, and no module imports the
+library inside a function (every dependency is visible at the top of its file)."""
+
+import ast
+import pathlib
+
+import pytest
+
+import gradattn
+
+PACKAGE = pathlib.Path(gradattn.__file__).parent
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def library_imports(node, package: str) -> set[str]:
+    """The gradattn modules one import statement names (``from gradattn import x`` names
+    gradattn.x when x is a module, else the package itself)."""
+    names = set()
+    if isinstance(node, ast.Import):
+        names = {a.name for a in node.names if a.name.split(".")[0] == "gradattn"}
+    elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        if base.split(".")[0] == "gradattn":
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                names.add(sub if sub in MODULES else base)
+    return names
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+MODULES = {module_name(p): p for p in FILES}
+
+
+def graph():
+    edges = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges[name] = set()
+        for node in tree.body:  # top level only; nested imports are checked separately
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges[name] |= library_imports(node, package)
+        edges[name].discard(name)
+    return edges
+
+
+def test_graph_is_parsed():
+    edges = graph()
+    assert "gradattn.head" in edges["gradattn.laws"]
+    assert "gradattn.laws" in edges["gradattn.blocked"]
+
+
+@pytest.mark.parametrize("layer,forbidden", [
+    ("gradattn.head", {"gradattn.laws", "gradattn.blocked"}),
+    ("gradattn.laws", {"gradattn.blocked"}),
+])
+def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
+    assert not graph()[layer] & forbidden
+
+
+def test_import_graph_has_no_cycle():
+    # A package's __init__ importing its own submodules is how re-exports work, not a layer cycle:
+    # drop the edges from a module to the packages that contain it.
+    edges = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph().items()}
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == "open":
+                cycle = path[path.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_no_library_import_inside_a_function():
+    offenders = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Import) and any(a.name.startswith("gradattn") for a in inner.names):
+                        offenders.append(f"{name}:{inner.lineno}")
+                    if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("gradattn")):
+                        offenders.append(f"{name}:{inner.lineno}")
+    assert not offenders, offenders
+
+
+def test_moved_name_says_where_it_went():
+    from gradattn import head
+
+    with pytest.raises(AttributeError, match=r"gradattn\.blocked\.loss_fn"):
+        head.loss_fn  # noqa: B018
