@@ -14,13 +14,11 @@ from gradattn.head import (
     dense_loss,
     forward,
     init_head,
-    loss_fn,
     token_losses,
 )
 from gradattn.laws import (
     advantage,
-    analytic_grads,
-    analytic_loss_and_grads,
+    autodiff_loss_and_grads,
     compatibility,
     dense_loss_and_grads,
     key_grad,
@@ -85,4 +83,12 @@ from gradattn.geometry import (  # noqa: E402
     pca_spectrum,
     principal_components,
 )
-from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size  # noqa: E402
+from gradattn.blocked import (  # noqa: E402
+    analytic_grads,
+    analytic_loss_and_grads,
+    blocked_loss,
+    blocked_loss_and_grads,
+    blocked_pass,
+    default_block_size,
+    loss_fn,
+)
