@@ -61,7 +61,8 @@ def check_int(name: str, val, fn: str, *, minimum: int | None = 1, maximum: int 
     except TypeError:
         raise TypeError(f"{fn}: {name} must be {kind}, got {val!r} of type {type(val).__name__}") from None
     if (minimum is not None and i < minimum) or (maximum is not None and i > maximum):
-        raise ValueError(f"{fn}: {name} must be {kind} in {_range_text(minimum, maximum)}, got {i}")
+        where = "" if kind == "a positive integer" else f" in {_range_text(minimum, maximum)}"
+        raise ValueError(f"{fn}: {name} must be {kind}{where}, got {i}")
     return int(i)
 
 

@@ -255,3 +255,17 @@ def test_distance_scales():
     np.testing.assert_allclose(distance_to_final(s, None), [2.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="scale must be"):
         distance_to_final(s, "relative")
+
+
+def test_w_v_value_step_is_checked_against_dense_autodiff(monkeypatch):
+    """With value_param="w_v" the measured step comes from autodiff of dense_loss, not from the
+    blocked law behind loss_fn's VJP: a wrong value law would show as a mismatch."""
+    from gradattn.dynamics import first_order
+
+    p, x, y = problem(n=10)
+    good = first_order_report(p, x, y, 1e-4, value_param="w_v")
+    np.testing.assert_allclose(good.dcompat_actual, good.dcompat_predicted, rtol=1e-9, atol=1e-15)
+    # Break the value law used for the prediction: the report must notice.
+    monkeypatch.setattr(first_order, "value_grad", lambda alpha, u: 2.0 * value_grad(alpha, u))
+    bad = first_order_report(p, x, y, 1e-4, value_param="w_v")
+    assert abs(float(bad.dcompat_ratio) - 0.5) < 1e-6
