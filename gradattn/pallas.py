@@ -106,7 +106,9 @@ def _dot(a, b, precision: str, *, trans_a: bool = False, trans_b: bool = False):
     the dtype of ``a`` (float32 for bfloat16 inputs)."""
     acc = a.dtype
     if precision == "bfloat16":
-        a, b, prec = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+        # HIGHEST on bfloat16 operands: plain bfloat16 products (DEFAULT would tag them TF32, which
+        # means nothing for bfloat16 and is best not left to the compiler to interpret).
+        a, b, prec = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), lax.Precision.HIGHEST
     elif precision == "tf32":
         prec = lax.Precision.DEFAULT  # the Triton lowering runs DEFAULT float32 dots as TF32
     else:
