@@ -32,7 +32,7 @@ def resolve_target(path: str | os.PathLike) -> str:
     real = os.path.realpath(path) if os.path.islink(path) else path
     try:
         mode = os.stat(real).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if not os.path.isdir(os.path.dirname(os.path.abspath(real))):
             raise ValueError(f"{path!r}: directory {os.path.dirname(os.path.abspath(real))!r} does not exist") from None
         return real

@@ -1,164 +1,210 @@
 """The ``gradattn`` command.
 
-    gradattn em-vs-sgd --seeds N --steps S --out results.json [--plot curves.png]
-                       [--seed-list 3,7,11] [--seq-len T] [--init-scale S] [--chunk-size K] [--no-progress]
+    gradattn em-vs-sgd --seeds N --out results.json [--plot curves.png] [--seed-list 3,7,11]
+                       [every field of EmVsSgdConfig and of the task as a flag: --steps, --sgd-lr,
+                        --value-lr, --routing-lr, --d-k, --d-v, --init-scale, --grad-source,
+                        --seq-len, --self-prob, --noise-std, --embeddings, ...]
+                       [--chunk-size K] [--no-progress]
     gradattn laws-check [--n N] [--seed S]
 
-Every argument is checked (including that the output files can be written) before any work starts;
-bad input gives a one-line error on stderr and exit status 2. Results are written whole or not at
-all (a temp file in the same directory, then ``os.replace``).
+Every argument is checked (sizes against upper bounds too, and that the output files can be
+written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
+The summary is printed before the files are written; results are written whole or not at all (a
+temp file in the same directory, then ``os.replace``), and a failed write is one line naming the
+path and the reason, with exit status 1. Ctrl-C stops the command with one line and exit status 130
+in any phase (see :mod:`gradattn_launcher`, the console script's entry).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import os
 import sys
-import tempfile
 
-from gradattn._io import atomic_write
+import numpy as np
+from matplotlib.figure import Figure
+
+from gradattn import experiments, tasks
+from gradattn._checks import check_int, check_number
+from gradattn._io import resolve_target, write_json
+from gradattn.plotting import plot_em_vs_sgd
+from gradattn.provenance import finish, provenance
+from gradattn.sweeps import MAX_SEED, seed_key
+from gradattn.training import GRAD_SOURCES
+
+MAX_SEEDS = 1_000_000
+"""Most seeds one command runs (a million runs of the paper's size is days of CPU time)."""
+MAX_RESULT_BYTES = 4 << 30
+"""Most bytes of loss curves (seeds x steps x 2 arms x float32) one run may hold."""
+MAX_SEQ_LEN = 65_537
+"""Longest task sequence (N = 65,536 positions; the blocked pass needs no N x N buffer)."""
+MAX_HEAD_SIZE = 4096
+MAX_LAWS_CHECK_N = 4096
+"""laws-check builds float64 N x N matrices: 4096^2 x 8 bytes = 134 MB each."""
 
 
-def _int_at_least(minimum: int, name: str):
-    """An argparse type: an integer >= ``minimum``, described as ``name`` in its error."""
+def _checked(check, convert, what: str):
+    """An argparse type: ``convert`` the text, then one of the library's checkers (one error policy)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            val = int(text)
+            val = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a {name} integer, got {text!r}") from None
-        if val < minimum:
-            raise argparse.ArgumentTypeError(f"must be a {name} integer, got {val}")
-        return val
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        try:
+            return check(val)
+        except (TypeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
     return parse
 
 
-_positive_int = _int_at_least(1, "positive")
-_non_negative_int = _int_at_least(0, "non-negative")
+def _int_in(minimum: int, maximum: int | None = None):
+    rng = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+    return _checked(lambda v: check_int("value", v, "cli", minimum=minimum, maximum=maximum), int, f"an integer {rng}")
+
+
+def _number(**bounds):
+    return _checked(lambda v: check_number("value", v, "cli", **bounds), float, "a number")
+
+
+def _seed(text: str) -> int:
+    return _int_in(0, MAX_SEED)(text)
 
 
 def _seed_list(text: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",")]
     seeds = []
-    for p in parts:
+    for part in text.split(","):
         try:
-            s = int(p)
+            s = int(part.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers like 3,7,11, got {text!r}") from None
-        if s < 0:
-            raise argparse.ArgumentTypeError(f"seeds must be non-negative, got {s} in {text!r}")
+        if not 0 <= s <= MAX_SEED:
+            raise argparse.ArgumentTypeError(f"seeds must be integers in [0, 2^64 - 1], got {s} in {text!r}")
         seeds.append(s)
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
     return seeds
 
 
-def _writable_file(parser: argparse.ArgumentParser, option: str, path: str) -> None:
-    """Fail (exit 2) unless ``path`` can be created or replaced by a file."""
-    if os.path.isdir(path):
-        parser.error(f"{option} {path!r} is a directory; give a file path")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        parser.error(f"{option} {path!r}: directory {directory!r} does not exist")
+def _embeddings(text: str):
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".gradattn-check-"):
-            pass
-    except OSError as err:
-        parser.error(f"{option} {path!r}: cannot write in directory {directory!r} ({err.strerror or err})")
+        return tasks.embeddings_from_spec(text)
+    except (TypeError, ValueError, OSError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _finite_json(obj):
-    """``obj`` with every non-finite float (a diverged run) replaced by None, i.e. JSON null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    return obj
+def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str:
+    """The regular file ``path`` names (a symlink followed), or exit 2 if it cannot be one."""
+    try:
+        target = resolve_target(path)
+    except ValueError as err:
+        parser.error(f"{option} {err}")
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path!r}: cannot write in directory {directory!r}")
+    return target
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` whole or not at all (NaN and inf are written as null)."""
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage."""
 
-    def write(f):
-        json.dump(_finite_json(obj), f, indent=1, allow_nan=False)
-        f.write("\n")
-
-    atomic_write(path, write, suffix=".json")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def format_em_vs_sgd(results: dict) -> str:
-    """A short text table of an EM-vs-SGD result."""
-    lines = [
-        f"EM-like vs SGD on the sticky Markov chain: {len(results['seeds'])} seeds, {results['steps']} steps, "
-        f"H_min = {results['h_min']:.4f} nats",
-        f"{'arm':<8} {'final loss':>16} {'entropy':>9} {'accuracy':>9}",
-    ]
-    for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
-        r = results[arm]
-        lines.append(
-            f"{label:<8} {r['final_loss_mean']:>8.4f} ± {r['final_loss_std']:<5.3f} "
-            f"{r['final_entropy_mean']:>9.4f} {r['final_accuracy_mean']:>9.4f}"
-        )
-    s = results["em_steps_to_sgd_final"]
-    speed = results["speedup"]
-    p = results["p_value"]
-    lines.append(
-        f"EM-like reaches SGD's mean final loss in {s['mean']:.0f} ± {s['std']:.0f} steps: "
-        f"speed-up {'n/a' if speed is None else f'{speed:.2f}x'}; "
-        f"paired t-test p = {'n/a' if p is None else f'{p:.2g}'}"
-    )
-    if "wall_time_s" in results:
-        lines.append(f"wall time {results['wall_time_s']:.1f} s on {results.get('n_devices', 1)} device(s)")
-    return "\n".join(lines)
+_CONFIG_FLAGS = {
+    # EmVsSgdConfig field: (type, help)
+    "steps": (_int_in(1, 10_000_000), "full-batch updates per arm"),
+    "sgd_lr": (_number(minimum=0), "SGD's learning rate on all four matrices"),
+    "value_lr": (_number(minimum=0), "EM-like learning rate on W_V"),
+    "routing_lr": (_number(minimum=0), "EM-like learning rate on W_Q, W_K, W_O"),
+    "d_k": (_int_in(1, MAX_HEAD_SIZE), "query/key size"),
+    "d_v": (_int_in(1, MAX_HEAD_SIZE), "value size"),
+    "init_scale": (_number(minimum=0, exclusive_minimum=True), "std of the N(0, s^2) initial weights (> 0)"),
+    "grad_source": (str, f"gradient path: one of {', '.join(GRAD_SOURCES)}"),
+}
+_TASK_FLAGS = {
+    # StickyMarkov field: (type, help)
+    "seq_len": (_int_in(2, MAX_SEQ_LEN), "sequence length T (N = T - 1 positions)"),
+    "n_symbols": (_int_in(2, 1024), "number of symbols C"),
+    "self_prob": (_number(minimum=0, maximum=1, exclusive_maximum=True), "self-transition mass added to the diagonal"),
+    "d_embed": (_int_in(1, MAX_HEAD_SIZE), "input size d_in of the symbol means"),
+    "embed_seed": (_int_in(0, 2**32 - 1), "draw the symbol means from this numpy seed instead of the reference's"),
+    "noise_std": (_number(minimum=0, exclusive_minimum=True), "std of the emission noise"),
+    "embeddings": (_embeddings, "symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', or a (C, d) .npy file"),
+}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _default_text(obj, field: str) -> str:
+    val = getattr(obj, field, None)
+    return "" if val is None or isinstance(val, np.ndarray) else f" (default {val})"
+
+
+def _build_config(args, parser) -> experiments.EmVsSgdConfig:
+    task_kw = {f: getattr(args, f) for f in _TASK_FLAGS if f != "embeddings" and getattr(args, f) is not None}
+    if args.embeddings is not None:
+        if "embed_seed" in task_kw:
+            parser.error("give either --embeddings or --embed-seed, not both (--embeddings seed:N is --embed-seed N)")
+        task_kw.update(args.embeddings)
+    config_kw = {f: getattr(args, f) for f in _CONFIG_FLAGS if getattr(args, f) is not None}
+    try:
+        task = tasks.StickyMarkov(**task_kw)
+        return experiments.EmVsSgdConfig(task=task, **config_kw)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+
+def _write_outputs(results: dict, out: str, plot: str | None) -> int:
+    """Write the JSON and the figure; on failure one line naming the path and the reason, exit 1."""
+    for path, write in ((out, lambda: write_json(results, out)), (plot, lambda: plot_em_vs_sgd(results, plot))):
+        if path is None:
+            continue
+        try:
+            write()
+        except (OSError, ValueError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            print(f"gradattn: error: could not write {path!r}: {reason}; nothing was written there", file=sys.stderr)
+            return 1
+    print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+    return 0
 
 
 def _em_vs_sgd(args, parser) -> int:
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
-    if args.seq_len < 2:
-        parser.error(f"argument --seq-len: must be at least 2 (N = T - 1 positions), got {args.seq_len}")
-    _writable_file(parser, "--out", args.out)
+    out = _output_path(parser, "--out", args.out)
+    plot = None
     if args.plot is not None:
-        _writable_file(parser, "--plot", args.plot)
-        from matplotlib.figure import Figure
-
-        suffix = os.path.splitext(args.plot)[1].lstrip(".").lower()
+        plot = _output_path(parser, "--plot", args.plot)
+        if os.path.abspath(plot) == os.path.abspath(out):
+            parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
+        suffix = os.path.splitext(plot)[1].lstrip(".").lower()
         formats = Figure().canvas.get_supported_filetypes()
         if suffix not in formats:
             parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
-
-    from gradattn.experiments import em_vs_sgd
-    from gradattn.tasks import StickyMarkov
-
-    task = StickyMarkov(seq_len=args.seq_len)
-    results = em_vs_sgd(
-        seeds,
-        steps=args.steps,
-        task=task,
-        init_scale=args.init_scale,
-        chunk_size=args.chunk_size,
-        progress=not args.no_progress,
-    )
-    write_json_atomic(results, args.out)
-    if args.plot is not None:
-        from gradattn.plotting import plot_em_vs_sgd
-
-        plot_em_vs_sgd(results, args.plot)
-    print(format_em_vs_sgd(results))
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
+    config = _build_config(args, parser)
+    result_bytes = len(seeds) * config.steps * 2 * 4
+    if result_bytes > MAX_RESULT_BYTES:
+        parser.error(
+            f"{len(seeds)} seeds x {config.steps} steps would hold {result_bytes / 2**30:.1f} GiB of loss curves "
+            f"(limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); run fewer seeds per command"
+        )
+    prov = provenance()
+    results = experiments.em_vs_sgd(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
+    results["provenance"] = finish(prov)
+    print(experiments.format_em_vs_sgd(results))
+    return _write_outputs(results, out, plot)
 
 
 def _laws_check(args, parser) -> int:
-    import jax
-
-    from gradattn.experiments import laws_check_errors
-
-    errors = laws_check_errors(jax.random.key(args.seed), n=args.n)
+    errors = experiments.laws_check_errors(seed_key(args.seed), n=args.n)
     width = max(len(k) for k in errors)
     print(f"worst relative error of each law vs autodiff (float64, N = {args.n}, seed {args.seed}):")
     for name, err in errors.items():
@@ -169,45 +215,31 @@ def _laws_check(args, parser) -> int:
     return 0 if ok else 1
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        val = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
-    if not (val >= 0 and val != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite non-negative number, got {text!r}")
-    return val
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("em-vs-sgd", help="the paper's EM-like vs SGD experiment on the sticky Markov chain (SPEC §3)")
+    p = sub.add_parser("em-vs-sgd", help="the paper's EM-like vs SGD experiment on the sticky Markov chain")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--seeds", type=_positive_int, default=5, help="run seeds 0..N-1 (default 5)")
-    group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds, e.g. 3,7,11")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="updates per arm (default 1000)")
+    group.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=5, help="run seeds 0..N-1 (default 5)")
+    group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds in [0, 2^64), e.g. 3,7,11")
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
-    p.add_argument("--init-scale", type=_non_negative_float, default=0.1, help="std of the N(0, s^2) initial weights (default 0.1)")
-    p.add_argument("--seq-len", type=_positive_int, default=2000, help="sequence length T of the task (default 2000)")
+    config, task = experiments.EmVsSgdConfig(), tasks.StickyMarkov()
+    for field, (kind, text) in _CONFIG_FLAGS.items():
+        p.add_argument(_flag(field), dest=field, type=kind, default=None, help=text + _default_text(config, field))
+    for field, (kind, text) in _TASK_FLAGS.items():
+        p.add_argument(_flag(field), dest=field, type=kind, default=None, help="task: " + text + _default_text(task, field))
     p.add_argument(
-        "--chunk-size", type=_positive_int, default=1, help="seeds vmapped per device per call (default 1; results are reproducible per chunk size)"
+        "--chunk-size", type=_int_in(1, 65_536), default=None,
+        help="seeds vmapped per device per call (default: 1 on CPU, 256 on GPU/TPU; results are reproducible per chunk size)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_em_vs_sgd, sub=p)
 
     p = sub.add_parser("laws-check", help="each first-order law vs autodiff, float64, on a random instance")
-    p.add_argument("--n", type=_positive_int, default=37, help="sequence length N (default 37)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="PRNG seed (default 0)")
+    p.add_argument("--n", type=_int_in(1, MAX_LAWS_CHECK_N), default=37, help="sequence length N (default 37)")
+    p.add_argument("--seed", type=_seed, default=0, help="PRNG seed in [0, 2^64) (default 0)")
     p.set_defaults(run=_laws_check, sub=p)
     return parser
 

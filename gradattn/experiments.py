@@ -1,10 +1,10 @@
 """The paper's experiments, each a pure function of a PRNG key (run over seeds by :mod:`gradattn.sweeps`).
 
-``em_vs_sgd`` is SPEC §3 (paper Sec. 5.2): on the sticky Markov chain, plain SGD (one learning rate
+``em_vs_sgd`` is the paper's Sec. 5.2 experiment (docs/theory.md): on the sticky Markov chain, plain SGD (one learning rate
 on all four matrices) against the EM-like two-timescale schedule (a larger rate on W_V), paired per
 seed (same sequence, same initial parameters), full batch, ``steps`` updates.
 
-``laws_check_errors`` compares each first-order law of SPEC §2 with autodiff on a random instance.
+``laws_check_errors`` compares each first-order law with autodiff on a random instance.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -20,25 +21,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn import laws
-from gradattn._checks import check_positive_int
+from gradattn._checks import check_int, check_number
+from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 from gradattn.sweeps import seed_ints, sweep
-from gradattn.tasks import StickyMarkov
-from gradattn.training import em_like, sgd, train
+from gradattn.tasks import StickyMarkov, Task
+from gradattn.training import em_like, resolve_grad_source, sgd, train
 
 
 @dataclasses.dataclass(frozen=True)
 class EmVsSgdConfig:
-    """Everything that defines one EM-vs-SGD run (the paper's defaults).
+    """Everything that defines one EM-vs-SGD run; its defaults are the paper's.
+
+    This is the one place the experiment's defaults live: :func:`em_vs_sgd` takes a config, and the
+    command line exposes every field as a flag.
 
     Attributes:
       steps: full-batch updates per arm.
-      task: the data (SPEC §3's sticky chain by default).
+      task: the data (the paper's sticky Markov chain by default).
       sgd_lr: SGD's learning rate on all four matrices.
       value_lr, routing_lr: EM-like rates on W_V and on W_Q, W_K, W_O.
       d_k, d_v: head sizes; d_in and C come from the task.
-      init_scale: every parameter is N(0, init_scale^2).
-      grad_source: "analytic" (the laws) or "autodiff".
+      init_scale: every parameter is N(0, init_scale^2); must be > 0 (at 0 every score is 0 and
+        the gradients of W_Q and W_K vanish for good).
+      grad_source: how gradients are computed (:func:`gradattn.training.resolve_grad_source`):
+        "auto" (the path measured fastest on the backend), "blocked", "dense", "autodiff", ...
     """
 
     steps: int = 1000
@@ -49,27 +56,32 @@ class EmVsSgdConfig:
     d_k: int = 10
     d_v: int = 15
     init_scale: float = 0.1
-    grad_source: str = "analytic"
+    grad_source: str = "auto"
 
     def __post_init__(self):
-        # Sizes of any integral type are stored as Python ints: a config built from np.int64 is equal
-        # to (and shares make_em_vs_sgd's cache entry with) the one built from ints, and to_dict is JSON.
+        # Sizes of any integral type are stored as Python ints and rates as Python numbers: a config
+        # built from numpy scalars equals (and shares make_em_vs_sgd's cache entry with) the one
+        # built from Python numbers, and to_dict is JSON.
+        fn = "EmVsSgdConfig"
         for name in ("steps", "d_k", "d_v"):
-            object.__setattr__(self, name, check_positive_int(name, getattr(self, name), "EmVsSgdConfig"))
-        for name in ("sgd_lr", "value_lr", "routing_lr", "init_scale"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), fn))
+        for name in ("sgd_lr", "value_lr", "routing_lr"):
             val = getattr(self, name)
-            if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(val) or val < 0:
-                raise ValueError(f"EmVsSgdConfig: {name} must be a finite non-negative number, got {val!r}")
-            object.__setattr__(self, name, float(val) if isinstance(val, (float, np.floating)) else int(val))
-        if not isinstance(self.task, StickyMarkov):
-            raise TypeError(f"EmVsSgdConfig: task must be a StickyMarkov, got {type(self.task).__name__}")
-        if self.grad_source not in ("analytic", "autodiff"):
-            raise ValueError(f"EmVsSgdConfig: grad_source must be 'analytic' or 'autodiff', got {self.grad_source!r}")
+            num = check_number(name, val, fn, minimum=0)
+            object.__setattr__(self, name, int(val) if isinstance(val, (int, np.integer)) else num)
+        object.__setattr__(self, "init_scale", check_number("init_scale", self.init_scale, fn, minimum=0, exclusive_minimum=True))
+        if not isinstance(self.task, Task):
+            raise TypeError(
+                f"{fn}: task must provide sample(key, dtype), bayes_predictive(x) and its size fields "
+                f"(a gradattn.tasks.Task such as StickyMarkov), got {type(self.task).__name__}"
+            )
+        if not isinstance(self.grad_source, str):
+            raise TypeError(f"{fn}: grad_source must be the name of a gradient path, got {self.grad_source!r}")
+        resolve_grad_source(self.grad_source)  # raises ValueError naming the known paths
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["task"] = dataclasses.asdict(self.task)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["task"] = {"name": type(self.task).__name__, **self.task.to_dict()}
         d["dtype"] = "float32"
         return d
 
@@ -113,7 +125,7 @@ def _make_em_vs_sgd(config: EmVsSgdConfig):
     def run(key: jax.Array) -> dict[str, jax.Array]:
         data_key, init_key = jax.random.split(key)
         x, y = task.sample(data_key, jnp.float32)
-        params = init_head(init_key, task.d_embed, config.d_k, config.d_v, task.n_symbols, config.init_scale, jnp.float32)
+        params = init_head(init_key, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
         out = {}
         for name, optimizer in arms.items():
             final, history = train(params, x, y, optimizer, config.steps, grad_source=config.grad_source)
@@ -143,10 +155,12 @@ def _finite_or_none(v) -> float | None:
 
 
 def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], config: EmVsSgdConfig) -> dict[str, Any]:
-    """The JSON-ready summary of a sweep of :func:`make_em_vs_sgd` (SPEC §3's protocol).
+    """The JSON-ready summary of a sweep of :func:`make_em_vs_sgd` (the paper's protocol).
 
     threshold = mean over seeds of SGD's final loss; for each seed, the first step at which the
-    EM-like loss curve falls below it (``steps`` if never); speed-up = steps / mean of those.
+    EM-like loss curve falls below it (``steps`` if never); speed-up = steps / mean of those. If
+    any seed's final loss is not finite, the threshold, the steps to it and the speed-up are
+    ``None`` (JSON null) and a RuntimeWarning names the seeds.
     ``p_value`` is scipy's paired t-test of the final losses (``None`` when undefined, e.g. 1 seed).
     Standard deviations are over seeds, with ``ddof=0``.
     """
@@ -161,9 +175,28 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
             "final_entropy_mean": float(np.mean(per_seed[f"{name}_final_entropy"])),
             "final_accuracy_mean": float(np.mean(per_seed[f"{name}_final_accuracy"])),
         }
-    threshold = arm["sgd"]["final_loss_mean"]
-    to_thr = steps_to_threshold(per_seed["em_curve"], threshold)
-    mean_steps = float(np.mean(to_thr))
+    finals = np.concatenate([np.asarray(per_seed["sgd_final_loss"]), np.asarray(per_seed["em_final_loss"])])
+    if np.isfinite(finals).all():
+        threshold = arm["sgd"]["final_loss_mean"]
+        to_thr = steps_to_threshold(per_seed["em_curve"], threshold)
+        mean_steps = float(np.mean(to_thr))
+        speedup = steps / mean_steps if mean_steps > 0 else None
+        to_thr_summary = {"mean": mean_steps, "std": float(np.std(to_thr))}
+        per_seed_steps = [int(v) for v in to_thr]
+    else:
+        # A diverged seed makes the threshold (a mean over seeds) NaN, and every comparison with
+        # NaN false: the "speed-up" would be steps / steps = 1.0, a plausible number that is wrong.
+        bad = [int(s) for s, a, b in zip(seeds, per_seed["sgd_final_loss"], per_seed["em_final_loss"])
+               if not (np.isfinite(a) and np.isfinite(b))]
+        warnings.warn(
+            f"em_vs_sgd: the final loss of seed(s) {bad} is not finite (the run diverged); "
+            "threshold, steps to threshold and speed-up are reported as null",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        threshold, speedup = None, None
+        to_thr_summary = {"mean": None, "std": None}
+        per_seed_steps = [None] * len(seeds)
     if len(seeds) > 1:
         p = stats.ttest_rel(per_seed["sgd_final_loss"], per_seed["em_final_loss"]).pvalue
     else:
@@ -175,14 +208,14 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
         curves[f"{name}_std"] = c.std(axis=0).tolist()
     return {
         "experiment": "em_vs_sgd",
-        "h_min": config.task.h_min,
+        "h_min": getattr(config.task, "h_min", None),
         "steps": steps,
         "seeds": [int(s) for s in seeds],
         "sgd": arm["sgd"],
         "em": arm["em"],
         "threshold": threshold,
-        "em_steps_to_sgd_final": {"mean": mean_steps, "std": float(np.std(to_thr))},
-        "speedup": steps / mean_steps if mean_steps > 0 else None,
+        "em_steps_to_sgd_final": to_thr_summary,
+        "speedup": speedup,
         "p_value": _finite_or_none(p),
         "per_seed": {
             "seed": [int(s) for s in seeds],
@@ -192,55 +225,59 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
             "em_final_entropy": [float(v) for v in per_seed["em_final_entropy"]],
             "sgd_final_accuracy": [float(v) for v in per_seed["sgd_final_accuracy"]],
             "em_final_accuracy": [float(v) for v in per_seed["em_final_accuracy"]],
-            "em_steps_to_sgd_final": [int(v) for v in to_thr],
+            "em_steps_to_sgd_final": per_seed_steps,
         },
         "curves": curves,
         "config": config.to_dict(),
     }
 
 
+def default_chunk_size(backend: str | None = None) -> int:
+    """Seeds vmapped per device per call by :func:`em_vs_sgd` when ``chunk_size`` is not given.
+
+    On a CPU one sequence of the paper's size already keeps every core busy and more seeds per call
+    only multiply the working set, so seeds run one per call (1). On an accelerator a call should
+    hold many seeds (:data:`ACCELERATOR_CHUNK`), so that a whole sweep runs in a few wide calls.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return 1 if backend == "cpu" else ACCELERATOR_CHUNK
+
+
+ACCELERATOR_CHUNK = 256
+"""Seeds per call on GPU/TPU: 1000 seeds run as four calls (the last padded)."""
+
+
 def em_vs_sgd(
     seeds,
-    steps: int = 1000,
-    task: StickyMarkov | None = None,
-    sgd_lr: float = 0.01,
-    value_lr: float = 0.1,
-    routing_lr: float = 0.01,
+    config: EmVsSgdConfig | None = None,
     *,
-    init_scale: float = 0.1,
-    chunk_size: int = 1,
+    chunk_size: int | None = None,
     devices=None,
     progress: bool = False,
-    grad_source: str = "analytic",
 ) -> dict[str, Any]:
-    """SPEC §3's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
+    """The paper's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
 
-    ``chunk_size`` seeds are vmapped per device per call (see :func:`gradattn.sweeps.sweep`; a seed's
-    result is bit-reproducible for a given ``chunk_size``). The default 1 suits the paper's N = 1999,
-    where one sequence already fills a CPU and vmapping more only multiplies the N x N buffers;
-    raise it for short sequences or on accelerators.
-
-    Returns the summary of :func:`summarise_em_vs_sgd` plus ``wall_time_s``, ``n_devices`` and
-    ``chunk_size``.
+    Args:
+      seeds: a positive int n (seeds 0..n-1) or distinct integer seeds in [0, 2^64).
+      config: the experiment (:class:`EmVsSgdConfig`; default: the paper's).
+      chunk_size: seeds vmapped per device per call (see :func:`gradattn.sweeps.sweep`; a seed's
+        result is bit-reproducible for a given ``chunk_size``); default
+        :func:`default_chunk_size` of the backend.
+      devices: devices to shard each call over (default: all visible).
+      progress: a progress bar over the calls.
+    Returns:
+      the summary of :func:`summarise_em_vs_sgd` plus ``wall_time_s``, ``n_devices`` and
+      ``chunk_size``.
     """
-    if isinstance(seeds, bool):
-        raise TypeError("em_vs_sgd: seeds must be a positive int or a sequence of non-negative ints, got a bool")
-    if isinstance(seeds, (int, np.integer)):
-        if seeds < 1:
-            raise ValueError(f"em_vs_sgd: seeds must be a positive number of seeds, got {seeds}")
-        seeds = list(range(int(seeds)))
+    config = EmVsSgdConfig() if config is None else config
+    if not isinstance(config, EmVsSgdConfig):
+        raise TypeError(f"em_vs_sgd: config must be an EmVsSgdConfig, got {type(config).__name__}")
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
+        seeds = list(range(check_int("seeds", seeds, "em_vs_sgd")))
     seeds = seed_ints(seeds, "em_vs_sgd")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"em_vs_sgd: seeds must be distinct, got {seeds}")
-    config = EmVsSgdConfig(
-        steps=steps,
-        task=StickyMarkov() if task is None else task,
-        sgd_lr=sgd_lr,
-        value_lr=value_lr,
-        routing_lr=routing_lr,
-        init_scale=init_scale,
-        grad_source=grad_source,
-    )
+    chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "em_vs_sgd")
     t0 = time.perf_counter()
     per_seed = sweep(make_em_vs_sgd(config), seeds, chunk_size=chunk_size, devices=devices, progress=progress)
     wall = time.perf_counter() - t0
@@ -249,6 +286,35 @@ def em_vs_sgd(
     summary["n_devices"] = len(jax.devices()) if devices is None else len(list(devices))
     summary["chunk_size"] = chunk_size
     return summary
+
+
+def format_em_vs_sgd(results: dict) -> str:
+    """A short text table of an EM-vs-SGD result (the dict of :func:`em_vs_sgd`)."""
+    h_min = results.get("h_min")
+    lines = [
+        f"EM-like vs SGD: {len(results['seeds'])} seeds, {results['steps']} steps"
+        + ("" if h_min is None else f", H_min = {h_min:.4f} nats"),
+        f"{'arm':<8} {'final loss':>16} {'entropy':>9} {'accuracy':>9}",
+    ]
+    for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
+        r = results[arm]
+        lines.append(
+            f"{label:<8} {r['final_loss_mean']:>8.4f} ± {r['final_loss_std']:<5.3f} "
+            f"{r['final_entropy_mean']:>9.4f} {r['final_accuracy_mean']:>9.4f}"
+        )
+    s = results["em_steps_to_sgd_final"]
+    speed, p = results["speedup"], results["p_value"]
+    if s["mean"] is None:
+        lines.append("EM-like vs SGD's mean final loss: n/a (a seed diverged; see the per-seed losses)")
+    else:
+        lines.append(
+            f"EM-like reaches SGD's mean final loss in {s['mean']:.0f} ± {s['std']:.0f} steps: "
+            f"speed-up {'n/a' if speed is None else f'{speed:.2f}x'}; "
+            f"paired t-test p = {'n/a' if p is None else f'{p:.2g}'}"
+        )
+    if "wall_time_s" in results:
+        lines.append(f"wall time {results['wall_time_s']:.1f} s on {results.get('n_devices', 1)} device(s)")
+    return "\n".join(lines)
 
 
 def _law_pairs(key, *, n, d_in, d_k, d_v, n_classes, causal):
@@ -290,14 +356,14 @@ def _law_pairs(key, *, n, d_in, d_k, d_v, n_classes, causal):
         "key dL/dk": (laws.key_grad(ds, out.q), jax.grad(from_qk, argnums=1)(out.q, out.k)),
     }
     auto = jax.grad(dense_loss)(params, x, y, w, causal)
-    _, analytic = laws.analytic_loss_and_grads(params, x, y, w, causal)
+    _, analytic = blocked_loss_and_grads(params, x, y, w, causal)
     for name in ("w_q", "w_k", "w_v", "w_o"):
         law[f"dL/d{name.upper()}"] = (getattr(analytic, name), getattr(auto, name))
     return law
 
 
 def laws_check_errors(key=None, n: int = 37, d_in: int = 6, d_k: int = 4, d_v: int = 5, n_classes: int = 3, causal: bool = True):
-    """Worst relative error of each law of SPEC §2 against autodiff, in float64, on a random instance.
+    """Worst relative error of each first-order law against autodiff, in float64, on a random instance.
 
     For each law, ``max |law - autodiff| / max |autodiff|``, where autodiff differentiates the loss
     with respect to that intermediate (logits, contexts, alpha, scores, V, Q, K) or, for the weight

@@ -1,13 +1,20 @@
-"""The gradattn command: the experiment's JSON and plot at tiny sizes, and bad input."""
+"""The gradattn command: the experiment's JSON and plot at tiny sizes, bad input, files, interrupts."""
 
+import errno
 import json
 import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
-from gradattn import cli, experiments
+from gradattn import _io, cli, experiments
 
 TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(argv, capsys):
@@ -18,6 +25,10 @@ def run(argv, capsys):
         code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def no_run(monkeypatch):
+    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
 
 
 def test_em_vs_sgd_writes_json_and_plot(tmp_path, capsys):
@@ -34,9 +45,30 @@ def test_em_vs_sgd_writes_json_and_plot(tmp_path, capsys):
     for key in ("seed", "sgd_final_loss", "em_final_loss", "em_steps_to_sgd_final"):
         assert len(res["per_seed"][key]) == 2
     assert len(res["curves"]["sgd_mean"]) == 4 and len(res["curves"]["em_std"]) == 4
+    prov = res["provenance"]
+    for key in ("versions", "git", "backend", "devices", "cpu", "start_time", "wall_time_s"):
+        assert key in prov, key
+    assert prov["versions"]["gradattn"] and prov["versions"]["jax"] and prov["wall_time_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "EM-like" in stdout and "speed-up" in stdout
     assert sorted(os.listdir(tmp_path)) == ["c.png", "r.json"]  # no temp files left behind
+
+
+def test_every_config_field_is_a_flag(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["em-vs-sgd", "--seeds", "1", "--out", str(out), "--steps", "3", "--seq-len", "16", "--no-progress",
+            "--sgd-lr", "0.02", "--value-lr", "0.3", "--routing-lr", "0.005", "--d-k", "4", "--d-v", "6",
+            "--init-scale", "0.2", "--grad-source", "dense", "--self-prob", "0.4", "--embed-seed", "3"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["steps"], cfg["sgd_lr"], cfg["value_lr"], cfg["routing_lr"]) == (3, 0.02, 0.3, 0.005)
+    assert (cfg["d_k"], cfg["d_v"], cfg["init_scale"], cfg["grad_source"]) == (4, 6, 0.2, "dense")
+    assert (cfg["task"]["seq_len"], cfg["task"]["self_prob"], cfg["task"]["embeddings"]) == (16, 0.4, "seed:3")
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(experiments.EmVsSgdConfig)} - {"task"}
+    assert names <= set(cli._CONFIG_FLAGS)  # a new config field must get its flag
 
 
 def test_em_vs_sgd_seeds_flag(tmp_path, capsys):
@@ -47,25 +79,49 @@ def test_em_vs_sgd_seeds_flag(tmp_path, capsys):
     assert res["seeds"] == [0] and res["p_value"] is None
 
 
+def test_seeds_beyond_2_to_the_32_do_not_collide(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, _ = run(["em-vs-sgd", "--seed-list", "0,4294967296", "--out", str(out)] + TINY, capsys)
+    assert code == 0
+    per = json.loads(out.read_text())["per_seed"]
+    assert per["sgd_final_loss"][0] != per["sgd_final_loss"][1]
+    _, zero, _ = run(["laws-check", "--n", "7", "--seed", "0"], capsys)
+    _, big, _ = run(["laws-check", "--n", "7", "--seed", "4294967296"], capsys)
+    assert zero.splitlines()[1:] != big.splitlines()[1:]  # another random instance, other errors
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--seeds", "-3"], "--seeds"),
         (["--seeds", "0"], "--seeds"),
+        (["--seeds", "1000000000000"], "--seeds"),
+        (["--seeds", "10000000"], "--seeds"),
+        (["--seeds", "400000", "--steps", "10000"], "GiB"),
         (["--steps", "0"], "--steps"),
         (["--steps", "-5"], "--steps"),
         (["--steps", "ten"], "--steps"),
+        (["--steps", "1000000000000"], "--steps"),
         (["--seed-list", "1,,2"], "--seed-list"),
         (["--seed-list", "1,-2"], "--seed-list"),
         (["--seed-list", "1,1"], "--seed-list"),
+        (["--seed-list", "18446744073709551616"], "--seed-list"),
         (["--chunk-size", "0"], "--chunk-size"),
         (["--seq-len", "1"], "--seq-len"),
+        (["--seq-len", "1000000000000"], "--seq-len"),
+        (["--d-k", "1000000000000"], "--d-k"),
         (["--init-scale", "-0.1"], "--init-scale"),
         (["--init-scale", "nan"], "--init-scale"),
+        (["--init-scale", "0"], "--init-scale"),
+        (["--sgd-lr", "inf"], "--sgd-lr"),
+        (["--grad-source", "magic"], "grad_source"),
+        (["--self-prob", "1"], "--self-prob"),
+        (["--noise-std", "0"], "--noise-std"),
+        (["--embeddings", "nonsense"], "--embeddings"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
+    no_run(monkeypatch)
     out = tmp_path / "r.json"
     code, _, err = run(["em-vs-sgd", "--out", str(out)] + args, capsys)
     assert code == 2
@@ -74,9 +130,20 @@ def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, a
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args", [["--n", "1000000000000"], ["--n", "0"], ["--seed", "18446744073709551616"], ["--seed", "-1"]])
+def test_laws_check_bounds(capsys, args):
+    code, _, err = run(["laws-check"] + args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_largest_seed_is_accepted(capsys):
+    code, out, _ = run(["laws-check", "--n", "5", "--seed", str(2**64 - 1)], capsys)
+    assert code == 0 and "OK" in out
+
+
 @pytest.mark.parametrize("where", ["out", "plot"])
 def test_unwritable_output_is_rejected_before_the_run(tmp_path, capsys, monkeypatch, where):
-    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
+    no_run(monkeypatch)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     good, bad = tmp_path / "r.json", blocker / "x.out"
@@ -88,6 +155,62 @@ def test_unwritable_output_is_rejected_before_the_run(tmp_path, capsys, monkeypa
     assert code == 2 and "directory" in err
 
 
+def test_non_regular_targets_are_refused(tmp_path, capsys, monkeypatch):
+    no_run(monkeypatch)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run(["em-vs-sgd", "--out", str(fifo)] + TINY, capsys)
+    assert code == 2 and "not a regular file" in err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    code, _, err = run(["em-vs-sgd", "--out", str(tmp_path / "r.json"), "--plot", str(fifo)] + TINY, capsys)
+    assert code == 2 and "--plot" in err and "not a regular file" in err
+    if os.geteuid() == 0:  # a replica of /dev/full: as root, replacing it would have worked
+        dev = tmp_path / "full"
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+        code, _, err = run(["em-vs-sgd", "--out", str(dev)] + TINY, capsys)
+        assert code == 2 and "not a regular file" in err
+        assert stat.S_ISCHR(os.lstat(dev).st_mode)
+    link = tmp_path / "to_fifo"
+    link.symlink_to(fifo)
+    code, _, err = run(["em-vs-sgd", "--out", str(link)] + TINY, capsys)
+    assert code == 2 and "not a regular file" in err and link.is_symlink()
+
+
+def test_symlink_is_followed_and_stays_a_link(tmp_path, capsys):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    code, _, _ = run(["em-vs-sgd", "--seeds", "1", "--out", str(link)] + TINY, capsys)
+    assert code == 0
+    assert link.is_symlink() and json.loads(real.read_text())["seeds"] == [0]
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "real.json"]
+
+
+def test_out_and_plot_naming_one_file_is_refused(tmp_path, capsys, monkeypatch):
+    no_run(monkeypatch)
+    path = tmp_path / "r.png"
+    code, _, err = run(["em-vs-sgd", "--out", str(path), "--plot", str(path)] + TINY, capsys)
+    assert code == 2 and "same file" in err
+    link = tmp_path / "l.png"
+    link.symlink_to(path)
+    code, _, err = run(["em-vs-sgd", "--out", str(path), "--plot", str(link)] + TINY, capsys)
+    assert code == 2 and "same file" in err
+
+
+def test_full_disk_prints_summary_then_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_io.os, "fsync", no_space)
+    out = tmp_path / "r.json"
+    code, stdout, err = run(["em-vs-sgd", "--seeds", "1", "--out", str(out)] + TINY, capsys)
+    assert code == 1
+    assert "EM-like" in stdout  # the summary came first
+    assert len(err.strip().splitlines()) == 1 and str(out) in err and "No space left" in err
+    assert os.listdir(tmp_path) == []  # nothing partial
+
+
 def test_failed_run_writes_nothing(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory")
@@ -97,6 +220,20 @@ def test_failed_run_writes_nothing(tmp_path, capsys, monkeypatch):
     with pytest.raises(RuntimeError):
         cli.main(["em-vs-sgd", "--out", str(out)] + TINY)
     assert os.listdir(tmp_path) == []
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".r.json.gradattn-{dead.pid}-abc123.tmp"
+    stale.write_text('{"complete": "but never renamed"}')
+    live = tmp_path / f".r.json.gradattn-{os.getpid()}-def456.tmp"  # a writer that is still running
+    live.write_text("{}")
+    other = tmp_path / f".other.json.gradattn-{dead.pid}-abc123.tmp"  # another target's
+    other.write_text("{}")
+    code, _, _ = run(["em-vs-sgd", "--seeds", "1", "--out", str(tmp_path / "r.json")] + TINY, capsys)
+    assert code == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["r.json", live.name, other.name])
 
 
 def test_missing_command_and_out(capsys):
@@ -113,26 +250,37 @@ def test_laws_check(capsys):
 
 
 def test_unsupported_plot_format_is_rejected_before_the_run(tmp_path, capsys):
-    from gradattn.cli import main
-
     out, plot = tmp_path / "r.json", tmp_path / "curves.xyz"
-    try:
-        code = main(["em-vs-sgd", "--seeds", "1", "--steps", "2", "--seq-len", "8", "--out", str(out), "--plot", str(plot)])
-    except SystemExit as exc:
-        code = exc.code
+    code, _, err = run(["em-vs-sgd", "--seeds", "1", "--steps", "2", "--seq-len", "8", "--out", str(out), "--plot", str(plot)], capsys)
     assert code == 2
-    assert "unsupported figure format 'xyz'" in capsys.readouterr().err
+    assert "unsupported figure format 'xyz'" in err
     assert not out.exists() and not plot.exists()
 
 
 def test_results_json_writes_non_finite_as_null_and_readable_mode(tmp_path):
-    import json
-    import stat
-
-    from gradattn.cli import write_json_atomic
-
     path = tmp_path / "r.json"
-    write_json_atomic({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}, str(path))
+    _io.write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}, str(path))
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
     assert stat.S_IMODE(path.stat().st_mode) & 0o044  # not owner-only, as mkstemp would leave it
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _interrupt_after(delay, tmp_path):
+    """Start the real command (the console script's entry), send SIGINT after ``delay`` seconds."""
+    argv = [sys.executable, "-m", "gradattn_launcher", "em-vs-sgd", "--seeds", "2", "--steps", "20000",
+            "--seq-len", "600", "--no-progress", "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "c.png")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("delay", [0.2, 2.5, 6.0])  # importing, compiling, training (on a 2-core machine)
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path, delay):
+    code, _, err = _interrupt_after(delay, tmp_path)  # the run itself would take minutes
+    assert code == 130, err[-2000:]
+    assert err.strip().splitlines() == ["gradattn: interrupted"]
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""The EM-vs-SGD experiment of SPEC §3 at tiny sizes, its summary statistics, and the laws check."""
+"""The paper's EM-vs-SGD experiment at tiny sizes, its summary statistics, and the laws check."""
 
 import json
 
@@ -16,7 +16,7 @@ TASK = StickyMarkov(seq_len=32)
 
 @pytest.fixture(scope="module")
 def tiny():
-    return experiments.em_vs_sgd([0, 2, 5], steps=6, task=TASK, chunk_size=3)
+    return experiments.em_vs_sgd([0, 2, 5], EmVsSgdConfig(steps=6, task=TASK), chunk_size=3)
 
 
 def test_arms_are_paired_and_train(tiny):
@@ -65,6 +65,13 @@ def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
         EmVsSgdConfig(d_k=True, task=TASK)
     with pytest.raises(ValueError, match="EmVsSgdConfig: d_v must be a positive integer, got 0"):
         EmVsSgdConfig(d_v=np.int64(0), task=TASK)
+    for scale in (0, 0.0, float("nan"), -0.1):  # at 0 the head's scores are 0 and W_Q, W_K never move
+        with pytest.raises(ValueError, match="init_scale"):
+            EmVsSgdConfig(init_scale=scale, task=TASK)
+    with pytest.raises(TypeError, match="task"):
+        EmVsSgdConfig(task="sticky")
+    with pytest.raises(ValueError, match="grad_source"):
+        EmVsSgdConfig(grad_source="magic", task=TASK)
 
 
 def test_invalid_config_leaves_no_cached_closure():
@@ -114,14 +121,35 @@ def test_summary_statistics():
         (0, {}, ValueError, "seeds"),
         ([1, 1], {}, ValueError, "distinct"),
         ([-1], {}, ValueError, "non-negative"),
+        ([2**64], {}, ValueError, "2\\^64"),
         ([], {}, ValueError, "empty"),
-        (2, dict(steps=0), ValueError, "steps"),
-        (2, dict(sgd_lr=-1.0), ValueError, "sgd_lr"),
+        (2, dict(config={"steps": 3}), TypeError, "EmVsSgdConfig"),
+        (2, dict(chunk_size=0), ValueError, "chunk_size"),
     ],
 )
 def test_em_vs_sgd_rejects_bad_arguments(seeds, kwargs, err, match):
+    kwargs.setdefault("config", EmVsSgdConfig(steps=2, task=TASK))
     with pytest.raises(err, match=match):
-        experiments.em_vs_sgd(seeds, task=TASK, **kwargs)
+        experiments.em_vs_sgd(seeds, **kwargs)
+
+
+def test_a_diverged_seed_makes_the_speedup_null_not_plausible():
+    per = {
+        "sgd_curve": np.array([[3.0, 2.5, 2.2, 2.1], [3.0, np.nan, np.nan, np.nan]]),
+        "em_curve": np.array([[3.0, 2.0, 1.9, 1.8], [3.0, 2.5, 2.05, 2.0]]),
+        "sgd_final_loss": np.array([2.0, np.nan]),
+        "em_final_loss": np.array([1.7, 1.95]),
+        "sgd_final_entropy": np.array([2.1, np.nan]),
+        "em_final_entropy": np.array([1.8, 2.0]),
+        "sgd_final_accuracy": np.array([0.2, 0.3]),
+        "em_final_accuracy": np.array([0.3, 0.4]),
+    }
+    with pytest.warns(RuntimeWarning, match=r"seed\(s\) \[7\]"):
+        s = summarise_em_vs_sgd(per, [3, 7], EmVsSgdConfig(steps=4, task=TASK))
+    assert s["speedup"] is None and s["threshold"] is None
+    assert s["em_steps_to_sgd_final"] == {"mean": None, "std": None}
+    assert s["per_seed"]["em_steps_to_sgd_final"] == [None, None]
+    assert "n/a" in experiments.format_em_vs_sgd(s)
 
 
 def test_laws_check_errors_are_tiny():
@@ -133,11 +161,12 @@ def test_laws_check_errors_are_tiny():
 def test_em_vs_sgd_takes_an_array_of_seeds():
     import jax.numpy as jnp
 
-    want = experiments.em_vs_sgd([2, 0], steps=3, task=TASK)
+    config = EmVsSgdConfig(steps=3, task=TASK)
+    want = experiments.em_vs_sgd([2, 0], config)
     for seeds in (np.array([2, 0]), jnp.array([2, 0], dtype=jnp.int32)):
-        got = experiments.em_vs_sgd(seeds, steps=3, task=TASK)
+        got = experiments.em_vs_sgd(seeds, config)
         assert got["per_seed"]["seed"] == [2, 0]
         assert got["per_seed"]["sgd_final_loss"] == want["per_seed"]["sgd_final_loss"]
     for bad in (np.array([1.0, 2.0]), jnp.array([[1, 2]])):
         with pytest.raises(ValueError, match="seeds"):
-            experiments.em_vs_sgd(bad, steps=3, task=TASK)
+            experiments.em_vs_sgd(bad, config)
