@@ -27,10 +27,10 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/step_time.py $(BENCH_ARGS)
-	$(PY) benchmarks/experiment_time.py $(BENCH_ARGS)
-	$(PY) benchmarks/seed_scaling.py $(BENCH_ARGS)
-	$(PY) benchmarks/memory.py $(BENCH_ARGS)
+	$(PY) benchmarks/step_time.py --out-dir benchmarks/measured $(BENCH_ARGS)
+	$(PY) benchmarks/experiment_time.py --out-dir benchmarks/measured $(BENCH_ARGS)
+	$(PY) benchmarks/seed_scaling.py --out-dir benchmarks/measured $(BENCH_ARGS)
+	$(PY) benchmarks/memory.py --out-dir benchmarks/measured $(BENCH_ARGS)
 
 # The API reference, generated from the docstrings by pdoc into build/docs (not committed).
 # pdoc follows a package's __all__, so every public module is named on the command line, each one only
