@@ -62,14 +62,13 @@ def reference_pass(params, x, y, weights, causal):
     return BlockedPass(value, ce, *grads)
 
 
-# (n, block_q, block_k, causal, weighted): N = 1; N < one tile; N = 33 and 100, not multiples of
-# 16 or 32; block_q < block_k and block_q > block_k (padding to the larger tile, key tiles wholly
-# in the padding, query tiles that see part of a key tile).
+# (n, block_q, block_k, causal, weighted): N = 1; N < one tile (not causal); N = 33 and 100, not
+# multiples of 16 or 32; block_q < block_k and block_q > block_k (padding to the larger tile, key
+# tiles wholly in the padding, query tiles that see part of a key tile).
 CASES = [
     (1, 16, 16, True, False),
     (7, 16, 32, False, True),
     (33, 16, 32, True, True),
-    (33, 32, 16, False, False),
     (100, 32, 16, True, False),
 ]
 
@@ -103,8 +102,8 @@ def test_float32_and_the_faster_precisions():
     """The paper's head sizes (d_in 20, d_k 10, d_v 15, C 8; padded to 16 inside), float32 in and
     out, against the float64 laws, under jit with the options static.
 
-    float32: float32 accuracy. bfloat16 tile products: a real, bounded error (measured here about
-    1e-2 of the largest entry; the float32 accumulation keeps it from growing with N). tf32: in
+    float32: float32 accuracy (measured 3.6e-8 of the largest entry). bfloat16 tile products: a
+    real, bounded error (measured 5.7e-4 here, 3.9e-3 at N = 1999 with the paper's init). tf32: in
     interpret mode on a CPU every dot is exact, so it meets the float32 bound here; its TF32
     error shows only on a GPU (benchmarks/gpu_pallas.py measures it there).
     """
@@ -133,9 +132,10 @@ def test_vmap_over_seeds_is_a_grid_axis_and_equals_the_loop():
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *batch)
     fn = lambda p, x, y, w: pallas_loss_and_grads(p, x, y, w, True, block_q=16, block_k=16)  # noqa: E731
     many = jax.jit(jax.vmap(fn))(*stacked)
-    for s in range(seeds):
+    for s in range(seeds):  # one seed, one result: bit for bit what that seed gives alone
         one_seed = jax.jit(fn)(*batch[s])
-        assert rel_err(jax.tree.map(lambda a: a[s], many), one_seed) < 1e-6
+        for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(one_seed)):
+            np.testing.assert_array_equal(np.asarray(a[s]), np.asarray(b))
     # Both kernels take the seeds as an outer grid axis (one launch each), not a loop of launches.
     grids = re.findall(r"grid=\(([^)]*)\)", str(jax.make_jaxpr(jax.vmap(fn))(*stacked)))
     assert grids == ["3, 3", "3, 3"], grids
