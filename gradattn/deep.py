@@ -80,7 +80,7 @@ class DeepConfig:
         on every value projection, weight and bias; the rest at ``lr``).
       value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"``.
       n_checkpoints: per-head dynamics checkpoints (at steps 0, k, 2k, ...; k = steps / n_checkpoints
-        must be whole); 0 records none.
+        must be whole); 0 records none; None (default) takes the largest divisor of ``steps`` up to 10.
       settle_tol: tolerance of the settling steps (fraction of each head's total change left).
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
     """
@@ -97,7 +97,7 @@ class DeepConfig:
     fresh_data: bool = False
     schedule: str = "adamw"
     value_lr_multiplier: float = 10.0
-    n_checkpoints: int = 10
+    n_checkpoints: int | None = None
     settle_tol: float = 0.1
     settle_rows: int = 64
 
@@ -105,6 +105,11 @@ class DeepConfig:
         fn = "DeepConfig"
         for name in ("steps", "d_model", "n_layers", "n_heads", "settle_rows"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), fn))
+        if self.n_checkpoints is None:
+            k = min(10, self.steps)
+            while self.steps % k:
+                k -= 1
+            object.__setattr__(self, "n_checkpoints", k)
         object.__setattr__(self, "n_checkpoints", check_int("n_checkpoints", self.n_checkpoints, fn, minimum=0))
         for name, kw in (("lr", {}), ("weight_decay", {}), ("clip", {"exclusive_minimum": True}),
                          ("value_lr_multiplier", {}), ("settle_tol", {}),
@@ -381,7 +386,7 @@ def _heldout(logits, y):
     return {
         "loss": jnp.mean(token_losses(logits, y)),
         "entropy": jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)),
-        "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == y),
+        "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)),
     }
 
 
