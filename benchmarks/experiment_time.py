@@ -1,0 +1,208 @@
+"""The paper's whole EM-like vs SGD experiment end to end: ``gradattn em-vs-sgd`` against PyTorch.
+
+Wall time from process start to the results file written, each implementation in a fresh process:
+
+  gradattn     ``python -m gradattn.cli em-vs-sgd --seeds S --steps K --seq-len T --out ... --no-progress``
+  torch_eager  benchmarks/torch_reference.py: the same protocol as the authors' reference code runs
+               it (seeds one after another, eager autograd, the N x N softmax built explicitly)
+  torch_sdpa   the same PyTorch protocol with torch's fused scaled_dot_product_attention
+
+Each is run ``--repeats`` times, interleaved (gradattn, torch_eager, torch_sdpa, gradattn, ...);
+the figure is the median wall time. Then one more gradattn run in-process, with JAX's own
+compilation events recorded (jax.monitoring), splits the library's time into start-up (interpreter
+and imports), tracing, compiling and running. Each run's results file is read back: the final
+losses of the two arms are printed beside each other, so a reader can see the same experiment ran.
+
+    python benchmarks/experiment_time.py            # 5 seeds, 1000 steps, T = 2000: ~6 minutes on a
+                                                    # quiet 2-core CPU (PyTorch eager alone ~4.5 minutes)
+    python benchmarks/experiment_time.py --quick    # 1 seed, 20 steps, T = 200
+
+Writes <out-dir>/experiment_time.json (and each implementation's own results file beside it, under
+experiment_time_runs/) and prints a table. A run that exits non-zero stops the benchmark (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
+
+T_PROCESS = time.perf_counter()
+
+TARGETS = {"torch_eager": 12.0, "torch_sdpa": 2.5}  # gradattn at least this many times faster end to end
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+}
+
+
+def phases_worker(spec):
+    """Run ``gradattn.cli.main(argv)`` in this process, timing imports and JAX's compile events."""
+    t_start = spec["t_spawn_offset"]  # the parent's estimate of interpreter start-up before this line
+    t0 = time.perf_counter()
+    import jax
+
+    t_jax = time.perf_counter()
+    import gradattn.cli as cli
+
+    t_imported = time.perf_counter()
+    totals = {name: 0.0 for name in COMPILE_EVENTS.values()}
+    counts = {name: 0 for name in COMPILE_EVENTS.values()}
+
+    def listener(event, duration, **_):
+        if event in COMPILE_EVENTS:
+            totals[COMPILE_EVENTS[event]] += duration
+            counts[COMPILE_EVENTS[event]] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    status = cli.main(spec["argv"])
+    t_end = time.perf_counter()
+    with open(spec["argv"][spec["argv"].index("--out") + 1]) as f:
+        results = json.load(f)
+    report = {"status": status, "import_jax_s": t_jax - t0, "import_gradattn_s": t_imported - t_jax,
+              "cli_s": t_end - t_imported, "experiment_s": results.get("wall_time_s"), **totals,
+              "event_counts": counts, "in_process_s": t_end - t0, "interpreter_start_s": t_start}
+    print("PHASES " + json.dumps(report), flush=True)
+
+
+def _library_argv(args, out: str) -> list[str]:
+    return ["em-vs-sgd", "--seeds", str(args.seeds), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+            "--out", out, "--no-progress"]
+
+
+def _run(name: str, cmd: list[str], env: dict, out: str) -> dict:
+    """Run ``cmd`` to completion; wall time from spawn to exit, and its results file read back."""
+    if os.path.exists(out):
+        os.unlink(out)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise H.BenchmarkError(f"{name} exited with status {proc.returncode}: {' '.join(cmd)}")
+    if not os.path.exists(out):
+        raise H.BenchmarkError(f"{name} exited 0 but wrote no results file {out}")
+    with open(out) as f:
+        results = json.load(f)
+    for arm in ("sgd", "em"):
+        loss = results[arm]["final_loss_mean"]
+        if loss is None or not loss == loss:
+            raise H.BenchmarkError(f"{name}: the {arm} arm's final loss is not finite ({loss})")
+    print(f"  {name:<12} {wall:7.1f} s   SGD {results['sgd']['final_loss_mean']:.4f}  "
+          f"EM-like {results['em']['final_loss_mean']:.4f}", flush=True)
+    return {"wall_s": wall, "stdout_tail": proc.stdout[-2000:], "results": results}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 20 steps, T = 200")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1 (default 5; quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="updates per arm (default 1000; quick 20)")
+    ap.add_argument("--seq-len", type=int, default=None, help="sequence length T (default 2000; quick 200)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each implementation (default 1)")
+    ap.add_argument("--no-torch", action="store_true", help="leave out both PyTorch runs (named in the output)")
+    ap.add_argument("--no-torch-eager", action="store_true",
+                    help="leave out the PyTorch eager run (~4.5 minutes; named in the output)")
+    H.add_common_args(ap)
+    args = ap.parse_args(argv)
+    if args.worker:
+        phases_worker(json.loads(args.worker))
+        return
+    args.seeds = args.seeds or (1 if args.quick else 5)
+    args.steps = args.steps or (20 if args.quick else 1000)
+    args.seq_len = args.seq_len or (200 if args.quick else 2000)
+
+    env = H.worker_env(args.platform)
+    backend = H.probe_backend(env)
+    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    runs_dir = os.path.join(args.out_dir, "experiment_time_runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmds = {"gradattn": [sys.executable, "-m", "gradattn.cli", *_library_argv(args, os.path.join(runs_dir, "gradattn.json"))]}
+    left_out = {}
+    for attention in ("eager", "sdpa"):
+        name = f"torch_{attention}"
+        if args.no_torch or (attention == "eager" and args.no_torch_eager):
+            left_out[name] = "--no-torch" if args.no_torch else "--no-torch-eager"
+            continue
+        cmds[name] = [sys.executable, os.path.join(here, "torch_reference.py"), "--seeds", str(args.seeds),
+                      "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--attention", attention,
+                      "--device", torch_device, "--out", os.path.join(runs_dir, f"{name}.json")]
+
+    print(f"{args.seeds} seed(s) x {args.steps} steps x 2 arms, T = {args.seq_len}; backend {backend['jax_backend']} "
+          f"({backend['device_kind']}); {args.repeats} repeat(s)", flush=True)
+    runs = {name: [] for name in cmds}
+    for _ in range(args.repeats):
+        for name, cmd in cmds.items():
+            runs[name].append(_run(name, cmd, env, cmd[cmd.index("--out") + 1]))
+
+    # Interpreter start-up alone (python -c pass), to split the library's time into its phases.
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    interpreter_s = time.perf_counter() - t
+    phase_out = os.path.join(runs_dir, "gradattn_phases.json")
+    spec = {"argv": _library_argv(args, phase_out), "t_spawn_offset": interpreter_s}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    phase_wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise H.BenchmarkError(f"the in-process gradattn run exited with status {proc.returncode}")
+    phases = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("PHASES ")][-1][len("PHASES "):])
+    phases["wall_s"] = phase_wall
+
+    wall = {name: H.median([r["wall_s"] for r in rs]) for name, rs in runs.items()}
+    lib = wall["gradattn"]
+    rows = []
+    for name, rs in runs.items():
+        r = rs[-1]["results"]
+        rows.append([name, f"{wall[name]:.1f}", f"{min(x['wall_s'] for x in rs):.1f}",
+                     "1.00x" if name == "gradattn" else f"{wall[name] / lib:.2f}x",
+                     f"{r['sgd']['final_loss_mean']:.4f}", f"{r['em']['final_loss_mean']:.4f}",
+                     f"{r['em_steps_to_sgd_final']['mean']:.0f}"])
+    for name, why in left_out.items():
+        rows.append([name, f"left out ({why})", "", "", "", "", ""])
+    m = H.machine(backend)
+    print()
+    print(H.table(rows, ["implementation", "median wall s", "min s", "time / gradattn's", "SGD final loss",
+                         "EM final loss", "EM steps to SGD final"]))
+    run_s = phases["experiment_s"] - phases["trace_s"] - phases["lower_s"] - phases["compile_s"]
+    startup_s = phases["wall_s"] - phases["in_process_s"] + phases["import_jax_s"] + phases["import_gradattn_s"]
+    other_s = phases["wall_s"] - startup_s - phases["experiment_s"]
+    print(f"\nwhere gradattn's time goes (one more run, in-process, {phases['wall_s']:.1f} s wall): start-up and "
+          f"imports {startup_s:.1f} s (interpreter {phases['interpreter_start_s']:.1f}, jax {phases['import_jax_s']:.1f}, "
+          f"gradattn {phases['import_gradattn_s']:.1f}); tracing {phases['trace_s']:.1f} s, lowering "
+          f"{phases['lower_s']:.1f} s, XLA compile {phases['compile_s']:.1f} s; running {run_s:.1f} s; "
+          f"task set-up, summary and writing {other_s:.1f} s")
+    targets = {}
+    for name, target in TARGETS.items():
+        if name in wall:
+            targets[name] = {"target": target, "reached": wall[name] / lib}
+            print(f"gradattn vs {name}: {wall[name] / lib:.2f}x (target {target}x)")
+    print("machine:", H.describe(m))
+    payload = {
+        "benchmark": "experiment_time", "quick": args.quick,
+        "config": {"seeds": args.seeds, "steps": args.steps, "seq_len": args.seq_len, "repeats": args.repeats},
+        "commands": {name: cmd for name, cmd in cmds.items()},
+        "wall_s_median": wall, "wall_s_all": {name: [r["wall_s"] for r in rs] for name, rs in runs.items()},
+        "ratio_to_gradattn": {name: t / lib for name, t in wall.items()},
+        "results": {name: {k: rs[-1]["results"].get(k) for k in ("sgd", "em", "em_steps_to_sgd_final", "speedup",
+                                                                   "timing", "wall_time_s", "n_devices", "chunk_size")}
+                    for name, rs in runs.items()},
+        "gradattn_phases": {**phases, "startup_and_imports_s": startup_s, "run_s": run_s, "other_s": other_s},
+        "left_out": left_out, "targets": targets, "machine": m,
+    }
+    print("wrote", H.write_json(args.out_dir, "experiment_time.json", payload))
+
+
+if __name__ == "__main__":
+    H.run_main(main)
