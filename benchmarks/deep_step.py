@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 3 with --quick)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds vmapped for the per-seed cost (default 4)")
     parser.add_argument("--out", default="deep_step.json", help="JSON output (default deep_step.json)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
     n = args.n or (255 if args.quick else 1999)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     from gradattn.tasks import StickyMarkov
 
     torch, TorchTransformer = _torch_modules()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     config = DeepConfig(steps=1000, dropout=0.0, task=StickyMarkov(seq_len=n + 1))
     model = init_model(config, jax.random.key(0))
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     vy = jnp.broadcast_to(y, (args.seeds,) + y.shape)
     vstep = jax.jit(jax.vmap(jax_step))
 
-    xt, yt = torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)).long()
+    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)).long()
     contenders = {}
     opt_state = tx.init(params)
     state = {"jax": (params, opt_state), "vmap": (vp, vs)}
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
             out.backward()
             torch.nn.utils.clip_grad_norm_(tm.parameters(), config.clip)
             opt.step()
-            return float(out)
+            return float(out.detach())
 
         with torch.no_grad():
             torch_losses[name] = float(torch.nn.functional.cross_entropy(tm(xt), yt))
