@@ -9,15 +9,17 @@ paper's head (d_in = 20, d_k = 10, d_v = 15, C = 8, causal, float32), compiles o
   rss_mb        peak resident memory of the whole process after running the step twice
                 (resource.getrusage maxrss: includes the Python + JAX runtime, see base_rss_mb)
   base_rss_mb   peak resident memory of the same process before compiling the step
+  device_peak_mb  on an accelerator: the device's peak bytes in use (``Device.memory_stats()``)
 
-Variants: ``blocked`` (gradattn.analytic_loss_and_grads, the default) and ``dense`` (the laws on
+Variants: ``blocked`` (gradattn.blocked_loss_and_grads, the CPU default) and ``dense`` (the laws on
 whole N x N matrices, gradattn.dense_loss_and_grads). The dense step is only *run* where XLA's
-estimate fits in half of this machine's memory; its estimate is always reported.
+estimate fits in half of this machine's memory; its estimate is always reported. A worker that
+fails stops the benchmark with exit status 1.
 
     python benchmarks/memory.py            # ~2 minutes
     python benchmarks/memory.py --quick    # N = 1999 and 4096 only
 
-Writes benchmarks/results/memory.json and prints a table. Target (issue 4): N = 16384 within 2 GB.
+Writes <out-dir>/memory.json and prints a table. Target: the N = 16384 blocked step within 2 GB.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def worker(spec) -> dict:
     x = jnp.asarray(rng.standard_normal((n, 20)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 8, n), jnp.int32)
     params = ga.init_head(jax.random.PRNGKey(0), 20, 10, 15, 8)
-    grad_source = ga.analytic_loss_and_grads if spec["variant"] == "blocked" else ga.dense_loss_and_grads
+    grad_source = ga.blocked_loss_and_grads if spec["variant"] == "blocked" else ga.dense_loss_and_grads
 
     def step(p, x, y):
         loss, g = grad_source(p, x, y)
@@ -79,6 +81,10 @@ def worker(spec) -> dict:
         jax.block_until_ready(p)
         out.update(ran=True, step_s=time.perf_counter() - t, loss=float(loss),
                    rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6)
+        stats = jax.devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            out["device_peak_mb"] = stats["peak_bytes_in_use"] / 1e6
+    out["device_kind"] = jax.devices()[0].device_kind
     return out
 
 
@@ -86,7 +92,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="N = 1999 and 4096 only")
     ap.add_argument("--n", type=int, nargs="*", default=None, help="sequence lengths (default 1999 4096 8192 16384)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    H.add_common_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -94,8 +100,8 @@ def main(argv=None):
 
     ns = args.n or ([1999, 4096] if args.quick else [1999, 4096, 8192, 16384])
     run_limit = _available_bytes() // 2
-    env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    env = H.worker_env(args.platform)
+    backend = H.probe_backend(env)
     results = []
     for n in ns:
         for variant in ("blocked", "dense"):
@@ -103,24 +109,22 @@ def main(argv=None):
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                                   capture_output=True, text=True, env=env)
             if proc.returncode:
-                results.append({"n": n, "variant": variant, "error": proc.stderr.strip().splitlines()[-1:]})
-            else:
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                sys.stderr.write(proc.stderr[-4000:])
+                raise H.BenchmarkError(f"the N = {n} {variant} worker exited with status {proc.returncode}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"  N = {n:>5} {variant:<7} done", flush=True)
 
     rows = []
     for r in results:
-        if "error" in r:
-            rows.append([r["n"], r["variant"], "error", "", "", "", "", ""])
-            continue
         rows.append([
             r["n"], r["variant"], f"{r['xla_temp_mb']:.1f}", f"{r['xla_total_mb']:.1f}",
             f"{r['rss_mb']:.0f}" if r["ran"] else "not run", f"{r['base_rss_mb']:.0f}",
             f"{r['step_s'] * 1e3:.0f}" if r["ran"] else "-", f"{r['compile_s']:.1f}",
+            f"{r['device_peak_mb']:.0f}" if "device_peak_mb" in r else "-",
         ])
     print()
     print(H.table(rows, ["N", "variant", "XLA temp MB", "XLA total MB", "peak RSS MB", "base RSS MB", "step ms",
-                         "compile s"]))
+                         "compile s", "device peak MB"]))
     big = [r for r in results if r.get("variant") == "blocked" and r.get("n") == 16384 and r.get("ran")]
     verdict = None
     if big:
@@ -128,9 +132,12 @@ def main(argv=None):
         print(f"\nN = 16384 blocked step: peak RSS {big[0]['rss_mb'] / 1e3:.2f} GB of the whole process, "
               f"XLA buffers {big[0]['xla_total_mb'] / 1e3:.2f} GB: {'within' if verdict else 'OVER'} {TARGET_GB} GB")
     print(f"dense steps are run only where XLA's estimate is below {run_limit / 1e9:.1f} GB (half the available memory)")
-    print("wrote", H.write_json("memory.json", {"results": results, "target_gb": TARGET_GB,
-                                                "n16384_within_target": verdict, "machine": H.machine()}))
+    m = H.machine(backend)
+    print("machine:", H.describe(m))
+    print("wrote", H.write_json(args.out_dir, "memory.json", {
+        "benchmark": "memory", "quick": args.quick, "results": results, "target_gb": TARGET_GB,
+        "run_limit_bytes": run_limit, "n16384_within_target": verdict, "machine": m}))
 
 
 if __name__ == "__main__":
-    main()
+    H.run_main(main)
