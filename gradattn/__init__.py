@@ -20,6 +20,7 @@ The surface, from the bottom up:
 * deep models (flax NNX): ``gradattn.nn`` and the deep experiment ``gradattn.deep``.
 """
 
+from gradattn._version import __version__
 from gradattn import bayes, deep, dynamics, geometry, nn, pallas, provenance, tasks, training
 from gradattn.blocked import analytic_grads, analytic_loss_and_grads, blocked_loss_and_grads, loss_fn
 from gradattn.checking import checked
@@ -43,8 +44,6 @@ from gradattn.pallas import pallas_loss_and_grads
 from gradattn.sweeps import seed_keys, sweep
 from gradattn.tasks import DirichletHMM, StickyMarkov, Task
 from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     # the head

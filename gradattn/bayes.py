@@ -19,7 +19,6 @@ log-likelihoods; :mod:`gradattn.tasks.hmm` uses it with discrete emissions.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -27,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_labels, check_number, check_weights, concrete
+from gradattn._math import LN2
 
-LN2 = math.log(2.0)
 
 
 def _check_model(transition_matrix, embeddings, x, fn: str):

@@ -125,7 +125,7 @@ _CONFIG_FLAGS = {
     "d_k": (_int_in(1, MAX_HEAD_SIZE), "query/key size"),
     "d_v": (_int_in(1, MAX_HEAD_SIZE), "value size"),
     "init_scale": (_number(minimum=0, exclusive_minimum=True), "std of the N(0, s^2) initial weights (> 0)"),
-    "grad_source": (str, f"gradient path: one of {', '.join(GRAD_SOURCES)}"),
+    "grad_source": (str, f"gradient path: one of {', '.join(('auto', *GRAD_SOURCES))}"),
 }
 _TASK_FLAGS = {
     # StickyMarkov field: (type, help)

@@ -16,6 +16,10 @@ import subprocess
 import sys
 import time
 
+import jax
+
+from gradattn._version import __version__
+
 _PACKAGES = ("gradattn", "jax", "jaxlib", "optax", "flax", "numpy")
 
 
@@ -74,15 +78,11 @@ def provenance(start_time: float | None = None) -> dict:
       "start_time": ISO 8601 UTC, "start_timestamp": seconds since the epoch}``. Versions are
       ``None`` for packages not installed. Pass it to :func:`finish` when the run ends.
     """
-    import jax
-
     start = time.time() if start_time is None else float(start_time)
     devices = jax.devices()
     versions = {name: _version(name) for name in _PACKAGES}
     if versions["gradattn"] is None:  # running from a source tree that is not installed
-        import gradattn
-
-        versions["gradattn"] = getattr(gradattn, "__version__", None)
+        versions["gradattn"] = __version__
     versions["python"] = platform.python_version()
     return {
         "versions": versions,

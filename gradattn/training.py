@@ -32,6 +32,7 @@ from gradattn._math import tree_norm
 from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import HeadParams
 from gradattn.laws import autodiff_loss_and_grads, dense_loss_and_grads
+from gradattn.pallas import pallas_loss_and_grads
 
 VALUE = "value"
 ROUTING = "routing"
@@ -165,19 +166,11 @@ GRAD_SOURCES: dict[str, GradSource] = {
     "blocked": blocked_loss_and_grads,
     "dense": dense_loss_and_grads,
     "autodiff": autodiff_loss_and_grads,
+    "pallas": pallas_loss_and_grads,
     "analytic": blocked_loss_and_grads,  # the historical name of the blocked pass
 }
-"""The named gradient sources, each ``(params, x, y, weights, causal) -> (loss, grads)``. A new
-path is one line: ``GRAD_SOURCES["name"] = fn`` (or :func:`register_grad_source`)."""
-
-
-def register_grad_source(name: str, fn: GradSource) -> None:
-    """Make ``grad_source=name`` mean ``fn(params, x, y, weights, causal) -> (loss, HeadParams grads)``."""
-    if not isinstance(name, str) or name == "auto":
-        raise ValueError(f"register_grad_source: name must be a string other than 'auto', got {name!r}")
-    if not callable(fn):
-        raise TypeError(f"register_grad_source: fn must be callable, got {fn!r}")
-    GRAD_SOURCES[name] = fn
+"""The named gradient paths, each ``(params, x, y, weights, causal) -> (loss, grads)``; any other
+path is passed as a callable of that signature."""
 
 
 def auto_loss_and_grads(params, x, y, weights=None, causal=True):
@@ -190,7 +183,8 @@ def resolve_grad_source(grad_source) -> GradSource:
     """A gradient source by name or as a callable ``(params, x, y, weights, causal) -> (loss, grads)``.
 
     Names: ``"auto"`` (per backend: :func:`auto_loss_and_grads`), ``"blocked"``, ``"dense"``,
-    ``"autodiff"``, ``"analytic"`` (= ``"blocked"``) and any added by :func:`register_grad_source`.
+    ``"autodiff"``, ``"pallas"`` (the fused kernel: compiled on a GPU, interpreted elsewhere) and
+    ``"analytic"`` (= ``"blocked"``).
     """
     if callable(grad_source):
         return grad_source

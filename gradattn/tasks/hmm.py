@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_int, check_labels, check_number, check_weights, concrete
+from gradattn.bayes import entropy_from_log, forward_algorithm, loss_from_log_predictive
 
 
 def stationary_distribution(transition_matrix: np.ndarray) -> np.ndarray:
@@ -179,7 +180,6 @@ class DirichletHMM:
 
     def _forward(self, x, fn: str):
         """(log beta (N, K), log pred (N, V)) for one-hot ``x``."""
-        from gradattn.bayes import forward_algorithm
 
         self._check_x(x, fn)
         dtype = jnp.result_type(x)
@@ -205,7 +205,6 @@ class DirichletHMM:
 
     def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None):
         """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`gradattn.bayes.BayesLoss`."""
-        from gradattn.bayes import loss_from_log_predictive
 
         fn = "DirichletHMM.bayes_loss"
         n = self._check_x(x, fn)
@@ -215,12 +214,10 @@ class DirichletHMM:
 
     def bayes_entropy(self, x: jax.Array) -> jax.Array:
         """(N,) entropy (nats) of the Bayes predictive at each position."""
-        from gradattn.bayes import entropy_from_log
 
         return entropy_from_log(self._forward(x, "DirichletHMM.bayes_entropy")[1])
 
     def bayes_filter_entropy(self, x: jax.Array) -> jax.Array:
         """(N,) entropy (nats) of the posterior over the hidden state z_t at each position."""
-        from gradattn.bayes import entropy_from_log
 
         return entropy_from_log(self._forward(x, "DirichletHMM.bayes_filter_entropy")[0])

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_int, check_number
+from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 
 REFERENCE_FILE = "sticky_markov_reference_embeddings.txt"
 REFERENCE_SHAPE = (8, 20)
@@ -360,30 +361,25 @@ class StickyMarkov:
 
     def bayes_log_predictive(self, x: jax.Array) -> jax.Array:
         """(N, C) log p(y_t | x_1..x_t) of the exact Bayes filter; see :mod:`gradattn.bayes`."""
-        from gradattn.bayes import bayes_log_predictive
 
         return bayes_log_predictive(*self._model(x), x, noise_std=self.noise_std)
 
     def bayes_predictive(self, x: jax.Array) -> jax.Array:
         """The exact Bayes predictive p(y_t | x_1..x_t), (N, C); see :mod:`gradattn.bayes`."""
-        from gradattn.bayes import bayes_predictive
 
         return bayes_predictive(*self._model(x), x, noise_std=self.noise_std)
 
     def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None):
         """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`gradattn.bayes.BayesLoss`."""
-        from gradattn.bayes import bayes_loss
 
         return bayes_loss(*self._model(x), x, y, weights, noise_std=self.noise_std)
 
     def bayes_entropy(self, x: jax.Array) -> jax.Array:
         """(N,) entropy (nats) of the Bayes predictive at each position."""
-        from gradattn.bayes import bayes_entropy
 
         return bayes_entropy(*self._model(x), x, noise_std=self.noise_std)
 
     def bayes_filter_entropy(self, x: jax.Array) -> jax.Array:
         """(N,) entropy (nats) of the posterior over the previous symbol y_{t-1} at each position."""
-        from gradattn.bayes import bayes_filter_entropy
 
         return bayes_filter_entropy(*self._model(x), x, noise_std=self.noise_std)
