@@ -23,7 +23,7 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-NOTEBOOKS = ("laws.ipynb", "em_vs_sgd.ipynb", "dynamics.ipynb")
+NOTEBOOKS = ("laws.ipynb", "em_vs_sgd.ipynb", "dynamics.ipynb", "deep.ipynb")
 KERNEL_NAME = "gradattn-current-python"
 
 
