@@ -1,21 +1,36 @@
-"""Time per seed-step when many seeds train at once: jit(vmap(step)) over 1, 16 and 256 seeds.
+"""Cost per seed-step of many training runs at once: gradattn.sweep against PyTorch SDPA with seeds in its batch.
 
-At a short sequence (N = 127, the paper's head otherwise: d_in = 20, d_k = 10, d_v = 15, C = 8,
-causal, float32), each seed has its own parameters and its own sequence; one call advances every
-seed by one SGD step (loss + gradients from gradattn.analytic_loss_and_grads + update). Each seed
-count runs in its own process, timed in alternating rounds; the figure is the median time per call
-divided by the number of seeds. Target (issue 4): 256 seeds cost no more per seed-step than 16.
+One seed's work is a short training run of the paper's head (d_in = 20, d_k = 10, d_v = 15, C = 8,
+causal, float32, SGD at 0.01, full batch) on random data (x ~ N(0, I), uniform targets) of N
+positions: for gradattn, ``fn(key)`` draws the data, initialises the head and runs
+``gradattn.train`` (default gradient path) for ``steps`` steps, and ``gradattn.sweep(fn, seeds)``
+runs the seeds. For PyTorch, the same training with every seed in the batch dimension of one fused
+``scaled_dot_product_attention`` (q, k, v zero-padded to a head size of 16; its fused backward
+parallelises over batch x heads, so a batch is its best case), with one loss (the sum of the
+seeds' mean losses) and torch.optim.SGD.
 
-    python benchmarks/seed_scaling.py            # ~1 minute
-    python benchmarks/seed_scaling.py --quick    # smoke run
+Configurations of the library, each in its own process (timed in alternating rounds, medians):
 
-Writes benchmarks/results/seed_scaling.json and prints a table.
+  1dev          all seeds on one device, the sweep's default chunk size (seeds vmapped per call)
+  1dev_chunk1   one device, one seed per call (the seeds one after another)
+  2dev_chunk1   on a CPU: the cores split into two host devices
+                (XLA_FLAGS=--xla_force_host_platform_device_count=2), one seed per device per call
+
+The final losses of ``1dev_chunk1`` and ``2dev_chunk1`` are compared bit for bit (a seed's result
+must not depend on the device count). Compile time (the first call, less a timed call) is reported
+apart and not counted in the per seed-step figure.
+
+    python benchmarks/seed_scaling.py            # N = 1999 and 127; 1, 2, 8, 64 seeds: ~6 minutes
+    python benchmarks/seed_scaling.py --quick    # 1 and 2 seeds at N = 1999, short runs
+
+Writes <out-dir>/seed_scaling.json and prints a table per N.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -24,92 +39,213 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
+D_IN, D_K, D_V, C, LR = 20, 10, 15, 8, 0.01
+CONFIGS = {"1dev": (1, None), "1dev_chunk1": (1, 1), "2dev_chunk1": (2, 1)}  # name: (host devices, chunk size)
 
-def worker(spec):
+
+def jax_worker(spec):
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
     import gradattn as ga
 
-    n, seeds = spec["n"], spec["seeds"]
-    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    params = jax.vmap(lambda k: ga.init_head(k, 20, 10, 15, 8))(keys)
-    xs = jax.random.normal(jax.random.PRNGKey(1), (seeds, n, 20), jnp.float32)
-    ys = jax.random.randint(jax.random.PRNGKey(2), (seeds, n), 0, 8)
-    grad_source = {"analytic": ga.analytic_loss_and_grads, "dense": ga.dense_loss_and_grads,
-                   "autodiff": jax.value_and_grad(ga.dense_loss)}[spec["grad_source"]]
+    n, seeds, steps = spec["n"], list(range(spec["seeds"])), spec["steps"]
+    if spec["devices"] > 1 and len(jax.devices()) != spec["devices"]:
+        raise RuntimeError(f"asked for {spec['devices']} devices, JAX sees {len(jax.devices())}")
+    opt = ga.sgd(LR)
 
-    def step(p, x, y):
-        loss, g = grad_source(p, x, y)
-        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), loss
+    def fn(key):
+        k_x, k_y, k_init = jax.random.split(key, 3)
+        x = jax.random.normal(k_x, (n, D_IN))
+        y = jax.random.randint(k_y, (n,), 0, C)
+        params = ga.init_head(k_init, D_IN, D_K, D_V, C)
+        return ga.train(params, x, y, opt, steps)[1]["loss"][-1]
 
-    many = jax.jit(jax.vmap(step))
-    state = {}
+    kw = {} if spec["chunk_size"] is None else {"chunk_size": spec["chunk_size"]}
+
+    def call():
+        return np.asarray(ga.sweep(fn, seeds, **kw))
 
     def setup():
         t = time.perf_counter()
-        state["f"] = many.lower(params, xs, ys).compile()
-        compile_s = time.perf_counter() - t
-        state["p"], _ = state["f"](params, xs, ys)
-        jax.block_until_ready(state["p"])
-        return {"compile_s": compile_s}
-
-    def timed(calls):
-        f, p = state["f"], state["p"]
+        first = call()
+        first_s = time.perf_counter() - t
         t = time.perf_counter()
-        for _ in range(calls):
-            p, loss = f(p, xs, ys)
-        jax.block_until_ready(p)
-        state["p"] = p
-        return {"seconds": (time.perf_counter() - t) / calls}
+        final = call()
+        again_s = time.perf_counter() - t
+        if not np.array_equal(first, final):
+            raise RuntimeError("two sweeps of the same seeds gave different results")
+        return {"compile_s": first_s - again_s, "final_losses": final.tolist(), "devices": len(jax.devices()),
+                "device_kind": jax.devices()[0].device_kind}
+
+    def timed(runs):
+        t = time.perf_counter()
+        for _ in range(runs):
+            call()
+        return {"seconds": (time.perf_counter() - t) / runs}
+
+    H.serve(setup, timed)
+
+
+def torch_worker(spec):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device(spec["torch_device"])
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    s, n, steps = spec["seeds"], spec["n"], spec["steps"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s, n, D_IN, generator=g).to(device)
+    y = torch.randint(0, C, (s, n), generator=g).to(device)
+    init = [0.1 * torch.randn(s, *shape, generator=g) for shape in ((D_IN, D_K), (D_IN, D_K), (D_IN, D_V), (D_V, C))]
+    scale, head = 1.0 / math.sqrt(D_K), 16
+    backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cpu" else [SDPBackend.FLASH_ATTENTION,
+                                                                          SDPBackend.EFFICIENT_ATTENTION]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def loss_of(w_q, w_k, w_v, w_o):
+        q = F.pad(x @ w_q, (0, head - D_K))[:, None]
+        k = F.pad(x @ w_k, (0, head - D_K))[:, None]
+        v = F.pad(x @ w_v, (0, head - D_V))[:, None]
+        with sdpa_kernel(backends):
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, 0, :, :D_V]
+        # The sum over seeds of each seed's mean loss: each seed's gradient is its own.
+        return s * F.cross_entropy((ctx @ w_o).reshape(-1, C), y.reshape(-1))
+
+    def run():
+        ws = [w.clone().to(device).requires_grad_() for w in init]
+        opt = torch.optim.SGD(ws, lr=LR)
+        losses = []
+        for _ in range(steps):
+            loss = loss_of(*ws)
+            losses.append(loss.detach())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sync()
+        return losses
+
+    def setup():
+        run()
+        return {"compile_s": None, "threads": torch.get_num_threads(), "device": str(device)}
+
+    def timed(runs):
+        t = time.perf_counter()
+        for _ in range(runs):
+            run()
+        return {"seconds": (time.perf_counter() - t) / runs}
 
     H.serve(setup, timed)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: few rounds")
-    ap.add_argument("--n", type=int, default=127, help="sequence length (default 127)")
-    ap.add_argument("--seeds", type=int, nargs="*", default=[1, 16, 256], help="seed counts (default 1 16 256)")
-    ap.add_argument("--grad-source", default="analytic", choices=["analytic", "dense", "autodiff"])
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 9, quick 3)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer seeds at N = 1999, short runs, 2 rounds")
+    ap.add_argument("--n", type=int, nargs="*", default=[1999, 127], help="sequence lengths N (default 1999 127)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None, help="seed counts (default 1 2 8 64)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; quick 2)")
+    ap.add_argument("--no-torch", action="store_true", help="leave out PyTorch (named in the output)")
+    ap.add_argument("--no-split", action="store_true", help="leave out the two-host-device configuration")
+    H.add_common_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        (torch_worker if spec["kind"] == "torch" else jax_worker)(spec)
         return
 
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds or (2 if args.quick else 3)
     script = os.path.abspath(__file__)
-    workers = {s: H.Worker(script, {"n": args.n, "seeds": s, "grad_source": args.grad_source}) for s in args.seeds}
-    # About the same work per request for every seed count: ~256 seed-steps (at least 2 calls).
-    answers = {}
-    names = list(workers)
-    for r in range(rounds):
-        for s in names[r % len(names):] + names[: r % len(names)]:
-            answers.setdefault(s, []).append(workers[s].ask(calls=max(2, 256 // s))["seconds"])
-    for w in workers.values():
-        w.close()
+    base_env = H.worker_env(args.platform)
+    backend = H.probe_backend(base_env)
+    on_cpu = backend["jax_backend"] == "cpu"
+    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    split_env = H.worker_env(args.platform, {"XLA_FLAGS": " ".join(
+        filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2"]))})
+    left_out = {}
+    if args.no_split:
+        left_out["2dev_chunk1"] = "--no-split"
+    elif not on_cpu:
+        left_out["2dev_chunk1"] = f"host devices split the CPU; this run is on {backend['jax_backend']}"
+    elif (os.cpu_count() or 1) < 2:
+        left_out["2dev_chunk1"] = "one core"
+    if args.no_torch:
+        left_out["torch_sdpa"] = "--no-torch"
+    configs = [c for c in CONFIGS if c not in left_out]
 
-    per_call = {s: H.median(ts) for s, ts in answers.items()}
-    per_seed_step_us = {s: 1e6 * t / s for s, t in per_call.items()}
-    rows = [[s, f"{1e3 * per_call[s]:.3f}", f"{per_seed_step_us[s]:.1f}", f"{workers[s].ready['compile_s']:.1f}"]
-            for s in args.seeds]
-    print(f"N = {args.n}, grad source {args.grad_source}, {rounds} alternating rounds\n")
-    print(H.table(rows, ["seeds", "ms per call", "us per seed-step", "compile s"]))
-    verdict = None
-    if 16 in per_seed_step_us and 256 in per_seed_step_us:
-        ratio = per_seed_step_us[256] / per_seed_step_us[16]
-        verdict = ratio <= 1.0
-        print(f"\n256 seeds / 16 seeds, per seed-step: {ratio:.2f} ({'met' if verdict else 'NOT met'}: target <= 1)")
-    payload = {"n": args.n, "grad_source": args.grad_source, "rounds": rounds,
-               "ms_per_call_median": {str(s): 1e3 * t for s, t in per_call.items()},
-               "us_per_seed_step": {str(s): t for s, t in per_seed_step_us.items()},
-               "all_seconds_per_call": {str(s): v for s, v in answers.items()},
-               "compile_s": {str(s): w.ready["compile_s"] for s, w in workers.items()},
-               "target_met_256_le_16": verdict, "machine": H.machine()}
-    print("wrote", H.write_json("seed_scaling.json", payload))
+    results = {}
+    for n in args.n:
+        steps = (5 if args.quick else 20) if n >= 1000 else (20 if args.quick else 200)
+        counts = args.seeds or ([1, 2] if args.quick and n >= 1000 else [1, 2, 8, 64])
+        target = (160 if n >= 1000 else 3200) // (8 if args.quick else 1)  # seed-steps per request (>= 1 run)
+        specs, runs = {}, {}
+        for s in counts:
+            for c in configs:
+                devices, chunk = CONFIGS[c]
+                if devices > 1 and s < devices:
+                    continue
+                specs[(s, c)] = {"kind": "jax", "n": n, "seeds": s, "steps": steps, "devices": devices,
+                                 "chunk_size": chunk}
+            if "torch_sdpa" not in left_out:
+                specs[(s, "torch_sdpa")] = {"kind": "torch", "n": n, "seeds": s, "steps": steps,
+                                            "torch_device": torch_device}
+        for key in specs:
+            runs[key] = max(1, math.ceil(target / (key[0] * steps)))
+        print(f"N = {n}: {steps}-step training runs, seeds {counts}; starting {len(specs)} workers ...", flush=True)
+        workers = H.start_workers(script, {f"{s}/{c}": spec for (s, c), spec in specs.items()},
+                                  lambda name: split_env if name.endswith("2dev_chunk1") else base_env)
+        try:
+            answers = H.alternate(workers, rounds,
+                                  request_of=lambda name: {"runs": runs[(int(name.split("/")[0]), name.split("/")[1])]})
+            H.close_all(workers)
+        except BaseException:
+            H.kill_all(workers)
+            raise
+        rows, entries = [], {}
+        for name, ans in answers.items():
+            s, c = int(name.split("/")[0]), name.split("/")[1]
+            t = H.median([a["seconds"] for a in ans])
+            entries[name] = {"seeds": s, "config": c, "seconds_per_run": t, "us_per_seed_step": 1e6 * t / (s * steps),
+                             "seconds_all": [a["seconds"] for a in ans], "runs_per_request": runs[(s, c)],
+                             **{k: v for k, v in workers[name].ready.items() if k != "final_losses"}}
+        identical = {}
+        for s in counts:
+            a, b = workers.get(f"{s}/1dev_chunk1"), workers.get(f"{s}/2dev_chunk1")
+            if a and b:
+                identical[s] = a.ready["final_losses"] == b.ready["final_losses"]
+        for s in counts:
+            torch_us = entries.get(f"{s}/torch_sdpa", {}).get("us_per_seed_step")
+            for c in [*configs, "torch_sdpa"]:
+                e = entries.get(f"{s}/{c}")
+                if e is None:
+                    continue
+                rows.append([s, c, f"{1e3 * e['seconds_per_run']:.1f}", f"{e['us_per_seed_step']:.1f}",
+                             f"{torch_us / e['us_per_seed_step']:.2f}x" if torch_us else "-",
+                             "-" if e.get("compile_s") is None else f"{e['compile_s']:.1f}"])
+        print(f"\nN = {n}, {steps} steps per run, {rounds} alternating rounds")
+        print(H.table(rows, ["seeds", "config", "ms per run", "us per seed-step", "vs torch_sdpa", "compile s"]))
+        split = {}
+        for s in counts:
+            one = [entries[f"{s}/{c}"]["us_per_seed_step"] for c in ("1dev", "1dev_chunk1") if f"{s}/{c}" in entries]
+            two = entries.get(f"{s}/2dev_chunk1")
+            if one and two:
+                split[s] = {"two_devices_over_best_one_device": two["us_per_seed_step"] / min(one),
+                            "identical_results": identical.get(s)}
+                print(f"{s} seeds: two host devices take {split[s]['two_devices_over_best_one_device']:.2f} of the best "
+                      f"one-device time per seed-step; results identical to one device: {identical.get(s)}")
+        results[str(n)] = {"steps": steps, "seed_counts": counts, "entries": entries, "split": split}
+        print(flush=True)
+    for name, why in left_out.items():
+        print(f"left out: {name} ({why})")
+    m = H.machine(backend)
+    print("machine:", H.describe(m))
+    payload = {"benchmark": "seed_scaling", "quick": args.quick, "rounds": rounds,
+               "config": {"d_in": D_IN, "d_k": D_K, "d_v": D_V, "n_classes": C, "lr": LR, "dtype": "float32"},
+               "configs": {k: {"host_devices": v[0], "chunk_size": v[1]} for k, v in CONFIGS.items()},
+               "results": results, "left_out": left_out, "machine": m}
+    print("wrote", H.write_json(args.out_dir, "seed_scaling.json", payload))
 
 
 if __name__ == "__main__":
-    main()
+    H.run_main(main)
