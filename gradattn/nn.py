@@ -64,7 +64,7 @@ class AttentionHead(nnx.Module):
                  dtype=jnp.float32):
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"AttentionHead: rngs must be an nnx.Rngs, got {type(rngs).__name__}")
-        scale = check_number("scale", scale, "AttentionHead", minimum=0.0)
+        scale = check_number("scale", scale, "AttentionHead", minimum=0.0, exclusive_minimum=True)
         p = init_head(rngs.params(), d_in, d_k, d_v, n_classes, scale, dtype)
         self.w_q, self.w_k, self.w_v, self.w_o = (nnx.Param(a) for a in p)
 
@@ -79,7 +79,7 @@ class AttentionHead(nnx.Module):
         if not isinstance(params, HeadParams):
             raise TypeError(f"AttentionHead.from_params: params must be a HeadParams, got {type(params).__name__}")
         (d_in, d_k), (_, d_v), (_, c) = params.w_q.shape, params.w_v.shape, params.w_o.shape
-        head = cls(d_in, d_k, d_v, c, rngs=nnx.Rngs(0), scale=0.0, dtype=params.w_q.dtype)
+        head = cls(d_in, d_k, d_v, c, rngs=nnx.Rngs(0), dtype=params.w_q.dtype)  # matrices replaced below
         head.w_q, head.w_k, head.w_v, head.w_o = (nnx.Param(jnp.asarray(a)) for a in params)
         return head
 

@@ -30,7 +30,7 @@ from gradattn.sweeps import sweep
 from gradattn.tasks import StickyMarkov
 
 TASK = StickyMarkov(seq_len=16)
-CFG = DeepConfig(steps=4, d_model=8, n_layers=2, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)
+CFG = DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)
 
 
 def test_every_head_obeys_the_laws_float64():
@@ -82,14 +82,14 @@ def test_per_head_dynamics_match_the_single_head_definitions():
 
 def test_one_seed_one_result_and_run_contents():
     run = make_deep_run(CFG)
-    assert make_deep_run(DeepConfig(steps=4, d_model=8, n_layers=2, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)) is run
+    assert make_deep_run(DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)) is run
     many = sweep(run, [1, 3, 5], chunk_size=2)
     alone = sweep(run, [3], chunk_size=2)
     for name in many:
         np.testing.assert_array_equal(many[name][1], alone[name][0], err_msg=name)
     assert not np.array_equal(many["curve"][0], many["curve"][1])
-    assert many["curve"].shape == (3, 4) and many["dyn_sign_agreement"].shape == (3, 2, 2, 2)
-    assert many["settle_attention"].shape == (3, 2, 2)
+    assert many["curve"].shape == (3, 4) and many["dyn_sign_agreement"].shape == (3, 2, 1, 2)
+    assert many["settle_attention"].shape == (3, 1, 2)
     assert set(np.unique(many["settle_values"])) <= {0.0, 2.0, 4.0}
     for name in ("dyn_sign_agreement", "dyn_sign_agreement_weighted"):
         assert ((many[name] >= 0) & (many[name] <= 1)).all()
@@ -183,10 +183,10 @@ def test_deep_experiment_json_text_and_plot(tmp_path):
                                                                          back["per_seed"]["heldout_bayes_loss"])))
     assert len(back["per_seed"]["heldout_loss"]) == 2 and len(back["curve"]["mean"]) == 4
     assert back["law_check"]["worst_rel_error"] < 1e-9
-    assert np.shape(back["dynamics"]["sign_agreement_mean"]) == (2, 2, 2)
+    assert np.shape(back["dynamics"]["sign_agreement_mean"]) == (2, 1, 2)
     assert back["config"]["schedule"] == "adamw" and back["config"]["task"]["seq_len"] == 16
     out = format_deep(back)
-    assert "held-out sequence" in out and "gap to Bayes" in out and "layer 1" in out
+    assert "held-out sequence" in out and "gap to Bayes" in out and "layer 0" in out and "head 1" in out
     plot_deep(back, tmp_path / "deep.png")
     assert (tmp_path / "deep.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="format_deep"):

@@ -127,7 +127,7 @@ def test_transformer_input_checks():
     with pytest.raises(ValueError, match="dropout"):
         Transformer(5, 8, 1, 2, 3, 1.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"x must have shape \(N, d_in\) with d_in = 5"):
-        _small()(jnp.ones((4, 6), jnp.float32))
+        nnx.eval_shape(lambda: Transformer(5, 8, 2, 2, 3, rngs=nnx.Rngs(0)))(jnp.ones((4, 6), jnp.float32))
 
 
 def test_same_model_as_pytorch():
