@@ -5,6 +5,8 @@
                         --value-lr, --routing-lr, --d-k, --d-v, --init-scale, --grad-source,
                         --seq-len, --self-prob, --noise-std, --embeddings, ...]
                        [--chunk-size K] [--no-progress]
+    gradattn deep --seeds N --out deep.json [--plot deep.png] [--fresh-data] [--two-timescale]
+                  [every field of DeepConfig and of the task as a flag]
     gradattn laws-check [--n N] [--seed S]
 
 Every argument is checked (sizes against upper bounds too, and that the output files can be
@@ -25,7 +27,7 @@ import sys
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradattn import experiments, tasks
+from gradattn import deep, experiments, tasks
 from gradattn._checks import check_int, check_number
 from gradattn._io import resolve_target, write_json
 from gradattn.plotting import plot_em_vs_sgd
@@ -139,6 +141,21 @@ _TASK_FLAGS = {
 }
 
 
+_DEEP_FLAGS = {
+    # DeepConfig field: (type, help)
+    "steps": (_int_in(1, 10_000_000), "full-batch updates"),
+    "lr": (_number(minimum=0), "peak AdamW learning rate (cosine decay to 0)"),
+    "weight_decay": (_number(minimum=0), "AdamW weight decay"),
+    "clip": (_number(minimum=0, exclusive_minimum=True), "global-norm gradient clipping"),
+    "dropout": (_number(minimum=0, maximum=1, exclusive_maximum=True), "dropout rate during training"),
+    "d_model": (_int_in(1, MAX_HEAD_SIZE), "model width"),
+    "n_layers": (_int_in(1, 64), "transformer blocks"),
+    "n_heads": (_int_in(1, 256), "heads per block"),
+    "value_lr_multiplier": (_number(minimum=0), "rate ratio on the value projections with --two-timescale"),
+    "n_checkpoints": (_int_in(0, 10_000), "per-head dynamics checkpoints (must divide --steps)"),
+}
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -148,23 +165,55 @@ def _default_text(obj, field: str) -> str:
     return "" if val is None or isinstance(val, np.ndarray) else f" (default {val})"
 
 
-def _build_config(args, parser) -> experiments.EmVsSgdConfig:
+def _build_task(args, parser) -> tasks.StickyMarkov:
     task_kw = {f: getattr(args, f) for f in _TASK_FLAGS if f != "embeddings" and getattr(args, f) is not None}
     if args.embeddings is not None:
         if "embed_seed" in task_kw:
             parser.error("give either --embeddings or --embed-seed, not both (--embeddings seed:N is --embed-seed N)")
         task_kw.update(args.embeddings)
+    try:
+        return tasks.StickyMarkov(**task_kw)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+
+def _build_config(args, parser) -> experiments.EmVsSgdConfig:
+    task = _build_task(args, parser)
     config_kw = {f: getattr(args, f) for f in _CONFIG_FLAGS if getattr(args, f) is not None}
     try:
-        task = tasks.StickyMarkov(**task_kw)
         return experiments.EmVsSgdConfig(task=task, **config_kw)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
 
 
-def _write_outputs(results: dict, out: str, plot: str | None) -> int:
-    """Write the JSON and the figure; on failure one line naming the path and the reason, exit 1."""
-    for path, write in ((out, lambda: write_json(results, out)), (plot, lambda: plot_em_vs_sgd(results, plot))):
+def _outputs(args, parser) -> tuple[str, str | None]:
+    """The checked ``--out`` and ``--plot`` targets (exit 2 before any work if they cannot be written)."""
+    out = _output_path(parser, "--out", args.out)
+    plot = None
+    if args.plot is not None:
+        plot = _output_path(parser, "--plot", args.plot)
+        if os.path.abspath(plot) == os.path.abspath(out):
+            parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
+        suffix = os.path.splitext(plot)[1].lstrip(".").lower()
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
+    return out, plot
+
+
+def _check_result_size(parser, n_seeds: int, steps: int, curves: int) -> None:
+    result_bytes = n_seeds * steps * curves * 4
+    if result_bytes > MAX_RESULT_BYTES:
+        parser.error(
+            f"{n_seeds} seeds x {steps} steps would hold {result_bytes / 2**30:.1f} GiB of loss curves "
+            f"(limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); run fewer seeds per command"
+        )
+
+
+def _report(results: dict, text: str, out: str, plot: str | None, plot_fn) -> int:
+    """Print the summary, then write the JSON and the figure; a failed write is one line and exit 1."""
+    print(text)
+    for path, write in ((out, lambda: write_json(results, out)), (plot, lambda: plot_fn(results, plot))):
         if path is None:
             continue
         try:
@@ -177,30 +226,36 @@ def _write_outputs(results: dict, out: str, plot: str | None) -> int:
     return 0
 
 
+def _seeds(args) -> list[int]:
+    return args.seed_list if args.seed_list is not None else list(range(args.seeds))
+
+
 def _em_vs_sgd(args, parser) -> int:
-    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
-    out = _output_path(parser, "--out", args.out)
-    plot = None
-    if args.plot is not None:
-        plot = _output_path(parser, "--plot", args.plot)
-        if os.path.abspath(plot) == os.path.abspath(out):
-            parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
-        suffix = os.path.splitext(plot)[1].lstrip(".").lower()
-        formats = Figure().canvas.get_supported_filetypes()
-        if suffix not in formats:
-            parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
+    seeds = _seeds(args)
+    out, plot = _outputs(args, parser)
     config = _build_config(args, parser)
-    result_bytes = len(seeds) * config.steps * 2 * 4
-    if result_bytes > MAX_RESULT_BYTES:
-        parser.error(
-            f"{len(seeds)} seeds x {config.steps} steps would hold {result_bytes / 2**30:.1f} GiB of loss curves "
-            f"(limit {MAX_RESULT_BYTES / 2**30:.0f} GiB); run fewer seeds per command"
-        )
+    _check_result_size(parser, len(seeds), config.steps, curves=2)
     prov = provenance()
     results = experiments.em_vs_sgd(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
     results["provenance"] = finish(prov)
-    print(experiments.format_em_vs_sgd(results))
-    return _write_outputs(results, out, plot)
+    return _report(results, experiments.format_em_vs_sgd(results), out, plot, plot_em_vs_sgd)
+
+
+def _deep(args, parser) -> int:
+    seeds = _seeds(args)
+    out, plot = _outputs(args, parser)
+    kw = {f: getattr(args, f) for f in _DEEP_FLAGS if getattr(args, f) is not None}
+    if args.two_timescale:
+        kw["schedule"] = "two_timescale"
+    try:
+        config = deep.DeepConfig(task=_build_task(args, parser), fresh_data=args.fresh_data, **kw)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    _check_result_size(parser, len(seeds), config.steps, curves=1)
+    prov = provenance()
+    results = deep.deep_experiment(seeds, config, chunk_size=args.chunk_size or 1, progress=not args.no_progress)
+    results["provenance"] = finish(prov)
+    return _report(results, deep.format_deep(results), out, plot, deep.plot_deep)
 
 
 def _laws_check(args, parser) -> int:
@@ -215,16 +270,20 @@ def _laws_check(args, parser) -> int:
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("em-vs-sgd", help="the paper's EM-like vs SGD experiment on the sticky Markov chain")
+def _common(p) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=5, help="run seeds 0..N-1 (default 5)")
     group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds in [0, 2^64), e.g. 3,7,11")
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("em-vs-sgd", help="the paper's EM-like vs SGD experiment on the sticky Markov chain")
+    _common(p)
     config, task = experiments.EmVsSgdConfig(), tasks.StickyMarkov()
     for field, (kind, text) in _CONFIG_FLAGS.items():
         p.add_argument(_flag(field), dest=field, type=kind, default=None, help=text + _default_text(config, field))
@@ -236,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_em_vs_sgd, sub=p)
+
+    p = sub.add_parser("deep", help="the deep transformer on the sticky Markov chain, and the laws of each of its heads")
+    _common(p)
+    config = deep.DeepConfig()
+    for field, (kind, text) in _DEEP_FLAGS.items():
+        p.add_argument(_flag(field), dest=field, type=kind, default=None, help=text + _default_text(config, field))
+    p.add_argument("--fresh-data", action="store_true", help="a fresh training sequence at every step (default: one fixed sequence)")
+    p.add_argument("--two-timescale", action="store_true", help="a larger rate (--value-lr-multiplier) on every value projection")
+    for field, (kind, text) in _TASK_FLAGS.items():
+        p.add_argument(_flag(field), dest=field, type=kind, default=None, help="task: " + text + _default_text(task, field))
+    p.add_argument("--chunk-size", type=_int_in(1, 65_536), default=None, help="seeds vmapped per device per call (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_deep, sub=p)
 
     p = sub.add_parser("laws-check", help="each first-order law vs autodiff, float64, on a random instance")
     p.add_argument("--n", type=_int_in(1, MAX_LAWS_CHECK_N), default=37, help="sequence length N (default 37)")

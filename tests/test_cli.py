@@ -284,3 +284,32 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path, delay):
     assert err.strip().splitlines() == ["gradattn: interrupted"]
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+DEEP_TINY = ["--steps", "4", "--seq-len", "24", "--d-model", "8", "--n-layers", "1", "--n-heads", "2",
+             "--n-checkpoints", "2", "--no-progress"]
+
+
+def test_deep_writes_json_with_the_heldout_table(tmp_path, capsys):
+    out, plot = tmp_path / "d.json", tmp_path / "d.png"
+    code, stdout, err = run(["deep", "--seeds", "2", "--out", str(out), "--plot", str(plot)] + DEEP_TINY, capsys)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["seeds"] == [0, 1] and res["steps"] == 4 and "h_min" in res and "config" in res
+    for key in ("loss_mean", "loss_std", "entropy_mean", "accuracy_mean", "bayes_loss_mean", "gap_to_bayes_mean"):
+        assert isinstance(res["heldout"][key], float), key
+    assert res["law_check"]["worst_rel_error"] < 1e-9
+    assert "provenance" in res and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "held-out" in stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--n-heads", "3"], "divisible"), (["--dropout", "1"], "--dropout"),
+                                           (["--n-checkpoints", "3"], "divide"), (["--clip", "0"], "--clip")])
+def test_deep_bad_arguments_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    from gradattn import deep
+
+    monkeypatch.setattr(deep, "deep_experiment", lambda *a, **k: pytest.fail("the run must not start"))
+    out = tmp_path / "d.json"
+    code, _, err = run(["deep", "--out", str(out)] + DEEP_TINY + args, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
