@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/experiment_time.py --out-dir benchmarks/measured $(BENCH_ARGS)
 	$(PY) benchmarks/seed_scaling.py --out-dir benchmarks/measured $(BENCH_ARGS)
 	$(PY) benchmarks/memory.py --out-dir benchmarks/measured $(BENCH_ARGS)
+	$(PY) benchmarks/deep_step.py --out benchmarks/measured/deep_step.json $(BENCH_ARGS)
+	@# The fused kernel's own benchmark needs a GPU (elsewhere its kernels run interpreted).
+	if $(PY) -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then \
+	    $(PY) benchmarks/gpu_pallas.py --out-dir benchmarks/measured $(BENCH_ARGS); \
+	else echo "benchmarks/gpu_pallas.py: no GPU here, not run"; fi
 
 # The API reference, generated from the docstrings by pdoc into build/docs (not committed).
 # pdoc follows a package's __all__, so every public module is named on the command line, each one only
