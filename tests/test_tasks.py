@@ -12,7 +12,7 @@ import pytest
 from gradattn.tasks import DirichletHMM, StickyMarkov, Task, check_task, embeddings_from_spec, reference_embeddings, sticky_transition_matrix
 
 
-def test_h_min_and_row_zero_match_spec():
+def test_h_min_and_row_zero_match_the_paper():
     task = StickyMarkov()
     assert f"{task.h_min:.4f}" == "1.8292"
     np.testing.assert_allclose(
