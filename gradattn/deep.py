@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from matplotlib.figure import Figure
 
 from gradattn import laws
 from gradattn._checks import check_int, check_labels, check_number, check_weights
@@ -49,6 +50,7 @@ from gradattn.bayes import bayes_loss
 from gradattn.dynamics import settling_step
 from gradattn.head import causal_mask, normalised_weights, token_losses
 from gradattn.nn import HeadTaps, Transformer
+from gradattn.plotting import atomic_savefig
 from gradattn.sweeps import seed_ints, sweep
 from gradattn.tasks import StickyMarkov
 
@@ -641,10 +643,6 @@ def plot_deep(results: dict, path=None, *, dpi: int = 150):
     """Training curve against H_min and the held-out losses; per-head heat maps (layer x head) of
     the final attention entropy and the mean sign agreement. Saved atomically when ``path`` is
     given; returns the matplotlib Figure."""
-    from matplotlib.figure import Figure
-
-    from gradattn.plotting import atomic_savefig
-
     try:
         curve = np.asarray(results["curve"]["mean"], float)
         std = np.asarray(results["curve"]["std"], float)
