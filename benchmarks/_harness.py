@@ -25,6 +25,8 @@ from importlib import metadata
 
 import numpy as np
 
+from gradattn.provenance import cpu_model, git_state
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_OUT_DIR = os.path.join(HERE, "results")
@@ -169,27 +171,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+    state = git_state(REPO)
+    if state["commit"] is None:
         return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+    return state["commit"] + ("+uncommitted changes" if state["dirty"] else "")
 
 
 _PROBE = """
@@ -213,7 +199,7 @@ def machine(backend: dict) -> dict:
     """What the figures were measured on: devices, CPU, versions, load, time, commit."""
     return {
         **backend,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "os": platform.platform(),
         "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
