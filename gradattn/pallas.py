@@ -75,7 +75,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from gradattn._checks import check_head_inputs, check_int
 from gradattn.blocked import BlockedPass
-from gradattn.head import HeadParams, normalised_weights
+from gradattn.head import HeadParams, label_factor, normalised_weights
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
 """Dot precisions of the tile products: full, TF32 tensor cores, bfloat16 inputs (f32 accumulation)."""
@@ -254,7 +254,10 @@ def _pallas_pass(params, x, y, weights, causal, precision, block_q, block_k, int
     k = mm(xp, _pad(params.w_k, (d_in, dkp)))
     v = mm(xp, _pad(params.w_v, (d_in, dvp)))
     w_o = _pad(params.w_o, (dvp, cp))
-    w = _pad(normalised_weights(weights, n, dtype), (n_pad,))
+    # A label outside [0, C) (possible only under jit) makes its row's weight NaN, hence the loss and
+    # every gradient NaN, as in every other path.
+    valid = label_factor(y, n_classes, dtype)
+    w = _pad(normalised_weights(weights, n, dtype) * valid, (n_pad,))
     yp = _pad(y.astype(jnp.int32), (n_pad,))
 
     compiler_params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
@@ -314,7 +317,7 @@ def _pallas_pass(params, x, y, weights, causal, precision, block_q, block_k, int
         name="head_key_value_grad",
     )(q, k, v, lse, u, c)
 
-    ce = ce[:n]
+    ce = ce[:n] * valid
     return BlockedPass(
         loss=jnp.sum(w[:n] * ce),
         token_losses=ce,

@@ -256,6 +256,7 @@ def test_invalid_labels_under_jit_give_nan_in_every_path(bad):
         "dense": ga.dense_loss_and_grads,
         "autodiff": ga.autodiff_loss_and_grads,
         "loss_fn_vjp": jax.value_and_grad(loss_fn),
+        "pallas": lambda *a: ga.pallas_loss_and_grads(*a, block_q=16, block_k=16),  # interpreted here
     }
     y_bad = y.at[3].set(bad)
     reference = ga.autodiff_loss_and_grads(params, x, y, w)
