@@ -66,11 +66,6 @@ def check_int(name: str, val, fn: str, *, minimum: int | None = 1, maximum: int 
     return int(i)
 
 
-def check_positive_int(name: str, val, fn: str) -> int:
-    """:func:`check_int` with ``minimum=1`` (kept for callers written before it)."""
-    return check_int(name, val, fn, minimum=1)
-
-
 def check_number(
     name: str,
     val,
