@@ -1,4 +1,5 @@
-"""Shared plumbing for the benchmarks: worker subprocesses, alternating rounds, machine facts, JSON.
+"""Shared plumbing for the benchmarks: the paper's head, worker subprocesses, alternating rounds,
+timing, the PyTorch peer of the head, machine facts, JSON.
 
 Each variant under test lives in its own worker process (its own JAX or torch runtime, its own
 compiled code, its own memory), started once. The parent then runs rounds; in each round it asks
@@ -9,39 +10,177 @@ Failure policy: a worker that dies, or answers with an error, stops the whole be
 non-zero exit status (:class:`BenchmarkError`); no variant is ever replaced by another or dropped
 without being named in the output. The parent process never initialises a JAX backend itself (on a
 GPU that would reserve memory the workers need); machine facts come from a probe subprocess.
+
+Importing this module imports neither JAX, gradattn nor torch (``torch_reference.py`` is timed
+from process start against the library and must not pay for JAX); each is imported where used.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 
 import numpy as np
-
-from gradattn.provenance import cpu_model, git_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_OUT_DIR = os.path.join(HERE, "results")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
+# The paper's head and training step: every benchmark measures this configuration.
+HEAD = dict(d_in=20, d_k=10, d_v=15, n_classes=8)
+PARAMS = ("w_q", "w_k", "w_v", "w_o")
+LR = 0.01
+INIT_SCALE = 0.1
+CHECK_TOL = 1e-4  # a variant whose loss or gradients are off by this much (relative) is not timed
+SDPA_HEAD_SIZE = 16  # q, k and v zero-padded to one head size, as torch's fused attention needs
+
 
 class BenchmarkError(RuntimeError):
     """A worker failed or a check did not hold: the benchmark stops with a non-zero exit status."""
 
 
+# ----------------------------------------------------------------------------------------------- the head
+
+
+def head_shapes(head: dict = HEAD) -> list[tuple[int, int]]:
+    """The shapes of W_Q, W_K, W_V, W_O."""
+    d_in, d_k, d_v, c = head["d_in"], head["d_k"], head["d_v"], head["n_classes"]
+    return [(d_in, d_k), (d_in, d_k), (d_in, d_v), (d_v, c)]
+
+
+def head_data(n: int, seeds: int | None = None, seed: int = 0):
+    """Random data and initial parameters of the paper's head, numpy float32 (int32 targets).
+
+    x ~ N(0, I) of shape (N, d_in), uniform targets y (N,), and W_Q, W_K, W_V, W_O with entries
+    N(0, INIT_SCALE^2), drawn in that order from ``numpy.random.default_rng(seed)``. With ``seeds``,
+    every array gets a leading axis of that length (each seed its own sequence and parameters).
+    """
+    lead = () if seeds is None else (seeds,)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*lead, n, HEAD["d_in"])).astype(np.float32)
+    y = rng.integers(0, HEAD["n_classes"], (*lead, n)).astype(np.int32)
+    weights = [(INIT_SCALE * rng.standard_normal((*lead, *s))).astype(np.float32) for s in head_shapes()]
+    return x, y, weights
+
+
+def rel_err(a, ref) -> float:
+    """``max |a - ref| / max |ref|`` over all entries (the error measure of every check)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    if a.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), np.finfo(np.float64).tiny))
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch
+
+
+def torch_device(backend: dict) -> str:
+    """Where PyTorch runs: CUDA when JAX runs on a GPU, else the CPU."""
+    return "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+
+
+def torch_setup(device):
+    """On the CPU, every core for torch's threads. Returns ``sync()``: wait for the device."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())
+        return lambda: None
+    return torch.cuda.synchronize
+
+
+def sdpa_backends(device) -> list:
+    """Only fused kernels: if none applies, torch raises instead of falling back to the unfused math path."""
+    from torch.nn.attention import SDPBackend
+
+    if device.type == "cpu":
+        return [SDPBackend.FLASH_ATTENTION]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def torch_logits(x, w_q, w_k, w_v, w_o, future=None):
+    """The causal head's logits in PyTorch, scores scaled by 1/sqrt(d_k).
+
+    With ``future`` (the (N, N) bool mask of the positions j > i): eager, the N x N softmax built
+    explicitly as the reference code does. Without: torch's fused ``scaled_dot_product_attention``
+    (``is_causal``), q, k, v zero-padded to ``SDPA_HEAD_SIZE`` (padding changes neither the scores
+    nor the context); run it under ``sdpa_kernel(sdpa_backends(device))``. Leading axes of ``x``
+    and the weights (seeds) are batch axes: (S, N, d_in) with (S, d_in, d_k), ... gives (S, N, C).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    d_k, d_v = w_q.shape[-1], w_v.shape[-1]
+    scale = 1.0 / math.sqrt(d_k)
+    q, k, v = x @ w_q, x @ w_k, x @ w_v
+    if future is not None:
+        alpha = torch.softmax((q @ k.transpose(-2, -1) * scale).masked_fill(future, float("-inf")), dim=-1)
+        return (alpha @ v) @ w_o
+    n, lead = x.shape[-2], x.shape[:-2]
+
+    def heads(a):  # (..., N, d) -> (batch, 1 head, N, SDPA_HEAD_SIZE)
+        return F.pad(a, (0, SDPA_HEAD_SIZE - a.shape[-1])).reshape(-1, 1, n, SDPA_HEAD_SIZE)
+
+    g = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=scale)[:, 0, :, :d_v]
+    return g.reshape(*lead, n, d_v) @ w_o
+
+
+def torch_loss(x, y, weights, future=None):
+    """Mean cross-entropy of :func:`torch_logits` over every position (of every seed)."""
+    import torch.nn.functional as F
+
+    logits = torch_logits(x, *weights, future=future)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def causal_future(n: int, device):
+    """The (N, N) bool mask of the positions j > i, for the eager :func:`torch_logits`."""
+    import torch
+
+    return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def timed(fn, calls: int = 1, carry=None, sync=None) -> tuple[float, object]:
+    """``calls`` calls ``carry = fn(carry)``, then ``sync(carry)`` (e.g. ``jax.block_until_ready``).
+
+    Returns (wall seconds per call, the last ``carry``). ``fn`` may ignore its argument.
+    """
+    t = time.perf_counter()
+    for _ in range(calls):
+        carry = fn(carry)
+    if sync is not None:
+        sync(carry)
+    return (time.perf_counter() - t) / calls, carry
+
+
+def median(xs) -> float:
+    return float(np.median(np.asarray(xs, dtype=float)))
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def add_out_dir(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the results JSON goes (default {DEFAULT_OUT_DIR})")
+
+
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """``--platform``, ``--out-dir`` and the hidden ``--worker`` option shared by every script."""
+    """``--platform``, ``--out-dir`` and the hidden ``--worker`` option shared by the worker-based scripts."""
     ap.add_argument("--platform", choices=PLATFORMS, default=None,
                     help="JAX backend to run on (default: JAX's default backend on this machine)")
-    ap.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the results JSON goes (default {DEFAULT_OUT_DIR})")
+    add_out_dir(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
 
 
@@ -152,19 +291,11 @@ def alternate(workers: dict[str, Worker], rounds: int, request_of=None, **reques
     return out
 
 
-def median(xs) -> float:
-    return float(np.median(np.asarray(xs, dtype=float)))
+# ----------------------------------------------------------------------------------------------- machine facts
 
 
-def rel_err(a, ref) -> float:
-    """``max |a - ref| / max |ref|`` over all entries (the error measure of every check)."""
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    if a.shape != ref.shape:
-        return float("inf")
-    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), np.finfo(np.float64).tiny))
-
-
-def _version(dist: str) -> str | None:
+def version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -172,17 +303,28 @@ def _version(dist: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    from gradattn.provenance import git_state
+
     state = git_state(REPO)
     if state["commit"] is None:
         return None
     return state["commit"] + ("+uncommitted changes" if state["dirty"] else "")
 
 
-_PROBE = """
-import json, jax
-d = jax.devices()
-print(json.dumps({"jax_backend": jax.default_backend(), "device_kind": d[0].device_kind,
-                  "device_count": len(d), "platform": d[0].platform}))
+def local_backend() -> dict:
+    """The JAX backend and devices this process sees (initialises the backend)."""
+    import jax
+
+    d = jax.devices()
+    return {"jax_backend": jax.default_backend(), "device_kind": d[0].device_kind, "device_count": len(d),
+            "platform": d[0].platform}
+
+
+_PROBE = f"""
+import json, sys
+sys.path.insert(0, {HERE!r})
+import _harness
+print(json.dumps(_harness.local_backend()))
 """
 
 
@@ -196,7 +338,10 @@ def probe_backend(env: dict) -> dict:
 
 
 def machine(backend: dict) -> dict:
-    """What the figures were measured on: devices, CPU, versions, load, time, commit."""
+    """What the figures were measured on: devices (``backend``, from :func:`probe_backend` or
+    :func:`local_backend`), CPU, versions, load, time, commit."""
+    from gradattn.provenance import cpu_model
+
     return {
         **backend,
         "cpu_model": cpu_model() or platform.machine(),
@@ -204,7 +349,7 @@ def machine(backend: dict) -> dict:
         "os": platform.platform(),
         "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("jax", "jaxlib", "torch", "numpy", "optax", "gradattn")},
+        "versions": {d: version(d) for d in ("jax", "jaxlib", "torch", "numpy", "optax", "gradattn")},
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -219,21 +364,35 @@ def describe(m: dict) -> str:
             f"python {m['python']}; load average {' '.join(f'{x:.1f}' for x in m['loadavg_at_end'] or [])}")
 
 
-def write_json(out_dir: str, name: str, payload: dict) -> str:
-    """Write ``<out_dir>/<name>`` whole or not at all (temporary file, then rename)."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, allow_nan=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _atomic_io():
+    """The library's atomic writer, ``gradattn._io``.
+
+    Where the ``gradattn`` package is not imported yet, the module is loaded from the package's
+    own file without running the package's ``__init__`` (which imports JAX: a second or more that
+    the PyTorch reference, timed from process start to exit, must not be charged).
+    """
+    if "gradattn" in sys.modules:
+        import gradattn._io
+
+        return gradattn._io
+    spec = importlib.util.find_spec("gradattn")
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchmarkError("the gradattn package is not importable (pip install -e . or set PYTHONPATH)")
+    io_spec = importlib.util.spec_from_file_location(
+        "gradattn._io", os.path.join(list(spec.submodule_search_locations)[0], "_io.py"))
+    module = importlib.util.module_from_spec(io_spec)
+    io_spec.loader.exec_module(module)
+    return module
+
+
+def write_json(path: str, payload: dict) -> str:
+    """Write ``payload`` to ``path`` whole or not at all (``gradattn._io``: a temporary file, then a
+    rename; NaN and inf become null); the directory is made if missing. Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_io().write_json(payload, path)
     return path
 
 
@@ -246,9 +405,11 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 def run_main(main) -> None:
-    """Run a benchmark's ``main``; a :class:`BenchmarkError` is one line on stderr and exit status 1."""
+    """Run a benchmark's ``main`` and exit with its status (None is 0); a :class:`BenchmarkError` is
+    one line on stderr and exit status 1."""
     try:
-        main()
+        code = main()
     except BenchmarkError as err:
         sys.stderr.write(f"{os.path.basename(sys.argv[0])}: FAILED: {err}\n")
         sys.exit(1)
+    sys.exit(code or 0)

@@ -20,14 +20,15 @@ versions, per-step milliseconds) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
+import os
 import sys
-import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
 
 
 def _torch_modules():
@@ -107,7 +108,7 @@ def copy_weights(jax_model, torch_model) -> None:
     lin(jax_model.out_proj, torch_model.out_proj)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 255, 3 rounds (a smoke run)")
     parser.add_argument("--n", type=int, default=None, help="positions per sequence (default 1999; 255 with --quick)")
@@ -197,30 +198,27 @@ def main(argv=None) -> int:
     jax_loss = float(loss(params, x, y))
     print(f"loss at the same weights: jax {jax_loss:.6f}  " + "  ".join(f"{k} {v:.6f}" for k, v in torch_losses.items()))
     for name, v in torch_losses.items():
-        if abs(v - jax_loss) > 1e-4 * max(1.0, abs(jax_loss)):
-            print(f"deep_step: {name} computes a different loss ({v} vs {jax_loss})", file=sys.stderr)
-            return 1
+        if abs(v - jax_loss) > H.CHECK_TOL * max(1.0, abs(jax_loss)):
+            raise H.BenchmarkError(f"{name} computes a different loss ({v} vs {jax_loss}); nothing was timed")
 
     for fn in contenders.values():  # compile / warm up
         fn()
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps * 1e3)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append(H.timed(lambda _: fn(), reps)[0] * 1e3)
+    med = {name: H.median(ts) for name, ts in times.items()}
     med[f"jax_vmap_{args.seeds}_per_seed"] = med[f"jax_vmap_{args.seeds}"] / args.seeds
 
+    m = H.machine(H.local_backend())
     result = {
         "benchmark": "deep_step",
         "n_positions": n,
         "model": "4 layers x 4 heads, d_model 64, 201,928 parameters",
-        "device_kind": jax.devices()[0].device_kind,
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device_kind": m["device_kind"],
+        "platform": m["os"],
+        "processor": m["cpu_model"],
+        "versions": {**m["versions"], "python": m["python"]},
         "torch_threads": torch.get_num_threads(),
         "rounds": rounds,
         "reps_per_round": reps,
@@ -229,16 +227,16 @@ def main(argv=None) -> int:
         "ms_per_step_rounds": times,
         "torch_eager_over_jax": med["torch_eager"] / med["jax"],
         "torch_sdpa_over_jax": med["torch_sdpa"] / med["jax"],
+        "machine": m,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    H.write_json(args.out, result)
     print(f"one training step, N = {n}, {result['device_kind']} (median of {rounds} interleaved rounds)")
     print(f"{'contender':<24}{'ms / step':>12}{'x jax':>9}")
     for name, ms in med.items():
         print(f"{name:<24}{ms:12.1f}{ms / med['jax']:9.2f}")
+    print("machine:", H.describe(m))
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    H.run_main(main)

@@ -34,8 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
-T_PROCESS = time.perf_counter()
-
 TARGETS = {"torch_eager": 12.0, "torch_sdpa": 2.5}  # gradattn at least this many times faster end to end
 COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -82,9 +80,7 @@ def _run(name: str, cmd: list[str], env: dict, out: str) -> dict:
     """Run ``cmd`` to completion; wall time from spawn to exit, and its results file read back."""
     if os.path.exists(out):
         os.unlink(out)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    wall, proc = H.timed(lambda _: subprocess.run(cmd, env=env, capture_output=True, text=True))
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise H.BenchmarkError(f"{name} exited with status {proc.returncode}: {' '.join(cmd)}")
@@ -122,7 +118,7 @@ def main(argv=None):
 
     env = H.worker_env(args.platform)
     backend = H.probe_backend(env)
-    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    torch_device = H.torch_device(backend)
     runs_dir = os.path.join(args.out_dir, "experiment_time_runs")
     os.makedirs(runs_dir, exist_ok=True)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -145,15 +141,12 @@ def main(argv=None):
             runs[name].append(_run(name, cmd, env, cmd[cmd.index("--out") + 1]))
 
     # Interpreter start-up alone (python -c pass), to split the library's time into its phases.
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    interpreter_s = time.perf_counter() - t
+    interpreter_s, _ = H.timed(lambda _: subprocess.run([sys.executable, "-c", "pass"], check=True))
     phase_out = os.path.join(runs_dir, "gradattn_phases.json")
     spec = {"argv": _library_argv(args, phase_out), "t_spawn_offset": interpreter_s}
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    phase_wall = time.perf_counter() - t
+    phase_wall, proc = H.timed(lambda _: subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env, capture_output=True,
+        text=True))
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise H.BenchmarkError(f"the in-process gradattn run exited with status {proc.returncode}")
@@ -201,7 +194,7 @@ def main(argv=None):
         "gradattn_phases": {**phases, "startup_and_imports_s": startup_s, "run_s": run_s, "other_s": other_s},
         "left_out": left_out, "targets": targets, "machine": m,
     }
-    print("wrote", H.write_json(args.out_dir, "experiment_time.json", payload))
+    print("wrote", H.write_json(os.path.join(args.out_dir, "experiment_time.json"), payload))
 
 
 if __name__ == "__main__":

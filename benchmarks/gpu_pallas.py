@@ -37,29 +37,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _harness as H  # noqa: E402
 import gradattn as ga  # noqa: E402
-from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, pallas_loss_and_grads  # noqa: E402
+from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q  # noqa: E402
 
-HEAD = dict(d_in=20, d_k=10, d_v=15, n_classes=8)
-LR = 0.01
-INIT_SCALE = 0.1
-CHECK_TOL = 1e-4
+HEAD, LR, INIT_SCALE, CHECK_TOL = H.HEAD, H.LR, H.INIT_SCALE, H.CHECK_TOL
 PATHS = ("pallas_float32", "pallas_tf32", "pallas_bfloat16", "blocked", "dense", "autodiff")
 FULL = dict(n=1999, seeds=(1, 64, 256, 1000), steps=10, reps=3, tiles=((32, 32), (64, 64), (128, 64), (128, 128)),
             tile_seeds=64, matmul=4096, bandwidth_mb=256, budget_s=480.0)
@@ -70,7 +65,7 @@ QUICK = dict(n=40, seeds=(2,), steps=2, reps=1, tiles=((16, 16),), tile_seeds=2,
 def loss_and_grads_of(path: str, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """``(params, x, y) -> (loss, grads)`` for one named path, causal, no weights."""
     if path.startswith("pallas_"):
-        return functools.partial(pallas_loss_and_grads, weights=None, causal=True, precision=path[len("pallas_"):],
+        return functools.partial(ga.pallas_loss_and_grads, weights=None, causal=True, precision=path[len("pallas_"):],
                                  block_q=block_q, block_k=block_k)
     if path == "blocked":
         return lambda p, x, y: ga.blocked_loss_and_grads(p, x, y, None, True)
@@ -83,18 +78,8 @@ def loss_and_grads_of(path: str, block_q: int = DEFAULT_BLOCK_Q, block_k: int = 
 
 def data(n: int, seeds: int, seed0: int = 0):
     """Per seed: its own sequence (x (N, d_in) float32, y (N,) int32) and initial parameters."""
-    rng = np.random.default_rng(seed0)
-    x = rng.standard_normal((seeds, n, HEAD["d_in"])).astype(np.float32)
-    y = rng.integers(0, HEAD["n_classes"], (seeds, n)).astype(np.int32)
-    shapes = [(HEAD["d_in"], HEAD["d_k"]), (HEAD["d_in"], HEAD["d_k"]), (HEAD["d_in"], HEAD["d_v"]),
-              (HEAD["d_v"], HEAD["n_classes"])]
-    params = ga.HeadParams(*[(INIT_SCALE * rng.standard_normal((seeds, *s))).astype(np.float32) for s in shapes])
-    return params, x, y
-
-
-def rel_err(a, ref) -> float:
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(a - ref)) / max(float(np.max(np.abs(ref))), 1e-300))
+    x, y, weights = H.head_data(n, seeds, seed0)
+    return ga.HeadParams(*weights), x, y
 
 
 def check(n: int, paths) -> dict:
@@ -110,7 +95,7 @@ def check(n: int, paths) -> dict:
         try:
             loss, grads = jax.jit(loss_and_grads_of(path))(params, x, y)
             got = [np.asarray(loss)] + [np.asarray(g) for g in grads]
-            errs = dict(zip(("loss", "w_q", "w_k", "w_v", "w_o"), (rel_err(a, b) for a, b in zip(got, ref))))
+            errs = dict(zip(("loss", *H.PARAMS), (H.rel_err(a, b) for a, b in zip(got, ref))))
             out[path] = {"max_rel_err": max(errs.values()), "rel_err": errs}
         except Exception as err:  # noqa: BLE001 - recorded, and a failing default path fails the run
             out[path] = {"error": _short(err)}
@@ -123,16 +108,10 @@ def check(n: int, paths) -> dict:
 
 def _time(fn, *args, reps: int) -> tuple[float, float]:
     """(compile seconds, median seconds per call) of a jitted ``fn``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s, compiled = H.timed(lambda _: jax.jit(fn).lower(*args).compile())
     jax.block_until_ready(compiled(*args))  # warm: first run allocates
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times))
+    times = [H.timed(lambda _: compiled(*args), sync=jax.block_until_ready)[0] for _ in range(reps)]
+    return compile_s, H.median(times)
 
 
 def rates(matmul: int, bandwidth_mb: int, reps: int) -> dict:
@@ -231,22 +210,12 @@ def _short(err: BaseException) -> str:
 
 
 def machine() -> dict:
-    d = jax.devices()
-    return {"backend": jax.default_backend(), "device_kind": d[0].device_kind, "device_count": len(d),
-            "jax": jax.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "pallas_mode": "compiled (Triton)" if jax.default_backend() == "gpu" else "interpret"}
-
-
-def write(out_dir: str, payload: dict) -> str:
-    """``<out_dir>/gpu_pallas.json``, written whole (temporary file, then rename)."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gpu_pallas.json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".gpu_pallas.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    """The harness's machine facts of this process's backend, with the Pallas mode and, under the
+    names and meanings this file's results have always used, the backend, the jax version and the
+    OS as ``platform`` (the harness's ``platform``, the device platform, is ``backend`` here)."""
+    m = H.machine(H.local_backend())
+    return {**m, "backend": m["jax_backend"], "jax": m["versions"]["jax"], "platform": m["os"],
+            "pallas_mode": "compiled (Triton)" if m["jax_backend"] == "gpu" else "interpret"}
 
 
 def main(argv=None) -> int:
@@ -258,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="SGD steps per timed call (default 10; quick 2)")
     ap.add_argument("--reps", type=int, help="timed calls per measurement, median taken (default 3; quick 1)")
     ap.add_argument("--budget-s", type=float, help="skip measurements that would start after this many seconds")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    H.add_out_dir(ap)
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("n", "steps", "reps", "budget_s"):
@@ -274,7 +243,7 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "config": {**cfg, "paths": paths, "head": HEAD, "lr": LR, "init_scale": INIT_SCALE},
               "timing": [], "tiles": [], "skipped": []}
     print(result["machine"], flush=True)
-    out = lambda: write(args.out_dir, result)  # noqa: E731
+    out = lambda: H.write_json(os.path.join(args.out_dir, "gpu_pallas.json"), result)  # noqa: E731
 
     result["check"] = check(cfg["n"], paths)
     out()
@@ -297,6 +266,7 @@ def main(argv=None) -> int:
                                              rate, block_q=bq, block_k=bk))
             out()
     result["wall_s"] = time.perf_counter() - start
+    result["machine"] = machine()  # again at the end: the load average over the run, the end time
     path = out()
     print(f"wrote {path} in {result['wall_s']:.0f} s; check {'passed' if result['check']['passed'] else 'FAILED'}",
           flush=True)
@@ -304,4 +274,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    H.run_main(main)

@@ -30,7 +30,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,35 +50,29 @@ def _available_bytes() -> int:
 def worker(spec) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import gradattn as ga
 
     n = spec["n"]
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, 20)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 8, n), jnp.int32)
-    params = ga.init_head(jax.random.PRNGKey(0), 20, 10, 15, 8)
+    x_np, y_np, _ = H.head_data(n)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    params = ga.init_head(jax.random.PRNGKey(0), **H.HEAD, scale=H.INIT_SCALE)
     grad_source = ga.blocked_loss_and_grads if spec["variant"] == "blocked" else ga.dense_loss_and_grads
 
     def step(p, x, y):
         loss, g = grad_source(p, x, y)
-        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), loss
+        return jax.tree.map(lambda a, b: a - H.LR * b, p, g), loss
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    compiled = jax.jit(step).lower(params, x, y).compile()
-    compile_s = time.perf_counter() - t
+    compile_s, compiled = H.timed(lambda _: jax.jit(step).lower(params, x, y).compile())
     m = compiled.memory_analysis()
     total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
     out = {"n": n, "variant": spec["variant"], "compile_s": compile_s, "xla_temp_mb": m.temp_size_in_bytes / 1e6,
            "xla_total_mb": total / 1e6, "base_rss_mb": base / 1e6, "ran": False}
     if total < spec["run_limit_bytes"]:
         p, loss = compiled(params, x, y)
-        t = time.perf_counter()
-        p, loss = compiled(p, x, y)
-        jax.block_until_ready(p)
-        out.update(ran=True, step_s=time.perf_counter() - t, loss=float(loss),
+        step_s, (p, loss) = H.timed(lambda _: compiled(p, x, y), sync=jax.block_until_ready)
+        out.update(ran=True, step_s=step_s, loss=float(loss),
                    rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6)
         stats = jax.devices()[0].memory_stats()
         if stats and "peak_bytes_in_use" in stats:
@@ -134,7 +127,7 @@ def main(argv=None):
     print(f"dense steps are run only where XLA's estimate is below {run_limit / 1e9:.1f} GB (half the available memory)")
     m = H.machine(backend)
     print("machine:", H.describe(m))
-    print("wrote", H.write_json(args.out_dir, "memory.json", {
+    print("wrote", H.write_json(os.path.join(args.out_dir, "memory.json"), {
         "benchmark": "memory", "quick": args.quick, "results": results, "target_gb": TARGET_GB,
         "run_limit_bytes": run_limit, "n16384_within_target": verdict, "machine": m}))
 

@@ -33,13 +33,11 @@ import json
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
-D_IN, D_K, D_V, C, LR = 20, 10, 15, 8, 0.01
 CONFIGS = {"1dev": (1, None), "1dev_chunk1": (1, 1), "2dev_chunk1": (2, 1)}  # name: (host devices, chunk size)
 
 
@@ -52,13 +50,13 @@ def jax_worker(spec):
     n, seeds, steps = spec["n"], list(range(spec["seeds"])), spec["steps"]
     if spec["devices"] > 1 and len(jax.devices()) != spec["devices"]:
         raise RuntimeError(f"asked for {spec['devices']} devices, JAX sees {len(jax.devices())}")
-    opt = ga.sgd(LR)
+    opt = ga.sgd(H.LR)
 
     def fn(key):
         k_x, k_y, k_init = jax.random.split(key, 3)
-        x = jax.random.normal(k_x, (n, D_IN))
-        y = jax.random.randint(k_y, (n,), 0, C)
-        params = ga.init_head(k_init, D_IN, D_K, D_V, C)
+        x = jax.random.normal(k_x, (n, H.HEAD["d_in"]))
+        y = jax.random.randint(k_y, (n,), 0, H.HEAD["n_classes"])
+        params = ga.init_head(k_init, **H.HEAD, scale=H.INIT_SCALE)
         return ga.train(params, x, y, opt, steps)[1]["loss"][-1]
 
     kw = {} if spec["chunk_size"] is None else {"chunk_size": spec["chunk_size"]}
@@ -67,56 +65,40 @@ def jax_worker(spec):
         return np.asarray(ga.sweep(fn, seeds, **kw))
 
     def setup():
-        t = time.perf_counter()
-        first = call()
-        first_s = time.perf_counter() - t
-        t = time.perf_counter()
-        final = call()
-        again_s = time.perf_counter() - t
+        first_s, first = H.timed(lambda _: call())
+        again_s, final = H.timed(lambda _: call())
         if not np.array_equal(first, final):
             raise RuntimeError("two sweeps of the same seeds gave different results")
         return {"compile_s": first_s - again_s, "final_losses": final.tolist(), "devices": len(jax.devices()),
                 "device_kind": jax.devices()[0].device_kind}
 
     def timed(runs):
-        t = time.perf_counter()
-        for _ in range(runs):
-            call()
-        return {"seconds": (time.perf_counter() - t) / runs}
+        return {"seconds": H.timed(lambda _: call(), runs)[0]}
 
     H.serve(setup, timed)
 
 
 def torch_worker(spec):
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     device = torch.device(spec["torch_device"])
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
+    sync = H.torch_setup(device)
     s, n, steps = spec["seeds"], spec["n"], spec["steps"]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(s, n, D_IN, generator=g).to(device)
-    y = torch.randint(0, C, (s, n), generator=g).to(device)
-    init = [0.1 * torch.randn(s, *shape, generator=g) for shape in ((D_IN, D_K), (D_IN, D_K), (D_IN, D_V), (D_V, C))]
-    scale, head = 1.0 / math.sqrt(D_K), 16
-    backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cpu" else [SDPBackend.FLASH_ATTENTION,
-                                                                          SDPBackend.EFFICIENT_ATTENTION]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.randn(s, n, H.HEAD["d_in"], generator=g).to(device)
+    y = torch.randint(0, H.HEAD["n_classes"], (s, n), generator=g).to(device)
+    init = [H.INIT_SCALE * torch.randn(s, *shape, generator=g) for shape in H.head_shapes()]
+    backends = H.sdpa_backends(device)
 
-    def loss_of(w_q, w_k, w_v, w_o):
-        q = F.pad(x @ w_q, (0, head - D_K))[:, None]
-        k = F.pad(x @ w_k, (0, head - D_K))[:, None]
-        v = F.pad(x @ w_v, (0, head - D_V))[:, None]
+    def loss_of(*ws):
         with sdpa_kernel(backends):
-            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, 0, :, :D_V]
-        # The sum over seeds of each seed's mean loss: each seed's gradient is its own.
-        return s * F.cross_entropy((ctx @ w_o).reshape(-1, C), y.reshape(-1))
+            # The sum over seeds of each seed's mean loss: each seed's gradient is its own.
+            return s * H.torch_loss(x, y, ws)
 
     def run():
         ws = [w.clone().to(device).requires_grad_() for w in init]
-        opt = torch.optim.SGD(ws, lr=LR)
+        opt = torch.optim.SGD(ws, lr=H.LR)
         losses = []
         for _ in range(steps):
             loss = loss_of(*ws)
@@ -132,10 +114,7 @@ def torch_worker(spec):
         return {"compile_s": None, "threads": torch.get_num_threads(), "device": str(device)}
 
     def timed(runs):
-        t = time.perf_counter()
-        for _ in range(runs):
-            run()
-        return {"seconds": (time.perf_counter() - t) / runs}
+        return {"seconds": H.timed(lambda _: run(), runs)[0]}
 
     H.serve(setup, timed)
 
@@ -160,7 +139,7 @@ def main(argv=None):
     base_env = H.worker_env(args.platform)
     backend = H.probe_backend(base_env)
     on_cpu = backend["jax_backend"] == "cpu"
-    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    torch_device = H.torch_device(backend)
     split_env = H.worker_env(args.platform, {"XLA_FLAGS": " ".join(
         filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2"]))})
     left_out = {}
@@ -241,10 +220,10 @@ def main(argv=None):
     m = H.machine(backend)
     print("machine:", H.describe(m))
     payload = {"benchmark": "seed_scaling", "quick": args.quick, "rounds": rounds,
-               "config": {"d_in": D_IN, "d_k": D_K, "d_v": D_V, "n_classes": C, "lr": LR, "dtype": "float32"},
+               "config": {**H.HEAD, "lr": H.LR, "dtype": "float32"},
                "configs": {k: {"host_devices": v[0], "chunk_size": v[1]} for k, v in CONFIGS.items()},
                "results": results, "left_out": left_out, "machine": m}
-    print("wrote", H.write_json(args.out_dir, "seed_scaling.json", payload))
+    print("wrote", H.write_json(os.path.join(args.out_dir, "seed_scaling.json"), payload))
 
 
 if __name__ == "__main__":

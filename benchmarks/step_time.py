@@ -38,35 +38,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _harness as H  # noqa: E402
 
-CONFIG = dict(d_in=20, d_k=10, d_v=15, n_classes=8, lr=0.01, init_scale=0.1)
+CONFIG = dict(H.HEAD, lr=H.LR, init_scale=H.INIT_SCALE)
 JAX_VARIANTS = ("auto", "blocked", "loss_fn_vjp", "dense_laws", "autodiff")
 TORCH_VARIANTS = ("torch_eager", "torch_sdpa", "torch_compile_eager", "torch_compile_sdpa")
-PARAMS = ("w_q", "w_k", "w_v", "w_o")
-CHECK_TOL = 1e-4
+PARAMS = H.PARAMS
+CHECK_TOL = H.CHECK_TOL
 TARGET_VS_TORCH = 3.0  # the training step at least this much faster than the fastest PyTorch variant
 TARGET_FLOOR = 0.8  # the scan at this fraction of the measured floor or more
-
-
-def _data(n: int):
-    """The shared data and initial parameters (numpy float32; identical in every worker)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, CONFIG["d_in"])).astype(np.float32)
-    y = rng.integers(0, CONFIG["n_classes"], n).astype(np.int32)
-    shapes = [(CONFIG["d_in"], CONFIG["d_k"]), (CONFIG["d_in"], CONFIG["d_k"]), (CONFIG["d_in"], CONFIG["d_v"]),
-              (CONFIG["d_v"], CONFIG["n_classes"])]
-    weights = [(CONFIG["init_scale"] * rng.standard_normal(s)).astype(np.float32) for s in shapes]
-    return x, y, weights
 
 
 def _check_payload(loss, grads) -> dict:
@@ -85,7 +70,7 @@ def reference_worker(spec):
 
     import gradattn as ga
 
-    x, y, w = _data(spec["n"])
+    x, y, w = H.head_data(spec["n"])
     with jax.enable_x64(True):
         params = ga.HeadParams(*(jnp.asarray(a, jnp.float64) for a in w))
         loss, g = ga.dense_loss_and_grads(params, jnp.asarray(x, jnp.float64), jnp.asarray(y))
@@ -126,7 +111,7 @@ def jax_worker(spec):
 
     import gradattn as ga
 
-    x_np, y_np, w_np = _data(spec["n"])
+    x_np, y_np, w_np = H.head_data(spec["n"])
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     params = ga.HeadParams(*map(jnp.asarray, w_np))
     source = _jax_grad_source(spec["variant"], spec.get("block_size"))
@@ -139,65 +124,41 @@ def jax_worker(spec):
         s, metrics = jax.jit(ga.make_step(recorder, grad_source=source))(ga.init_state(params, recorder), x, y)
         check = _check_payload(metrics["loss"], s.opt_state)
         s0 = ga.init_state(params, opt)
-        t = time.perf_counter()
-        compiled = step.lower(s0, x, y).compile()
-        compile_s = time.perf_counter() - t
+        compile_s, compiled = H.timed(lambda _: step.lower(s0, x, y).compile())
         s1, _ = compiled(s0, x, y)
         jax.block_until_ready(s1)
         state.update(f=compiled, s=s1)
         return {"compile_s": compile_s, "check": check, "device": str(jax.devices()[0])}
 
     def timed(steps):
-        f, s = state["f"], state["s"]
-        t = time.perf_counter()
-        for _ in range(steps):
-            s, metrics = f(s, x, y)
-        jax.block_until_ready(s)
-        state["s"] = s
-        return {"seconds": (time.perf_counter() - t) / steps}
+        f = state["f"]
+        seconds, state["s"] = H.timed(lambda s: f(s, x, y)[0], steps, state["s"], jax.block_until_ready)
+        return {"seconds": seconds}
 
     H.serve(setup, timed)
 
 
 def torch_worker(spec):
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     device = torch.device(spec["torch_device"])
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
+    sync = H.torch_setup(device)
     variant = spec["variant"]
     fused = variant.endswith("sdpa")
-    n, d_k, d_v = spec["n"], CONFIG["d_k"], CONFIG["d_v"]
-    x_np, y_np, w_np = _data(n)
+    x_np, y_np, w_np = H.head_data(spec["n"])
     x = torch.from_numpy(x_np).to(device)
     y = torch.from_numpy(y_np).long().to(device)
     ws = [torch.from_numpy(w).to(device).requires_grad_() for w in w_np]
-    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
-    scale = 1.0 / math.sqrt(d_k)
-    head = 16  # one head size for q, k and v, as the fused kernel needs
-    # Only fused kernels: if none applies, torch raises instead of falling back to the unfused math path.
-    backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cpu" else [SDPBackend.FLASH_ATTENTION,
-                                                                           SDPBackend.EFFICIENT_ATTENTION]
+    future = None if fused else H.causal_future(spec["n"], device)
+    backends = H.sdpa_backends(device)
 
-    def loss_eager(w_q, w_k, w_v, w_o):
-        q, k, v = x @ w_q, x @ w_k, x @ w_v
-        alpha = torch.softmax((q @ k.T * scale).masked_fill(future, float("-inf")), dim=-1)
-        return F.cross_entropy((alpha @ v) @ w_o, y)
+    def loss_fn(*weights):
+        return H.torch_loss(x, y, weights, future)
 
-    def loss_sdpa(w_q, w_k, w_v, w_o):
-        q = F.pad(x @ w_q, (0, head - d_k))[None, None]
-        k = F.pad(x @ w_k, (0, head - d_k))[None, None]
-        v = F.pad(x @ w_v, (0, head - d_v))[None, None]
-        g = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0, 0, :, :d_v]
-        return F.cross_entropy(g @ w_o, y)
-
-    loss_fn = loss_sdpa if fused else loss_eager
     if variant.startswith("torch_compile"):
         loss_fn = torch.compile(loss_fn)
     opt = torch.optim.SGD(ws, lr=CONFIG["lr"])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         with sdpa_kernel(backends):
@@ -207,13 +168,14 @@ def torch_worker(spec):
         opt.step()
         return loss
 
-    def setup():
-        t = time.perf_counter()
+    def first_step(_):
         with sdpa_kernel(backends):
             loss = loss_fn(*ws)
         loss.backward()
-        sync()
-        first_s = time.perf_counter() - t
+        return loss
+
+    def setup():
+        first_s, loss = H.timed(first_step, sync=lambda _: sync())
         check = _check_payload(loss.item(), [w.grad.detach().cpu().numpy() for w in ws])
         for w in ws:
             w.grad = None
@@ -225,11 +187,7 @@ def torch_worker(spec):
                 "sdpa_backends": [b.name for b in backends] if fused else None}
 
     def timed(steps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        return {"seconds": (time.perf_counter() - t) / steps}
+        return {"seconds": H.timed(lambda _: step(), steps, sync=lambda _: sync())[0]}
 
     H.serve(setup, timed)
 
@@ -254,16 +212,9 @@ def floor_worker(spec):
         return {"flops": 2 * m ** 3, "step_flops": flops, "matmul_side": m, "exp_count": n * n // 2}
 
     def timed(steps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            out = matmul(a)
-        jax.block_until_ready(out)
-        t_mm = (time.perf_counter() - t) / steps * flops / (2 * m ** 3)  # the step's FLOPs at the measured rate
-        t = time.perf_counter()
-        for _ in range(steps):
-            out = exp(e)
-        jax.block_until_ready(out)
-        t_exp = (time.perf_counter() - t) / steps
+        t_mm = H.timed(lambda _: matmul(a), steps, sync=jax.block_until_ready)[0]
+        t_mm *= flops / (2 * m ** 3)  # the step's FLOPs at the measured rate
+        t_exp = H.timed(lambda _: exp(e), steps, sync=jax.block_until_ready)[0]
         return {"seconds": t_mm + t_exp, "matmul_s": t_mm, "exp_s": t_exp}
 
     H.serve(setup, timed)
@@ -276,7 +227,7 @@ def scan_worker(spec):
 
     import gradattn as ga
 
-    x_np, y_np, w_np = _data(spec["n"])
+    x_np, y_np, w_np = H.head_data(spec["n"])
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     params = ga.HeadParams(*map(jnp.asarray, w_np))
     steps = spec["steps"]
@@ -284,20 +235,14 @@ def scan_worker(spec):
     state = {}
 
     def setup():
-        t = time.perf_counter()
-        lowered = run.lower(params, x, y)
-        trace_s = time.perf_counter() - t
-        t = time.perf_counter()
-        state["f"] = lowered.compile()
-        compile_s = time.perf_counter() - t
+        trace_s, lowered = H.timed(lambda _: run.lower(params, x, y))
+        compile_s, state["f"] = H.timed(lambda _: lowered.compile())
         losses = jax.block_until_ready(state["f"](params, x, y))
         return {"steps": steps, "trace_s": trace_s, "compile_s": compile_s, "first_loss": float(losses[0]),
                 "final_loss": float(losses[-1])}
 
     def timed():
-        t = time.perf_counter()
-        jax.block_until_ready(state["f"](params, x, y))
-        return {"seconds": time.perf_counter() - t}
+        return {"seconds": H.timed(lambda _: state["f"](params, x, y), sync=jax.block_until_ready)[0]}
 
     H.serve(setup, timed)
 
@@ -339,7 +284,7 @@ def main(argv=None):
     script = os.path.abspath(__file__)
     env = H.worker_env(args.platform)
     backend = H.probe_backend(env)
-    torch_device = "cuda" if backend["jax_backend"] in ("gpu", "cuda", "rocm") else "cpu"
+    torch_device = H.torch_device(backend)
     left_out = {}
     torch_variants = list(TORCH_VARIANTS)
     if args.no_torch:
@@ -453,7 +398,7 @@ def main(argv=None):
         "workers": {k: {kk: vv for kk, vv in w.ready.items() if kk != "check"} for k, w in workers.items()},
         "machine": m,
     }
-    print("wrote", H.write_json(args.out_dir, "step_time.json", payload))
+    print("wrote", H.write_json(os.path.join(args.out_dir, "step_time.json"), payload))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ the unfused path silently.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -38,10 +36,16 @@ T_START = time.perf_counter()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
-C, D_IN, D_K, D_V = 8, 20, 10, 15
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402  (imports neither JAX nor gradattn: this process's wall time is measured)
+
+C = H.HEAD["n_classes"]
+EM_VALUE_LR = 0.1  # the EM-like arm's rate on W_V (H.LR on the others)
 
 
 def transition_matrix(c: int = C, self_prob: float = 0.3) -> torch.Tensor:
@@ -68,25 +72,14 @@ class Head(torch.nn.Module):
         super().__init__()
         self.w_q, self.w_k, self.w_v, self.w_o = (torch.nn.Parameter(w.clone()) for w in init)
         self.attention = attention
-        self.scale = 1.0 / math.sqrt(D_K)
         self.register_buffer("future", torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = x @ self.w_q, x @ self.w_k, x @ self.w_v
+        weights = (self.w_q, self.w_k, self.w_v, self.w_o)
         if self.attention == "eager":
-            s = (q @ k.T * self.scale).masked_fill(self.future, float("-inf"))
-            g = torch.softmax(s, dim=-1) @ v
-        else:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            head = 16
-            backends = [SDPBackend.FLASH_ATTENTION] if x.device.type == "cpu" else [SDPBackend.FLASH_ATTENTION,
-                                                                                    SDPBackend.EFFICIENT_ATTENTION]
-            with sdpa_kernel(backends):
-                g = F.scaled_dot_product_attention(
-                    F.pad(q, (0, head - D_K))[None, None], F.pad(k, (0, head - D_K))[None, None],
-                    F.pad(v, (0, head - D_V))[None, None], is_causal=True, scale=self.scale)[0, 0, :, :D_V]
-        return g @ self.w_o
+            return H.torch_logits(x, *weights, future=self.future)
+        with sdpa_kernel(H.sdpa_backends(x.device)):
+            return H.torch_logits(x, *weights)
 
 
 def train_arm(init, x, y, lrs: dict[str, float], steps: int, attention: str, device) -> dict:
@@ -135,24 +128,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count())
+    H.torch_setup(device)
     p = transition_matrix()
     torch.manual_seed(0)
-    mu = torch.randn(C, D_IN)
+    mu = torch.randn(C, H.HEAD["d_in"])
     per_seed, seed_s = [], []
     for seed in range(args.seeds):
         t = time.perf_counter()
         torch.manual_seed(seed)
         x, y = sample_sequence(p, mu, args.seq_len)
-        init = [0.1 * torch.randn(D_IN, D_K), 0.1 * torch.randn(D_IN, D_K), 0.1 * torch.randn(D_IN, D_V),
-                0.1 * torch.randn(D_V, C)]
+        init = [H.INIT_SCALE * torch.randn(*shape) for shape in H.head_shapes()]
         x, y, init = x.to(device), y.to(device), [w.to(device) for w in init]
         result = {
-            "sgd": train_arm(init, x, y, {"w_q": 0.01, "w_k": 0.01, "w_v": 0.01, "w_o": 0.01}, args.steps,
-                             args.attention, device),
-            "em": train_arm(init, x, y, {"w_q": 0.01, "w_k": 0.01, "w_v": 0.1, "w_o": 0.01}, args.steps,
-                            args.attention, device),
+            "sgd": train_arm(init, x, y, {name: H.LR for name in H.PARAMS}, args.steps, args.attention, device),
+            "em": train_arm(init, x, y, {name: EM_VALUE_LR if name == "w_v" else H.LR for name in H.PARAMS},
+                            args.steps, args.attention, device),
         }
         per_seed.append(result)
         seed_s.append(time.perf_counter() - t)
@@ -167,10 +157,7 @@ def main(argv=None):
         "timing": {"import_s": T_IMPORTED - T_START, "seed_s": seed_s, "threads": torch.get_num_threads(),
                    "in_process_s": time.perf_counter() - T_START},
     }
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, args.out)
+    H.write_json(args.out, payload)
     print(f"SGD {summary['sgd']['final_loss_mean']:.4f} ± {summary['sgd']['final_loss_std']:.3f}, EM-like "
           f"{summary['em']['final_loss_mean']:.4f} ± {summary['em']['final_loss_std']:.3f}; EM-like reaches SGD's "
           f"mean final loss in {summary['em_steps_to_sgd_final']['mean']:.0f} steps; wrote {args.out}")
