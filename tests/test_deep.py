@@ -93,7 +93,7 @@ def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
         at_noise_1 = bayes.bayes_loss(jnp.asarray(task.transition_matrix, jnp.float32),
                                       jnp.asarray(task.embeddings, jnp.float32), x, y).mean
         np.testing.assert_allclose(out[name], own, rtol=1e-6)
-        assert abs(float(at_noise_1) - float(own)) > 1e-2, name
+        assert abs(float(at_noise_1) - float(own)) > 1e-4, name  # far outside the rtol above
 
 
 def test_any_task_through_the_protocol():
