@@ -7,8 +7,11 @@ a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+import types
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +219,69 @@ def check_matrix(name: str, a, shape: tuple, fn: str) -> None:
         raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(a)}")
     if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
         raise TypeError(f"{fn}: {name} must be floating point, got dtype {jnp.result_type(a)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration fields: bounds declared once, next to the field, for the library and the CLI
+# ---------------------------------------------------------------------------------------------
+
+BOUND_KEYS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
+
+
+def option(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, **bounds) -> dataclasses.Field:
+    """A dataclass field carrying its command-line ``help`` and its bounds (``minimum``,
+    ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``; ``choices`` for a string; ``flag`` and
+    ``const`` for a switch that sets the field to ``const``) in its metadata. :func:`check_fields`
+    enforces them in the library and :mod:`gradattn.cli` makes a flag of each."""
+    unknown = set(bounds) - {*BOUND_KEYS, "choices", "flag", "const"}
+    if unknown:
+        raise TypeError(f"option: unknown metadata {sorted(unknown)}")
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **bounds})
+
+
+def field_kind(cls, name: str) -> tuple[type, bool]:
+    """The base type (int, float, bool, str or another class) of field ``name`` of dataclass
+    ``cls``, and whether ``None`` is allowed (an ``X | None`` annotation)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
+    if args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else object), type(None) in args
+    return hint, False
+
+
+def check_field(cls, name: str, val, fn: str):
+    """``val`` checked against the type and the bounds declared for field ``name`` of ``cls``
+    (see :func:`option`), and normalised: sizes to ``int``, rates to ``float``."""
+    meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+    kind, optional = field_kind(cls, name)
+    bounds = {k: meta[k] for k in BOUND_KEYS if k in meta}
+    if val is None and optional:
+        return None
+    if kind is bool:
+        if not isinstance(val, (bool, np.bool_)):
+            raise TypeError(f"{fn}: {name} must be a bool, got {val!r}")
+        return bool(val)
+    if kind is int:
+        return check_int(name, val, fn, minimum=bounds.get("minimum"), maximum=bounds.get("maximum"))
+    if kind is float:
+        return check_number(name, val, fn, **bounds)
+    if kind is str:
+        if not isinstance(val, str):
+            raise TypeError(f"{fn}: {name} must be a string, got {val!r}")
+        if "choices" in meta and val not in meta["choices"]:
+            raise ValueError(f"{fn}: {name} must be one of {tuple(meta['choices'])}, got {val!r}")
+        return val
+    return val
+
+
+def check_fields(obj, fn: str, *, store: bool = True) -> None:
+    """Every field of the dataclass ``obj`` declared with :func:`option`, checked by
+    :func:`check_field`; with ``store`` (a frozen config's ``__post_init__``) the normalised values
+    are written back."""
+    for f in dataclasses.fields(obj):
+        if "help" not in f.metadata:
+            continue
+        val = check_field(type(obj), f.name, getattr(obj, f.name), fn)
+        if store:
+            object.__setattr__(obj, f.name, val)

@@ -31,12 +31,11 @@ alpha_R is never stored: every law uses it linearly, so 1/l goes onto the small 
 :func:`loss_fn` is the loss with a ``jax.custom_vjp`` whose forward rule runs the fused pass once
 and keeps dQ, dK, dV, dW_O and the per-token losses as residuals, so ``jax.value_and_grad(loss_fn)``
 costs one pass (the backward rule only multiplies those by X or by the weights), while ``loss_fn``
-alone runs the forward half of the pass. :func:`analytic_loss_and_grads` and :func:`analytic_grads`
-are the blocked pass under the library's historical names.
+alone runs the forward half of the pass.
 
-Under ``vmap`` over many seeds, chunks of :func:`seed_chunk` seeds run in turn
-(:func:`gradattn._vmap.chunked_vmap`) so that the working set stays in cache; the block size, the
-blocks in flight and the seed chunking are per-backend choices (:mod:`gradattn._backend`).
+Under ``vmap`` over many seeds, groups of :func:`seed_group` seeds run in turn
+(:func:`gradattn._vmap.grouped_vmap`) so that the working set stays in cache; the block size, the
+blocks in flight and the seed groups are per-backend choices (:mod:`gradattn._backend`).
 """
 
 from __future__ import annotations
@@ -50,14 +49,12 @@ import jax.numpy as jnp
 from gradattn._backend import backend_choices
 from gradattn._checks import check_head_inputs, check_int
 from gradattn._rows import RowBlocks, default_block_size, masked_scores, query_blocks
-from gradattn._vmap import chunked_vmap
+from gradattn._vmap import grouped_vmap
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_error_rows, output_weight_grad, projection_grads, query_grad
 
 __all__ = [
     "BlockedPass",
-    "analytic_grads",
-    "analytic_loss_and_grads",
     "blocked_loss",
     "blocked_loss_and_grads",
     "blocked_pass",
@@ -67,7 +64,7 @@ __all__ = [
     "loss_fn",
     "query_blocks",
     "routing_grad_block",
-    "seed_chunk",
+    "seed_group",
     "value_grad_block_t",
     "weight_grad",
 ]
@@ -137,21 +134,21 @@ def _projections(params: HeadParams, x: jax.Array, weights):
     return q, q_t, x @ params.w_k, x @ params.w_v, normalised_weights(weights, x.shape[0], x.dtype)
 
 
-def seed_chunk(n: int, block_size: int | None = None) -> int | None:
-    """How many vmapped sequences (seeds) share one pass: about the backend's ``seed_chunk_bytes``
+def seed_group(n: int, block_size: int | None = None) -> int | None:
+    """How many vmapped sequences (seeds) share one pass: about the backend's ``seed_group_bytes``
     of scores per block (CPU: 2 MB, so N = 127 gives 32 seeds and N = 1999 one). ``None`` where the
-    backend does not chunk (every seed in one vmap)."""
-    budget = backend_choices().seed_chunk_bytes
+    backend does not group (every seed in one vmap)."""
+    budget = backend_choices().seed_group_bytes
     if budget is None:
         return None
     rows = min(n, block_size or default_block_size(n))
     return max(1, budget // (4 * rows * n))
 
 
-def _in_seed_chunks(fn, causal: bool, block_size, n: int):
-    """``fn(params, x, y, weights)`` with the static arguments closed over, batched in seed chunks."""
-    return chunked_vmap(lambda params, x, y, weights: fn(params, x, y, weights, causal, block_size),
-                        seed_chunk(n, block_size))
+def _in_seed_groups(fn, causal: bool, block_size, n: int):
+    """``fn(params, x, y, weights)`` with the static arguments closed over, batched in seed groups."""
+    return grouped_vmap(lambda params, x, y, weights: fn(params, x, y, weights, causal, block_size),
+                        seed_group(n, block_size))
 
 
 def _check_block_size(block_size, fn: str):
@@ -180,7 +177,7 @@ def blocked_pass(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
 
 def blocked_pass_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> BlockedPass:
     """:func:`blocked_pass` for input already validated."""
-    return _in_seed_chunks(_blocked_pass, causal, block_size, x.shape[0])(params, x, y, weights)
+    return _in_seed_groups(_blocked_pass, causal, block_size, x.shape[0])(params, x, y, weights)
 
 
 def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
@@ -227,7 +224,7 @@ def blocked_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
 
 def blocked_loss_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> jax.Array:
     """:func:`blocked_loss` for input already validated."""
-    return _in_seed_chunks(_blocked_loss, causal, block_size, x.shape[0])(params, x, y, weights)
+    return _in_seed_groups(_blocked_loss, causal, block_size, x.shape[0])(params, x, y, weights)
 
 
 def _blocked_loss(params, x, y, weights, causal, block_size) -> jax.Array:
@@ -266,30 +263,12 @@ def blocked_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weigh
 
 def blocked_loss_and_grads_unchecked(params, x, y, weights=None, causal=True, block_size=None):
     """:func:`blocked_loss_and_grads` for input already validated."""
-    return _in_seed_chunks(_blocked_loss_and_grads, causal, block_size, x.shape[0])(params, x, y, weights)
+    return _in_seed_groups(_blocked_loss_and_grads, causal, block_size, x.shape[0])(params, x, y, weights)
 
 
 def _blocked_loss_and_grads(params, x, y, weights, causal, block_size):
     fused = _blocked_pass(params, x, y, weights, causal, block_size)
     return fused.loss, projection_grads(x, fused.dq, fused.dk, fused.dv, fused.dw_o)
-
-
-def analytic_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, dL/dparams)`` from the laws alone: :func:`blocked_loss_and_grads` at the default block.
-
-    :func:`gradattn.laws.dense_loss_and_grads` computes the same numbers on whole matrices.
-    """
-    check_head_inputs(params, x, y, weights, fn="analytic_loss_and_grads")
-    return blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
-
-
-def analytic_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> HeadParams:
-    """The full gradient dL/dparams assembled from the laws (no autodiff inside), by the blocked pass.
-
-    Equal to ``jax.grad(loss_fn)(params, x, y, weights, causal)`` and to ``jax.grad(dense_loss)``.
-    """
-    check_head_inputs(params, x, y, weights, fn="analytic_grads")
-    return blocked_loss_and_grads_unchecked(params, x, y, weights, causal)[1]
 
 
 # ---------------------------------------------------------------------------------------------

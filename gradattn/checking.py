@@ -5,7 +5,7 @@ negative or all-zero weights, non-finite x). Under ``jit``/``vmap`` the values a
 the function is traced, so an invalid label there makes the loss and every gradient NaN, in every
 gradient path alike, never a silent finite update. To stop instead, wrap the function::
 
-    safe = gradattn.checked(gradattn.loss_fn)            # or analytic_loss_and_grads, dense_loss, ...
+    safe = gradattn.checked(gradattn.loss_fn)            # or blocked_loss_and_grads, dense_loss, ...
     safe(params, x, y)                                   # compiled; raises on bad input
     jax.vmap(...) / seeds: checked(jax.vmap(fn)) works the same way
 
@@ -57,7 +57,7 @@ def checked(fn, *, errors=DEFAULT_ERRORS, jit: bool = True, static_argnames=("ca
 
     Args:
       fn: any function whose first arguments are ``(params, x, y, weights)`` as in the head's
-        functions (``loss_fn``, ``dense_loss``, ``analytic_loss_and_grads``, ``blocked_loss_and_grads``,
+        functions (``loss_fn``, ``dense_loss``, ``blocked_loss_and_grads``,
         ``dense_loss_and_grads``, ``autodiff_loss_and_grads``, ...), or a vmap of one.
       errors: the checkify error set (default :data:`DEFAULT_ERRORS`).
       jit: compile the checked function with ``jax.jit`` (default); ``False`` runs it eagerly.

@@ -9,6 +9,8 @@
                   [every field of DeepConfig and of the task as a flag]
     gradattn laws-check [--n N] [--seed S]
 
+The flags of an experiment are made from its config's fields and the task's (each field declares
+its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
 Every argument is checked (sizes against upper bounds too, and that the output files can be
 written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
 The summary is printed before the files are written; results are written whole or not at all (a
@@ -23,27 +25,34 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from gradattn import deep, experiments, tasks
-from gradattn._checks import check_int, check_number
+from gradattn._checks import check_field, check_int, field_kind
 from gradattn._io import resolve_target, write_json
-from gradattn.plotting import plot_em_vs_sgd
-from gradattn.provenance import finish, provenance
+from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
 from gradattn.sweeps import MAX_SEED, seed_key
-from gradattn.training import GRAD_SOURCES
+from gradattn.verify import laws_check_errors
 
 MAX_SEEDS = 1_000_000
 """Most seeds one command runs (a million runs of the paper's size is days of CPU time)."""
 MAX_RESULT_BYTES = 4 << 30
 """Most bytes of loss curves (seeds x steps x 2 arms x float32) one run may hold."""
-MAX_SEQ_LEN = 65_537
-"""Longest task sequence (N = 65,536 positions; the blocked pass needs no N x N buffer)."""
-MAX_HEAD_SIZE = 4096
 MAX_LAWS_CHECK_N = 4096
 """laws-check builds float64 N x N matrices: 4096^2 x 8 bytes = 134 MB each."""
+
+
+def _int_arg(text: str) -> int:
+    """The text of every integer flag as an int (the one integer parser; ValueError if it is none)."""
+    return int(text)
+
+
+def _float_arg(text: str) -> float:
+    """The text of every number flag as a float (the one number parser; ValueError if it is none)."""
+    return float(text)
 
 
 def _checked(check, convert, what: str):
@@ -64,11 +73,19 @@ def _checked(check, convert, what: str):
 
 def _int_in(minimum: int, maximum: int | None = None):
     rng = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-    return _checked(lambda v: check_int("value", v, "cli", minimum=minimum, maximum=maximum), int, f"an integer {rng}")
+    return _checked(lambda v: check_int("value", v, "cli", minimum=minimum, maximum=maximum), _int_arg, f"an integer {rng}")
 
 
-def _number(**bounds):
-    return _checked(lambda v: check_number("value", v, "cli", **bounds), float, "a number")
+def _field_type(cls, name: str):
+    """The argparse type of config field ``name``: its text parsed by :func:`_int_arg` or
+    :func:`_float_arg`, then checked against the bounds declared with the field."""
+    kind, _ = field_kind(cls, name)
+    check = lambda v: check_field(cls, name, v, "cli")  # noqa: E731
+    if kind is int:
+        return _checked(check, _int_arg, "an integer")
+    if kind is float:
+        return _checked(check, _float_arg, "a number")
+    return str
 
 
 def _seed(text: str) -> int:
@@ -79,7 +96,7 @@ def _seed_list(text: str) -> list[int]:
     seeds = []
     for part in text.split(","):
         try:
-            s = int(part.strip())
+            s = _int_arg(part.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers like 3,7,11, got {text!r}") from None
         if not 0 <= s <= MAX_SEED:
@@ -118,44 +135,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-_CONFIG_FLAGS = {
-    # EmVsSgdConfig field: (type, help)
-    "steps": (_int_in(1, 10_000_000), "full-batch updates per arm"),
-    "sgd_lr": (_number(minimum=0), "SGD's learning rate on all four matrices"),
-    "value_lr": (_number(minimum=0), "EM-like learning rate on W_V"),
-    "routing_lr": (_number(minimum=0), "EM-like learning rate on W_Q, W_K, W_O"),
-    "d_k": (_int_in(1, MAX_HEAD_SIZE), "query/key size"),
-    "d_v": (_int_in(1, MAX_HEAD_SIZE), "value size"),
-    "init_scale": (_number(minimum=0, exclusive_minimum=True), "std of the N(0, s^2) initial weights (> 0)"),
-    "grad_source": (str, f"gradient path: one of {', '.join(('auto', *GRAD_SOURCES))}"),
-}
-_TASK_FLAGS = {
-    # StickyMarkov field: (type, help)
-    "seq_len": (_int_in(2, MAX_SEQ_LEN), "sequence length T (N = T - 1 positions)"),
-    "n_symbols": (_int_in(2, 1024), "number of symbols C"),
-    "self_prob": (_number(minimum=0, maximum=1, exclusive_maximum=True), "self-transition mass added to the diagonal"),
-    "d_embed": (_int_in(1, MAX_HEAD_SIZE), "input size d_in of the symbol means"),
-    "embed_seed": (_int_in(0, 2**32 - 1), "draw the symbol means from this numpy seed instead of the reference's"),
-    "noise_std": (_number(minimum=0, exclusive_minimum=True), "std of the emission noise"),
-    "embeddings": (_embeddings, "symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', or a (C, d) .npy file"),
-}
-
-
-_DEEP_FLAGS = {
-    # DeepConfig field: (type, help)
-    "steps": (_int_in(1, 10_000_000), "full-batch updates"),
-    "lr": (_number(minimum=0), "peak AdamW learning rate (cosine decay to 0)"),
-    "weight_decay": (_number(minimum=0), "AdamW weight decay"),
-    "clip": (_number(minimum=0, exclusive_minimum=True), "global-norm gradient clipping"),
-    "dropout": (_number(minimum=0, maximum=1, exclusive_maximum=True), "dropout rate during training"),
-    "d_model": (_int_in(1, MAX_HEAD_SIZE), "model width"),
-    "n_layers": (_int_in(1, 64), "transformer blocks"),
-    "n_heads": (_int_in(1, 256), "heads per block"),
-    "value_lr_multiplier": (_number(minimum=0), "rate ratio on the value projections with --two-timescale"),
-    "n_checkpoints": (_int_in(0, 10_000), "per-head dynamics checkpoints (must divide --steps)"),
-}
-
-
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -165,25 +144,46 @@ def _default_text(obj, field: str) -> str:
     return "" if val is None or isinstance(val, np.ndarray) else f" (default {val})"
 
 
+def _add_fields(p, cls, defaults, prefix: str = "") -> None:
+    """A flag for every field of dataclass ``cls`` declared with :func:`gradattn._checks.option`:
+    ``--field-name`` (its help and bounds from the field), a store-true flag for a bool, and the
+    field's own ``flag`` setting it to ``const`` for a switch."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        if "flag" in meta:
+            p.add_argument(meta["flag"], dest=f.name, action="store_const", const=meta["const"], default=None,
+                           help=prefix + meta["help"])
+        elif field_kind(cls, f.name)[0] is bool:
+            p.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, default=None,
+                           help=prefix + meta["help"])
+        else:
+            text = meta["help"] + (f": one of {', '.join(meta['choices'])}" if "choices" in meta else "")
+            p.add_argument(_flag(f.name), dest=f.name, type=_field_type(cls, f.name), default=None,
+                           help=prefix + text + _default_text(defaults, f.name))
+
+
+def _given(args, cls) -> dict:
+    """The fields of ``cls`` whose flags were given, as keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if "help" in f.metadata and getattr(args, f.name, None) is not None}
+
+
+def _build(parser, make, **kw):
+    try:
+        return make(**kw)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+
+
 def _build_task(args, parser) -> tasks.StickyMarkov:
-    task_kw = {f: getattr(args, f) for f in _TASK_FLAGS if f != "embeddings" and getattr(args, f) is not None}
+    task_kw = _given(args, tasks.StickyMarkov)
     if args.embeddings is not None:
         if "embed_seed" in task_kw:
             parser.error("give either --embeddings or --embed-seed, not both (--embeddings seed:N is --embed-seed N)")
         task_kw.update(args.embeddings)
-    try:
-        return tasks.StickyMarkov(**task_kw)
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
-
-
-def _build_config(args, parser) -> experiments.EmVsSgdConfig:
-    task = _build_task(args, parser)
-    config_kw = {f: getattr(args, f) for f in _CONFIG_FLAGS if getattr(args, f) is not None}
-    try:
-        return experiments.EmVsSgdConfig(task=task, **config_kw)
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
+    return _build(parser, tasks.StickyMarkov, **task_kw)
 
 
 def _outputs(args, parser) -> tuple[str, str | None]:
@@ -230,36 +230,19 @@ def _seeds(args) -> list[int]:
     return args.seed_list if args.seed_list is not None else list(range(args.seeds))
 
 
-def _em_vs_sgd(args, parser) -> int:
+def _experiment(args, parser) -> int:
+    """Any experiment command: its config from the flags, the run, the report."""
+    command = args.experiment
     seeds = _seeds(args)
     out, plot = _outputs(args, parser)
-    config = _build_config(args, parser)
-    _check_result_size(parser, len(seeds), config.steps, curves=2)
-    prov = provenance()
-    results = experiments.em_vs_sgd(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
-    results["provenance"] = finish(prov)
-    return _report(results, experiments.format_em_vs_sgd(results), out, plot, plot_em_vs_sgd)
-
-
-def _deep(args, parser) -> int:
-    seeds = _seeds(args)
-    out, plot = _outputs(args, parser)
-    kw = {f: getattr(args, f) for f in _DEEP_FLAGS if getattr(args, f) is not None}
-    if args.two_timescale:
-        kw["schedule"] = "two_timescale"
-    try:
-        config = deep.DeepConfig(task=_build_task(args, parser), fresh_data=args.fresh_data, **kw)
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
-    _check_result_size(parser, len(seeds), config.steps, curves=1)
-    prov = provenance()
-    results = deep.deep_experiment(seeds, config, chunk_size=args.chunk_size or 1, progress=not args.no_progress)
-    results["provenance"] = finish(prov)
-    return _report(results, deep.format_deep(results), out, plot, deep.plot_deep)
+    config = _build(parser, command.config_type, task=_build_task(args, parser), **_given(args, command.config_type))
+    _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
+    results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
+    return _report(results, command.format(results), out, plot, command.plot)
 
 
 def _laws_check(args, parser) -> int:
-    errors = experiments.laws_check_errors(seed_key(args.seed), n=args.n)
+    errors = laws_check_errors(seed_key(args.seed), n=args.n)
     width = max(len(k) for k in errors)
     print(f"worst relative error of each law vs autodiff (float64, N = {args.n}, seed {args.seed}):")
     for name, err in errors.items():
@@ -278,36 +261,43 @@ def _common(p) -> None:
     p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
 
 
+class _Command(NamedTuple):
+    """An experiment on the command line: its config, its run, its report and figure."""
+
+    name: str
+    help: str
+    config_type: type
+    run: Callable
+    format: Callable
+    plot: Callable
+    curves: int
+
+
+COMMANDS = (
+    _Command("em-vs-sgd", "the paper's EM-like vs SGD experiment on the sticky Markov chain", experiments.EmVsSgdConfig,
+             lambda *a, **k: experiments.em_vs_sgd(*a, **k), format_em_vs_sgd, plot_em_vs_sgd, 2),
+    _Command("deep", "the deep transformer on the sticky Markov chain, and the laws of each of its heads",
+             deep.DeepConfig, lambda *a, **k: deep.deep_experiment(*a, **k), format_deep, plot_deep, 1),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("em-vs-sgd", help="the paper's EM-like vs SGD experiment on the sticky Markov chain")
-    _common(p)
-    config, task = experiments.EmVsSgdConfig(), tasks.StickyMarkov()
-    for field, (kind, text) in _CONFIG_FLAGS.items():
-        p.add_argument(_flag(field), dest=field, type=kind, default=None, help=text + _default_text(config, field))
-    for field, (kind, text) in _TASK_FLAGS.items():
-        p.add_argument(_flag(field), dest=field, type=kind, default=None, help="task: " + text + _default_text(task, field))
-    p.add_argument(
-        "--chunk-size", type=_int_in(1, 65_536), default=None,
-        help="seeds vmapped per device per call (default: 1 on CPU, 256 on GPU/TPU; results are reproducible per chunk size)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_em_vs_sgd, sub=p)
-
-    p = sub.add_parser("deep", help="the deep transformer on the sticky Markov chain, and the laws of each of its heads")
-    _common(p)
-    config = deep.DeepConfig()
-    for field, (kind, text) in _DEEP_FLAGS.items():
-        p.add_argument(_flag(field), dest=field, type=kind, default=None, help=text + _default_text(config, field))
-    p.add_argument("--fresh-data", action="store_true", help="a fresh training sequence at every step (default: one fixed sequence)")
-    p.add_argument("--two-timescale", action="store_true", help="a larger rate (--value-lr-multiplier) on every value projection")
-    for field, (kind, text) in _TASK_FLAGS.items():
-        p.add_argument(_flag(field), dest=field, type=kind, default=None, help="task: " + text + _default_text(task, field))
-    p.add_argument("--chunk-size", type=_int_in(1, 65_536), default=None, help="seeds vmapped per device per call (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_deep, sub=p)
+    task = tasks.StickyMarkov()
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        _common(p)
+        _add_fields(p, command.config_type, command.config_type())
+        _add_fields(p, tasks.StickyMarkov, task, prefix="task: ")
+        p.add_argument("--embeddings", type=_embeddings, default=None,
+                       help="task: symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', "
+                            "or a (C, d) .npy file")
+        p.add_argument("--chunk-size", type=_int_in(1, 65_536), default=None,
+                       help="seeds vmapped per device per call (default: 1 on CPU, 256 on GPU/TPU; results are "
+                            "reproducible per chunk size)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(run=_experiment, sub=p, experiment=command)
 
     p = sub.add_parser("laws-check", help="each first-order law vs autodiff, float64, on a random instance")
     p.add_argument("--n", type=_int_in(1, MAX_LAWS_CHECK_N), default=37, help="sequence length N (default 37)")

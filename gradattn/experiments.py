@@ -1,10 +1,16 @@
-"""The paper's experiments, each a pure function of a PRNG key (run over seeds by :mod:`gradattn.sweeps`).
+"""The experiments over seeds: one skeleton, and the paper's EM-vs-SGD experiment on it.
 
-``em_vs_sgd`` is the paper's Sec. 5.2 experiment (docs/theory.md): on the sticky Markov chain, plain SGD (one learning rate
-on all four matrices) against the EM-like two-timescale schedule (a larger rate on W_V), paired per
-seed (same sequence, same initial parameters), full batch, ``steps`` updates.
+An experiment is a pure function ``run(key) -> dict`` of one PRNG key (made from its config) and a
+``summarise(per_seed, seeds, config) -> dict``; :func:`run_experiment` does the rest once for every
+experiment: the seeds (an int n or distinct integers), the sweep over them
+(:func:`gradattn.sweep`; seeds per call from the backend unless given), the wall time, the device
+count, the chunk size and the provenance of the run. The deep experiment
+(:func:`gradattn.deep.deep_experiment`) is the other one on this skeleton.
 
-``laws_check_errors`` compares each first-order law with autodiff on a random instance.
+``em_vs_sgd`` is the paper's Sec. 5.2 experiment (docs/theory.md): on the sticky Markov chain, plain
+SGD (one learning rate on all four matrices) against the EM-like two-timescale schedule (a larger
+rate on W_V), paired per seed (same sequence, same initial parameters), full batch, ``steps``
+updates.
 """
 
 from __future__ import annotations
@@ -14,19 +20,108 @@ import functools
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn import laws
-from gradattn._checks import check_int, check_number
-from gradattn.blocked import blocked_loss_and_grads
-from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
-from gradattn.sweeps import seed_ints, sweep
+from gradattn._checks import check_fields, check_int, option
+from gradattn.head import forward, init_head, token_losses
+from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
+from gradattn.provenance import finish, provenance
+from gradattn.sweeps import default_chunk_size, experiment_seeds, sweep
 from gradattn.tasks import StickyMarkov, Task
-from gradattn.training import em_like, resolve_grad_source, sgd, train
+from gradattn.training import em_like, sgd, train
+
+
+# ---------------------------------------------------------------------------------------------
+# The skeleton
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """An experiment over seeds: its ``name``, the ``config_type`` it takes, ``make_run(config)``
+    giving the pure ``run(key) -> dict`` of one seed, and ``summarise(per_seed, seeds, config)``
+    giving the JSON-ready summary of the stacked per-seed results."""
+
+    name: str
+    config_type: type
+    make_run: Callable[[Any], Callable[[jax.Array], dict]]
+    summarise: Callable[[dict, list, Any], dict]
+
+
+def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: int | None = None, devices=None,
+                   progress: bool = False) -> dict[str, Any]:
+    """``experiment`` over ``seeds`` (a positive int n: seeds 0..n-1; or distinct integer seeds in
+    [0, 2^64)), with ``config`` (default: the config type's defaults).
+
+    ``chunk_size`` seeds are vmapped per device per call (default: the backend's,
+    :func:`gradattn.sweeps.default_chunk_size`; a seed's result is bit-reproducible for a given
+    chunk size), sharded over ``devices`` (default: all visible). Returns the experiment's summary
+    plus ``wall_time_s`` (the sweep), ``n_devices``, ``chunk_size`` and ``provenance``
+    (:func:`gradattn.provenance.provenance`, finished at the end).
+    """
+    fn = experiment.name
+    config = experiment.config_type() if config is None else config
+    if not isinstance(config, experiment.config_type):
+        raise TypeError(f"{fn}: config must be a {experiment.config_type.__name__}, got {type(config).__name__}")
+    seeds = experiment_seeds(seeds, fn)
+    chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, fn)
+    devices = jax.devices() if devices is None else list(devices)
+    prov = provenance()
+    t0 = time.perf_counter()
+    per_seed = sweep(experiment.make_run(config), seeds, chunk_size=chunk_size, devices=devices, progress=progress)
+    wall = time.perf_counter() - t0
+    summary = experiment.summarise(per_seed, seeds, config)
+    summary.update(wall_time_s=wall, n_devices=len(devices), chunk_size=chunk_size, provenance=finish(prov))
+    return summary
+
+
+def check_config(config, fn: str) -> None:
+    """An experiment config's ``__post_init__``: every field against the bounds it declares
+    (normalised in place), and its ``task`` a :class:`~gradattn.tasks.Task` whose own fields hold
+    theirs (the command line's bounds)."""
+    check_fields(config, fn)
+    if not isinstance(config.task, Task):
+        raise TypeError(
+            f"{fn}: task must provide sample(key, dtype), bayes_loss(x, y) and its size fields "
+            f"(a gradattn.tasks.Task such as StickyMarkov), got {type(config.task).__name__}"
+        )
+    check_fields(config.task, fn, store=False)
+
+
+def config_dict(config) -> dict:
+    """A config as JSON: its fields, the task by its ``to_dict`` (with its class name), the dtype."""
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d["task"] = {"name": type(config.task).__name__, **config.task.to_dict()}
+    d["dtype"] = "float32"
+    return d
+
+
+def logit_metrics(logits, y) -> dict:
+    """Loss (nats), mean predictive entropy (nats) and argmax accuracy of ``logits (N, C)`` on ``y``."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return {
+        "loss": jnp.mean(token_losses(logits, y)),
+        "entropy": jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)),
+        "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)),
+    }
+
+
+def json_floats(a):
+    """``a`` as a Python float, or nested lists of them, with non-finite values as None (valid JSON)."""
+    a = np.asarray(a, np.float64)
+    if a.ndim == 0:
+        v = float(a)
+        return v if math.isfinite(v) else None
+    return [json_floats(b) for b in a]
+
+
+# ---------------------------------------------------------------------------------------------
+# EM-like vs SGD
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,57 +139,41 @@ class EmVsSgdConfig:
       d_k, d_v: head sizes; d_in and C come from the task.
       init_scale: every parameter is N(0, init_scale^2); must be > 0 (at 0 every score is 0 and
         the gradients of W_Q and W_K vanish for good).
-      grad_source: how gradients are computed (:func:`gradattn.training.resolve_grad_source`):
-        "auto" (the path measured fastest on the backend), "blocked", "dense", "autodiff", ...
+      grad_source: how gradients are computed (:func:`gradattn.paths.resolve_grad_source`):
+        "auto" (the path measured fastest on the backend), "blocked", "dense", "autodiff", "pallas".
+
+    The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
+    line takes the same.
     """
 
-    steps: int = 1000
-    task: StickyMarkov = dataclasses.field(default_factory=StickyMarkov)
-    sgd_lr: float = 0.01
-    value_lr: float = 0.1
-    routing_lr: float = 0.01
-    d_k: int = 10
-    d_v: int = 15
-    init_scale: float = 0.1
-    grad_source: str = "auto"
+    steps: int = option(1000, help="full-batch updates per arm", minimum=1, maximum=10_000_000)
+    task: Task = dataclasses.field(default_factory=StickyMarkov)
+    sgd_lr: float = option(0.01, help="SGD's learning rate on all four matrices", minimum=0.0)
+    value_lr: float = option(0.1, help="EM-like learning rate on W_V", minimum=0.0)
+    routing_lr: float = option(0.01, help="EM-like learning rate on W_Q, W_K, W_O", minimum=0.0)
+    d_k: int = option(10, help="query/key size", minimum=1, maximum=4096)
+    d_v: int = option(15, help="value size", minimum=1, maximum=4096)
+    init_scale: float = option(0.1, help="std of the N(0, s^2) initial weights (> 0)", minimum=0.0,
+                               exclusive_minimum=True)
+    grad_source: str = option("auto", help="gradient path", choices=GRAD_SOURCE_NAMES)
 
     def __post_init__(self):
-        # Sizes of any integral type are stored as Python ints and rates as Python numbers: a config
+        # Sizes of any integral type are stored as Python ints and rates as Python floats: a config
         # built from numpy scalars equals (and shares make_em_vs_sgd's cache entry with) the one
         # built from Python numbers, and to_dict is JSON.
         fn = "EmVsSgdConfig"
-        for name in ("steps", "d_k", "d_v"):
-            object.__setattr__(self, name, check_int(name, getattr(self, name), fn))
-        for name in ("sgd_lr", "value_lr", "routing_lr"):
-            val = getattr(self, name)
-            num = check_number(name, val, fn, minimum=0)
-            object.__setattr__(self, name, int(val) if isinstance(val, (int, np.integer)) else num)
-        object.__setattr__(self, "init_scale", check_number("init_scale", self.init_scale, fn, minimum=0, exclusive_minimum=True))
-        if not isinstance(self.task, Task):
-            raise TypeError(
-                f"{fn}: task must provide sample(key, dtype), bayes_predictive(x) and its size fields "
-                f"(a gradattn.tasks.Task such as StickyMarkov), got {type(self.task).__name__}"
-            )
         if not isinstance(self.grad_source, str):
             raise TypeError(f"{fn}: grad_source must be the name of a gradient path, got {self.grad_source!r}")
         resolve_grad_source(self.grad_source)  # raises ValueError naming the known paths
+        check_config(self, fn)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["task"] = {"name": type(self.task).__name__, **self.task.to_dict()}
-        d["dtype"] = "float32"
-        return d
+        return config_dict(self)
 
 
 def end_metrics(params, x, y) -> dict:
-    """Loss (nats), mean predictive entropy (nats) and argmax accuracy of the head on ``(x, y)``."""
-    logits = forward(params, x, causal=True).logits
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return {
-        "loss": jnp.mean(token_losses(logits, y)),
-        "entropy": jnp.mean(-jnp.sum(jnp.exp(logp) * logp, axis=-1)),
-        "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)),
-    }
+    """:func:`logit_metrics` of the head on ``(x, y)``."""
+    return logit_metrics(forward(params, x, causal=True).logits, y)
 
 
 def make_em_vs_sgd(config: EmVsSgdConfig):
@@ -137,21 +216,11 @@ def _make_em_vs_sgd(config: EmVsSgdConfig):
     return run
 
 
-# The cache stays inspectable and clearable under the public name, as when it was the decorated function.
-make_em_vs_sgd.cache_info = _make_em_vs_sgd.cache_info
-make_em_vs_sgd.cache_clear = _make_em_vs_sgd.cache_clear
-
-
 def steps_to_threshold(curves: np.ndarray, threshold: float) -> np.ndarray:
     """Per row of ``curves`` (n, steps): the first step whose loss is below ``threshold`` (steps if never)."""
     curves = np.asarray(curves)
     below = curves < threshold
     return np.where(below.any(axis=1), below.argmax(axis=1), curves.shape[1])
-
-
-def _finite_or_none(v) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], config: EmVsSgdConfig) -> dict[str, Any]:
@@ -216,7 +285,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
         "threshold": threshold,
         "em_steps_to_sgd_final": to_thr_summary,
         "speedup": speedup,
-        "p_value": _finite_or_none(p),
+        "p_value": json_floats(p),
         "per_seed": {
             "seed": [int(s) for s in seeds],
             "sgd_final_loss": [float(v) for v in per_seed["sgd_final_loss"]],
@@ -232,149 +301,15 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     }
 
 
-def default_chunk_size(backend: str | None = None) -> int:
-    """Seeds vmapped per device per call by :func:`em_vs_sgd` when ``chunk_size`` is not given.
-
-    On a CPU one sequence of the paper's size already keeps every core busy and more seeds per call
-    only multiply the working set, so seeds run one per call (1). On an accelerator a call should
-    hold many seeds (:data:`ACCELERATOR_CHUNK`), so that a whole sweep runs in a few wide calls.
-    """
-    backend = jax.default_backend() if backend is None else backend
-    return 1 if backend == "cpu" else ACCELERATOR_CHUNK
+EM_VS_SGD = Experiment("em_vs_sgd", EmVsSgdConfig, make_em_vs_sgd, summarise_em_vs_sgd)
 
 
-ACCELERATOR_CHUNK = 256
-"""Seeds per call on GPU/TPU: 1000 seeds run as four calls (the last padded)."""
-
-
-def em_vs_sgd(
-    seeds,
-    config: EmVsSgdConfig | None = None,
-    *,
-    chunk_size: int | None = None,
-    devices=None,
-    progress: bool = False,
-) -> dict[str, Any]:
+def em_vs_sgd(seeds, config: EmVsSgdConfig | None = None, *, chunk_size: int | None = None, devices=None,
+              progress: bool = False) -> dict[str, Any]:
     """The paper's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
 
-    Args:
-      seeds: a positive int n (seeds 0..n-1) or distinct integer seeds in [0, 2^64).
-      config: the experiment (:class:`EmVsSgdConfig`; default: the paper's).
-      chunk_size: seeds vmapped per device per call (see :func:`gradattn.sweeps.sweep`; a seed's
-        result is bit-reproducible for a given ``chunk_size``); default
-        :func:`default_chunk_size` of the backend.
-      devices: devices to shard each call over (default: all visible).
-      progress: a progress bar over the calls.
-    Returns:
-      the summary of :func:`summarise_em_vs_sgd` plus ``wall_time_s``, ``n_devices`` and
-      ``chunk_size``.
+    :func:`run_experiment` of :func:`make_em_vs_sgd` and :func:`summarise_em_vs_sgd`: the summary
+    plus ``wall_time_s``, ``n_devices``, ``chunk_size`` and ``provenance``. ``config`` defaults to
+    the paper's (:class:`EmVsSgdConfig`); ``chunk_size``, ``devices`` and ``progress`` as there.
     """
-    config = EmVsSgdConfig() if config is None else config
-    if not isinstance(config, EmVsSgdConfig):
-        raise TypeError(f"em_vs_sgd: config must be an EmVsSgdConfig, got {type(config).__name__}")
-    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
-        seeds = list(range(check_int("seeds", seeds, "em_vs_sgd")))
-    seeds = seed_ints(seeds, "em_vs_sgd")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"em_vs_sgd: seeds must be distinct, got {seeds}")
-    chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "em_vs_sgd")
-    t0 = time.perf_counter()
-    per_seed = sweep(make_em_vs_sgd(config), seeds, chunk_size=chunk_size, devices=devices, progress=progress)
-    wall = time.perf_counter() - t0
-    summary = summarise_em_vs_sgd(per_seed, seeds, config)
-    summary["wall_time_s"] = wall
-    summary["n_devices"] = len(jax.devices()) if devices is None else len(list(devices))
-    summary["chunk_size"] = chunk_size
-    return summary
-
-
-def format_em_vs_sgd(results: dict) -> str:
-    """A short text table of an EM-vs-SGD result (the dict of :func:`em_vs_sgd`)."""
-    h_min = results.get("h_min")
-    lines = [
-        f"EM-like vs SGD: {len(results['seeds'])} seeds, {results['steps']} steps"
-        + ("" if h_min is None else f", H_min = {h_min:.4f} nats"),
-        f"{'arm':<8} {'final loss':>16} {'entropy':>9} {'accuracy':>9}",
-    ]
-    for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
-        r = results[arm]
-        lines.append(
-            f"{label:<8} {r['final_loss_mean']:>8.4f} ± {r['final_loss_std']:<5.3f} "
-            f"{r['final_entropy_mean']:>9.4f} {r['final_accuracy_mean']:>9.4f}"
-        )
-    s = results["em_steps_to_sgd_final"]
-    speed, p = results["speedup"], results["p_value"]
-    if s["mean"] is None:
-        lines.append("EM-like vs SGD's mean final loss: n/a (a seed diverged; see the per-seed losses)")
-    else:
-        lines.append(
-            f"EM-like reaches SGD's mean final loss in {s['mean']:.0f} ± {s['std']:.0f} steps: "
-            f"speed-up {'n/a' if speed is None else f'{speed:.2f}x'}; "
-            f"paired t-test p = {'n/a' if p is None else f'{p:.2g}'}"
-        )
-    if "wall_time_s" in results:
-        lines.append(f"wall time {results['wall_time_s']:.1f} s on {results.get('n_devices', 1)} device(s)")
-    return "\n".join(lines)
-
-
-def _law_pairs(key, *, n, d_in, d_k, d_v, n_classes, causal):
-    """``{law name: (law value, autodiff value)}`` on a random float64 instance (call under x64)."""
-    f64 = jnp.float64
-    k_p, k_x, k_y, k_w = jax.random.split(key, 4)
-    params = init_head(k_p, d_in, d_k, d_v, n_classes, scale=0.7, dtype=f64)
-    x = jax.random.normal(k_x, (n, d_in), f64)
-    y = jax.random.randint(k_y, (n,), 0, n_classes)
-    w = jax.random.uniform(k_w, (n,), f64, 0.1, 1.0)
-    wn = normalised_weights(w, n, f64)
-    out = forward(params, x, causal)
-    mask = causal_mask(n) if causal else jnp.ones((n, n), bool)
-    sqrt_dk = jnp.sqrt(jnp.asarray(d_k, f64))
-
-    def from_logits(z):
-        return jnp.sum(wn * token_losses(z, y))
-
-    def from_alpha(a, v):
-        return from_logits((a @ v) @ params.w_o)
-
-    def from_scores(s):
-        return from_alpha(jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), out.v)
-
-    def from_qk(q, k):
-        return from_scores(q @ k.T / sqrt_dk)
-
-    e = laws.output_error(out, y, w)
-    u = laws.upstream_grad(params, out, y, w)
-    b = laws.compatibility(u, out.v)
-    ds = laws.routing_grad(out.alpha, b)
-    law = {
-        "output_error e = dL/dz": (e, jax.grad(from_logits)(out.logits)),
-        "upstream u = dL/dg": (u, jax.grad(lambda g: from_logits(g @ params.w_o))(out.context)),
-        "compatibility b = dL/dalpha": (jnp.where(mask, b, 0), jnp.where(mask, jax.grad(from_alpha)(out.alpha, out.v), 0)),
-        "routing dL/ds": (ds, jnp.where(mask, jax.grad(from_scores)(out.scores), 0)),
-        "value dL/dv": (laws.value_grad(out.alpha, u), jax.grad(from_alpha, argnums=1)(out.alpha, out.v)),
-        "query dL/dq": (laws.query_grad(ds, out.k), jax.grad(from_qk, argnums=0)(out.q, out.k)),
-        "key dL/dk": (laws.key_grad(ds, out.q), jax.grad(from_qk, argnums=1)(out.q, out.k)),
-    }
-    auto = jax.grad(dense_loss)(params, x, y, w, causal)
-    _, analytic = blocked_loss_and_grads(params, x, y, w, causal)
-    for name in ("w_q", "w_k", "w_v", "w_o"):
-        law[f"dL/d{name.upper()}"] = (getattr(analytic, name), getattr(auto, name))
-    return law
-
-
-def laws_check_errors(key=None, n: int = 37, d_in: int = 6, d_k: int = 4, d_v: int = 5, n_classes: int = 3, causal: bool = True):
-    """Worst relative error of each first-order law against autodiff, in float64, on a random instance.
-
-    For each law, ``max |law - autodiff| / max |autodiff|``, where autodiff differentiates the loss
-    with respect to that intermediate (logits, contexts, alpha, scores, V, Q, K) or, for the weight
-    gradients, ``jax.grad(gradattn.head.dense_loss)``. Random position weights are used.
-    Returns ``{law name: relative error}`` (Python floats).
-    """
-    key = jax.random.key(0) if key is None else key
-    with jax.enable_x64(True):
-        pairs = jax.jit(functools.partial(_law_pairs, n=n, d_in=d_in, d_k=d_k, d_v=d_v, n_classes=n_classes, causal=causal))(key)
-        f64 = jnp.float64
-        return {
-            name: float(jnp.max(jnp.abs(a - r)) / jnp.maximum(jnp.max(jnp.abs(r)), jnp.finfo(f64).tiny))
-            for name, (a, r) in pairs.items()
-        }
+    return run_experiment(EM_VS_SGD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress)

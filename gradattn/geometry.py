@@ -24,13 +24,13 @@ import numpy as np
 
 from gradattn._checks import check_int
 from gradattn._math import entropy_bits
-from gradattn._vmap import chunked_vmap
+from gradattn._vmap import grouped_vmap
 
 def _one_matrix_at_a_time(fn):
     """``fn`` (a call into LAPACK) whose ``vmap`` runs one matrix at a time: on CPU a batched LAPACK
     call can deadlock XLA's thread pool (see :mod:`gradattn._vmap`). The matrices here are small
     (N x d), so running them in turn costs little; values and derivatives are unchanged."""
-    return chunked_vmap(fn, 1)
+    return grouped_vmap(fn, 1)
 
 
 _singular_values = _one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, compute_uv=False))

@@ -164,8 +164,3 @@ def dense_loss_unchecked(params: HeadParams, x: jax.Array, y: jax.Array, weights
     out = forward_unchecked(params, x, causal)
     return jnp.sum(normalised_weights(weights, x.shape[0], out.logits.dtype) * token_losses(out.logits, y))
 
-
-def __getattr__(name):
-    if name == "loss_fn":
-        raise AttributeError("loss_fn moved to gradattn.blocked.loss_fn (also gradattn.loss_fn)")
-    raise AttributeError(f"module 'gradattn.head' has no attribute {name!r}")

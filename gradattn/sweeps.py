@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gradattn._backend import backend_choices
 from gradattn._checks import check_int
 
 SEED_AXIS = "seeds"
-DEFAULT_CHUNK_SIZE = 8
-"""Seeds vmapped per device per call when ``chunk_size`` is not given."""
 
 
 MAX_SEED = 2**64 - 1
@@ -67,6 +66,25 @@ def seed_ints(seeds, fn: str = "sweep") -> list[int]:
     if not ints:
         raise ValueError(f"{fn}: seeds is empty; give at least one seed")
     return ints
+
+
+def experiment_seeds(seeds, fn: str) -> list[int]:
+    """The seeds of an experiment: a positive int n means 0..n-1, anything else :func:`seed_ints`;
+    they must be distinct (a repeated seed would be a repeated run, counted twice in every mean)."""
+    if isinstance(seeds, (bool, np.bool_)):
+        raise TypeError(f"{fn}: seeds must be a positive int or a sequence of non-negative ints, got a bool")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = list(range(check_int("seeds", seeds, fn)))
+    seeds = seed_ints(seeds, fn)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{fn}: seeds must be distinct, got {seeds}")
+    return seeds
+
+
+def default_chunk_size(backend: str | None = None) -> int:
+    """Seeds vmapped per device per call when none is given: the backend's choice (1 on CPU, 256 on
+    GPU/TPU; see :mod:`gradattn._backend`)."""
+    return backend_choices(backend).chunk_size
 
 
 def _threefry_default() -> bool:
@@ -152,7 +170,8 @@ def sweep(
       seeds: integers in ``[0, 2^64)`` (a sequence, or a 1-D numpy or jax integer array), or a key
         array (n,) / raw uint32 keys (n, 2). Distinct seeds never share a key.
       chunk_size: seeds vmapped together on each device in one call (memory grows with it); the
-        unit of bit-reproducibility (see the module docstring). Default ``DEFAULT_CHUNK_SIZE`` (8).
+        unit of bit-reproducibility (see the module docstring). Default :func:`default_chunk_size`
+        (1 on CPU, 256 on GPU/TPU).
       devices: devices to shard each call over (1-D mesh along the seed axis); default: all
         visible devices, ``jax.devices()``.
       progress: show a tqdm bar over the calls.
@@ -163,7 +182,7 @@ def sweep(
         raise TypeError(f"sweep: fn must be a callable key -> pytree, got {fn!r}")
     keys = seed_keys(seeds)
     n = keys.shape[0]
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else check_int("chunk_size", chunk_size, "sweep")
+    chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "sweep")
     devices = _check_devices(devices)
     per_call = chunk_size * len(devices)
 

@@ -26,18 +26,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradattn._backend import backend_choices
 from gradattn._checks import check_int, check_number
 from gradattn._math import tree_norm
-from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import HeadParams
-from gradattn.laws import autodiff_loss_and_grads, dense_loss_and_grads
-from gradattn.pallas import pallas_loss_and_grads
+from gradattn.paths import resolve_grad_source
 
 VALUE = "value"
 ROUTING = "routing"
 
-GradSource = Callable[..., tuple[jax.Array, HeadParams]]
 Probe = Callable[["TrainState", "TrainState", jax.Array, jax.Array], Any]
 
 
@@ -162,43 +158,6 @@ def _check_optimizer(optimizer, fn: str) -> None:
         raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
 
 
-GRAD_SOURCES: dict[str, GradSource] = {
-    "blocked": blocked_loss_and_grads,
-    "dense": dense_loss_and_grads,
-    "autodiff": autodiff_loss_and_grads,
-    "pallas": pallas_loss_and_grads,
-    "analytic": blocked_loss_and_grads,  # the historical name of the blocked pass
-}
-"""The named gradient paths, each ``(params, x, y, weights, causal) -> (loss, grads)``; any other
-path is passed as a callable of that signature."""
-
-
-def auto_loss_and_grads(params, x, y, weights=None, causal=True):
-    """The backend's own choice of path, read when traced (``jax.default_backend()``): the blocked
-    pass on CPU, the dense laws on GPU and TPU (measured; see benchmarks/README.md)."""
-    return GRAD_SOURCES[backend_choices().grad_source](params, x, y, weights, causal)
-
-
-def resolve_grad_source(grad_source) -> GradSource:
-    """A gradient source by name or as a callable ``(params, x, y, weights, causal) -> (loss, grads)``.
-
-    Names: ``"auto"`` (per backend: :func:`auto_loss_and_grads`), ``"blocked"``, ``"dense"``,
-    ``"autodiff"``, ``"pallas"`` (the fused kernel: compiled on a GPU, interpreted elsewhere) and
-    ``"analytic"`` (= ``"blocked"``).
-    """
-    if callable(grad_source):
-        return grad_source
-    if grad_source == "auto":
-        return auto_loss_and_grads
-    if isinstance(grad_source, str) and grad_source in GRAD_SOURCES:
-        return GRAD_SOURCES[grad_source]
-    names = ", ".join(repr(k) for k in ("auto", *GRAD_SOURCES))
-    raise ValueError(
-        f"grad_source must be one of {names} or a callable (params, x, y, weights, causal) -> (loss, grads), "
-        f"got {grad_source!r}"
-    )
-
-
 def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weights=None, causal: bool = True):
     """A pure training step ``step(state, x, y) -> (new_state, metrics)``.
 
@@ -209,8 +168,8 @@ def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weigh
     Args:
       optimizer: any optax GradientTransformation over HeadParams.
       grad_source: ``"auto"`` (default: the blocked pass on CPU, the dense laws on GPU/TPU),
-        ``"blocked"``, ``"dense"``, ``"autodiff"``, ``"analytic"`` (= ``"blocked"``), or a callable
-        ``(params, x, y, weights, causal) -> (loss, grads)`` (see :func:`resolve_grad_source`).
+        ``"blocked"``, ``"dense"``, ``"autodiff"``, ``"pallas"``, or a callable
+        ``(params, x, y, weights, causal) -> (loss, grads)`` (see :func:`gradattn.paths.resolve_grad_source`).
       weights: optional (N,) position weights, fixed for the run.
       causal: mask future keys.
     Returns:
@@ -266,8 +225,8 @@ def train(
       steps: number of updates (a positive integer of any integral type, e.g. ``np.int64``).
       grad_source, weights, causal: as in :func:`make_step`.
       checkpoint_every: ``k`` dividing ``steps``; if given, ``probe(state_before, state_after, x, y)``
-        is recorded for the first step of each chunk of ``k`` steps, i.e. at steps 0, k, 2k, ...
-        (``steps // k`` checkpoints). The scan is then nested: chunks outside, steps inside.
+        is recorded for the first step of each segment of ``k`` steps, i.e. at steps 0, k, 2k, ...
+        (``steps // k`` checkpoints), by :func:`scan_steps`.
       probe: any pure function of ``(state_before, state_after, x, y)`` returning a pytree; by
         default :func:`params_probe` (the parameters before the checkpoint's step).
     Returns:
@@ -291,25 +250,33 @@ def train(
     probe = params_probe if probe is None else probe
 
     step = make_step(optimizer, grad_source, weights, causal)
-    state = init_state(params, optimizer)
-
-    def body(carry, _):
-        return step(carry, x, y)
-
-    if checkpoint_every is None:
-        final, history = jax.lax.scan(body, state, None, length=steps)
-        return final, history
-
-    k = checkpoint_every
-
-    def chunk(carry, _):
-        after, first_metrics = step(carry, x, y)
-        record = probe(carry, after, x, y)
-        end, rest = jax.lax.scan(body, after, None, length=k - 1)
-        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first_metrics, rest)
-        return end, (metrics, record)
-
-    final, (metrics, checkpoints) = jax.lax.scan(chunk, state, None, length=steps // k)
-    history = jax.tree.map(lambda a: a.reshape((steps,) + a.shape[2:]), metrics)
-    history["checkpoints"] = checkpoints
+    final, history, checkpoints = scan_steps(
+        lambda state, t: step(state, x, y), init_state(params, optimizer), steps, checkpoint_every,
+        lambda before, after, t: probe(before, after, x, y),
+    )
+    if checkpoints is not None:
+        history["checkpoints"] = checkpoints
     return final, history
+
+
+def scan_steps(step, carry, steps: int, every: int | None = None, probe=None):
+    """``steps`` calls of ``step(carry, t) -> (carry, out)``, t = 0, 1, ..., as one ``lax.scan``.
+
+    With ``every = k`` (dividing ``steps``) the scan is nested, segments of k steps outside and the
+    steps inside, and ``probe(carry_before, carry_after, t)`` is recorded for the first step of
+    each segment, t = 0, k, 2k, ... Returns ``(final carry, outs (steps, ...), records)``, with
+    ``records`` the probe's pytree with a leading axis of ``steps // k`` (``None`` without ``every``).
+    Callers validate ``steps`` and ``every``; :func:`train` and the deep run both run on this.
+    """
+    if every is None:
+        final, outs = jax.lax.scan(step, carry, jnp.arange(steps))
+        return final, outs, None
+
+    def segment(carry, t0):
+        after, first = step(carry, t0)
+        record = probe(carry, after, t0)
+        end, rest = jax.lax.scan(step, after, t0 + 1 + jnp.arange(every - 1))
+        return end, (jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest), record)
+
+    final, (outs, records) = jax.lax.scan(segment, carry, jnp.arange(0, steps, every))
+    return final, jax.tree.map(lambda a: a.reshape((steps,) + a.shape[2:]), outs), records

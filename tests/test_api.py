@@ -1,5 +1,8 @@
-"""The public surface: every name in __all__ exists, moved names say where they went."""
+"""The public surface: __all__ is exactly the package's public names, each defined where the
+module map says, and a name that moved or was retired does not exist at all."""
 
+import subprocess
+import sys
 import types
 
 import pytest
@@ -7,25 +10,47 @@ import pytest
 import gradattn as ga
 
 
-def test_all_names_resolve_and_are_unique():
+def test_all_is_exactly_the_public_names():
+    # Every public non-module name of the package is listed, and nothing else (submodules that
+    # importing the package loads on the way, such as gradattn.head, are not names of its own).
+    public = {n for n, v in vars(ga).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    listed = {n for n in ga.__all__ if not isinstance(getattr(ga, n), types.ModuleType)}
     assert len(ga.__all__) == len(set(ga.__all__))
-    for name in ga.__all__:
-        assert getattr(ga, name) is not None, name
-    assert callable(ga.sweep) and isinstance(ga.dynamics, types.ModuleType)
+    assert listed == public, (sorted(public - listed), sorted(listed - public))
 
 
-def test_no_private_names_exported():
-    assert not [n for n in ga.__all__ if n.startswith("_")]
+@pytest.mark.parametrize("name, module", [
+    ("blocked_loss_and_grads", "gradattn.blocked"), ("loss_fn", "gradattn.blocked"),
+    ("dense_loss_and_grads", "gradattn.laws"), ("autodiff_loss_and_grads", "gradattn.laws"),
+    ("train", "gradattn.training"), ("em_vs_sgd", "gradattn.experiments"),
+    ("laws_check_errors", "gradattn.verify"), ("sweep", "gradattn.sweeps"), ("init_head", "gradattn.head"),
+])
+def test_each_name_is_defined_in_its_module(name, module):
+    assert getattr(ga, name).__module__ == module
 
 
-@pytest.mark.parametrize("name, module", [("feedback_stats", "dynamics"), ("pca_spectrum", "geometry"),
-                                          ("bayes_loss", "bayes"), ("blocked_pass", "blocked")])
-def test_moved_diagnostics_name_their_new_home(name, module):
-    with pytest.raises(AttributeError, match=f"gradattn.{module}.{name}"):
+@pytest.mark.parametrize("name", ["analytic_grads", "analytic_loss_and_grads", "feedback_stats", "pca_spectrum",
+                                  "bayes_loss", "blocked_pass", "pallas_loss_and_grads", "nonsense"])
+def test_retired_and_moved_names_do_not_exist(name):
+    with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
         getattr(ga, name)
-    assert callable(getattr(getattr(ga, module) if module != "blocked" else __import__("gradattn.blocked").blocked, name))
+    assert not hasattr(ga, "__getattr__") and not hasattr(ga.head, "__getattr__")
 
 
-def test_unknown_name_is_a_plain_attribute_error():
-    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        ga.nonsense
+def test_modules_are_modules():
+    for name in ("bayes", "deep", "dynamics", "geometry", "nn", "paths", "plotting", "tasks", "training", "verify"):
+        assert isinstance(getattr(ga, name), types.ModuleType) and name in ga.__all__
+
+
+def test_pallas_is_imported_only_when_its_path_is_resolved():
+    code = (
+        "import sys, jax, gradattn as ga, jax.numpy as jnp\n"
+        "assert 'gradattn.pallas' not in sys.modules\n"
+        "p, x, y = ga.init_head(jax.random.key(0), 3, 2, 2, 2), jnp.ones((4, 3)), jnp.zeros(4, int)\n"
+        "ga.train(p, x, y, ga.sgd(0.1), 2, grad_source='blocked')\n"
+        "assert 'gradattn.pallas' not in sys.modules\n"
+        "ga.paths.resolve_grad_source('pallas')\n"
+        "assert 'gradattn.pallas' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

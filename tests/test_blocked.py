@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradattn as ga
+import gradattn.pallas
 from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size, loss_fn, query_blocks
 from gradattn.head import dense_loss, forward
 from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
@@ -106,10 +107,10 @@ def test_vmap_over_sequences_and_over_param_sets():
     assert_close(got, want, 1e-9)
 
 
-def test_analytic_grads_is_the_blocked_pass():
+def test_blocked_pass_at_the_default_block_equals_an_explicit_block():
     params, x, y, w = problem(300, seed=6, weighted=True)
-    got = jax.jit(ga.analytic_loss_and_grads)(params, x, y, w)
-    assert_close(got, jax.jit(blocked_loss_and_grads)(params, x, y, w), 0.0)
+    got = jax.jit(blocked_loss_and_grads)(params, x, y, w)
+    assert_close(got, jax.jit(functools.partial(blocked_loss_and_grads, block_size=64))(params, x, y, w), 1e-12)
     assert_close(got, dense_loss_and_grads(params, x, y, w), 1e-9)
 
 
@@ -175,23 +176,23 @@ def test_loss_fn_still_validates_inputs_at_trace_time():
         jax.grad(loss_fn)(params, x, y[:5])
 
 
-def test_vmap_over_many_seeds_runs_in_chunks_with_identical_values(monkeypatch):
-    """Past seed_chunk seeds, vmap runs lax.map over chunks (here 3 seeds, 7 seeds: 3 + 3 + 1)."""
+def test_vmap_over_many_seeds_runs_in_groups_with_identical_values(monkeypatch):
+    """Past seed_group seeds, vmap runs lax.map over groups (here 3 seeds, 7 seeds: 3 + 3 + 1)."""
     from gradattn import _backend, blocked
 
-    monkeypatch.setattr(blocked, "backend_choices", lambda: _backend.CPU._replace(seed_chunk_bytes=3 * 4 * 10 * 10))
-    assert blocked.seed_chunk(10) == 3
+    monkeypatch.setattr(blocked, "backend_choices", lambda: _backend.CPU._replace(seed_group_bytes=3 * 4 * 10 * 10))
+    assert blocked.seed_group(10) == 3
     keys = jax.random.split(jax.random.PRNGKey(8), 7)
     many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(keys)
     xs = jax.random.normal(jax.random.PRNGKey(9), (7, 10, 5), jnp.float64)
     ys = jax.random.randint(jax.random.PRNGKey(10), (7, 10), 0, 6)
     # params batched, x and y shared; then everything batched
-    got = jax.jit(jax.vmap(lambda p: ga.analytic_loss_and_grads(p, xs[0], ys[0])))(many)
+    got = jax.jit(jax.vmap(lambda p: ga.blocked_loss_and_grads(p, xs[0], ys[0])))(many)
     assert_close(got, jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0]))(many), 1e-9)
     got = jax.jit(jax.vmap(jax.value_and_grad(loss_fn)))(many, xs, ys)
     assert_close(got, jax.vmap(jax.value_and_grad(dense_loss))(many, xs, ys), 1e-9)
-    # differentiating through the vmapped analytic gradient goes through the plain pass
-    meta = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: ga.analytic_grads(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
+    # differentiating through the vmapped blocked gradient goes through the plain pass
+    meta = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: ga.blocked_loss_and_grads(p_, x_, y_)[1].w_v.sum())(p, xs, ys))  # noqa: E731
     meta_dense = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: jax.grad(dense_loss)(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
     assert_close(jax.jit(jax.grad(meta))(many), jax.grad(meta_dense)(many), 1e-9)
 
@@ -220,14 +221,14 @@ def test_blocked_forms_are_the_named_laws_on_a_block():
 
 
 def test_one_validation_per_eager_call(monkeypatch):
-    """An eager analytic_grads validates its input once (it was three times, each copying x to host)."""
+    """An eager gradient path validates its input once (it was three times, each copying x to host)."""
     from gradattn import _checks
 
     params, x, y, w = problem(9, weighted=True)
     calls = []
     real = _checks.check_params
     monkeypatch.setattr(_checks, "check_params", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
-    for fn in (ga.analytic_grads, ga.analytic_loss_and_grads, ga.blocked_loss_and_grads, ga.dense_loss_and_grads,
+    for fn in (ga.blocked_loss_and_grads, ga.dense_loss_and_grads,
                ga.autodiff_loss_and_grads, ga.dense_loss, ga.loss_fn):
         calls.clear()
         fn(params, x, y, w)
@@ -244,11 +245,10 @@ def test_invalid_labels_under_jit_give_nan_in_every_path(bad):
     params, x, y, w = problem(9, weighted=True)
     paths = {
         "blocked": lambda *a: ga.blocked_loss_and_grads(*a, block_size=4),
-        "analytic": ga.analytic_loss_and_grads,
         "dense": ga.dense_loss_and_grads,
         "autodiff": ga.autodiff_loss_and_grads,
         "loss_fn_vjp": jax.value_and_grad(loss_fn),
-        "pallas": lambda *a: ga.pallas_loss_and_grads(*a, block_q=16, block_k=16),  # interpreted here
+        "pallas": lambda *a: gradattn.pallas.pallas_loss_and_grads(*a, block_q=16, block_k=16),  # interpreted here
     }
     y_bad = y.at[3].set(bad)
     reference = ga.autodiff_loss_and_grads(params, x, y, w)
@@ -260,7 +260,7 @@ def test_invalid_labels_under_jit_give_nan_in_every_path(bad):
         assert not np.isfinite(np.asarray(grads.w_o)).any(), name  # every row of E feeds dW_O
         assert_close(jax.jit(fn)(params, x, y, w), reference, 1e-9)
     with pytest.raises(ValueError, match="outside"):  # eagerly it is still an error at the door
-        ga.analytic_grads(params, x, y_bad, w)
+        ga.blocked_loss_and_grads(params, x, y_bad, w)
 
 
 def test_checked_mode_raises_inside_jit():
@@ -269,7 +269,7 @@ def test_checked_mode_raises_inside_jit():
     from gradattn.checking import checked
 
     params, x, y, w = problem(9, weighted=True)
-    safe = checked(ga.analytic_loss_and_grads)
+    safe = checked(ga.blocked_loss_and_grads)
     assert_close(safe(params, x, y, w), ga.autodiff_loss_and_grads(params, x, y, w), 1e-9)
     with pytest.raises(checkify.JaxRuntimeError, match=r"labels y must be in \[0, 6\)"):
         safe(params, x, y.at[2].set(-1), w)
@@ -290,5 +290,5 @@ def test_backend_choices_table():
 
     assert _backend.backend_choices("cpu").grad_source == "blocked"
     assert _backend.backend_choices("gpu").grad_source == "dense" and _backend.backend_choices("tpu").grad_source == "dense"
-    assert _backend.backend_choices("gpu").seed_chunk_bytes is None
+    assert _backend.backend_choices("gpu").seed_group_bytes is None
     assert _backend.backend_choices() == _backend.backend_choices(jax.default_backend())

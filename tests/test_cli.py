@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gradattn import _io, cli, experiments
+from gradattn import _io, cli, experiments, tasks
 
 TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +67,13 @@ def test_every_config_field_is_a_flag(tmp_path, capsys):
     assert (cfg["task"]["seq_len"], cfg["task"]["self_prob"], cfg["task"]["embeddings"]) == (16, 0.4, "seed:3")
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(experiments.EmVsSgdConfig)} - {"task"}
-    assert names <= set(cli._CONFIG_FLAGS)  # a new config field must get its flag
+    # Every field of either config and of the task gets its flag, made from the field itself.
+    parser = cli.build_parser()
+    for command in cli.COMMANDS:
+        sub = parser.parse_args([command.name, "--out", "x.json"])
+        for cls in (command.config_type, tasks.StickyMarkov):
+            names = {f.name for f in dataclasses.fields(cls)} - {"task", "embedding_source"}
+            assert names <= set(vars(sub)), (command.name, names - set(vars(sub)))
 
 
 def test_em_vs_sgd_seeds_flag(tmp_path, capsys):
@@ -313,3 +318,17 @@ def test_deep_bad_arguments_exit_2(tmp_path, capsys, monkeypatch, args, message)
     code, _, err = run(["deep", "--out", str(out)] + DEEP_TINY + args, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_every_integer_and_number_flag_goes_through_one_parser(monkeypatch):
+    """Integer flags parse their text with cli._int_arg and number flags with cli._float_arg only."""
+    seen = []
+    monkeypatch.setattr(cli, "_int_arg", lambda text: seen.append(("int", text)) or int(text))
+    monkeypatch.setattr(cli, "_float_arg", lambda text: seen.append(("float", text)) or float(text))
+    parser = cli.build_parser()
+    parser.parse_args(["em-vs-sgd", "--out", "x.json", "--seeds", "3", "--steps", "4", "--d-k", "5", "--seq-len", "6",
+                       "--chunk-size", "7", "--sgd-lr", "0.5", "--noise-std", "2"])
+    parser.parse_args(["deep", "--out", "x.json", "--seed-list", "8,9", "--n-layers", "2", "--dropout", "0.25"])
+    parser.parse_args(["laws-check", "--n", "10", "--seed", "11"])
+    assert sorted(t for k, t in seen if k == "int") == sorted(["3", "4", "5", "6", "7", "8", "9", "2", "10", "11"])
+    assert sorted(t for k, t in seen if k == "float") == ["0.25", "0.5", "2"]

@@ -9,25 +9,23 @@ import optax
 import pytest
 from flax import nnx
 
-from gradattn import laws
+from gradattn import bayes, laws
 from gradattn.deep import (
     DeepConfig,
     HeadLaws,
-    _one_head_dynamics,
     deep_experiment,
     deep_law_errors,
     deep_optimizer,
-    format_deep,
     head_laws,
     init_model,
     make_deep_run,
-    plot_deep,
     value_labels,
 )
-from gradattn.dynamics import feedback_stats
+from gradattn.dynamics import feedback_stats, step_feedback
+from gradattn.plotting import format_deep, plot_deep
 from gradattn.head import forward, init_head, token_losses
 from gradattn.sweeps import sweep
-from gradattn.tasks import StickyMarkov
+from gradattn.tasks import DirichletHMM, StickyMarkov
 
 TASK = StickyMarkov(seq_len=16)
 CFG = DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)
@@ -59,8 +57,9 @@ def test_head_laws_of_a_model():
         head_laws(model, x[:, :3], y)
 
 
-def test_per_head_dynamics_match_the_single_head_definitions():
-    """The per-head statistics are gradattn.dynamics.feedback_stats's, given one head's alpha, a, v, u."""
+def test_dense_feedback_core_equals_the_blocked_statistics():
+    """step_feedback (whole matrices, what every deep head uses) equals feedback_stats (blocks of
+    rows, never N x N) on one head, and both see the feedback loop (agreement above chance)."""
     with jax.enable_x64(True):
         f64 = jnp.float64
         p0 = init_head(jax.random.key(2), 6, 3, 4, 3, scale=0.8, dtype=f64)
@@ -71,13 +70,38 @@ def test_per_head_dynamics_match_the_single_head_definitions():
         o0, o1 = forward(p0, x), forward(p1, x)
         u = laws.upstream_grad(p0, o0, y)
         adv = laws.advantage(o0.alpha, laws.compatibility(u, o0.v))
-        ours = _one_head_dynamics(o0.alpha, adv, o1.alpha, laws.value_grad(o0.alpha, u), o0.v, o1.v)
-        ref = feedback_stats(p0, p1, x, y)
-        for a, b in ((ours.entropy_bits, ref.attention_entropy_bits), (ours.sign_agreement, ref.sign_agreement),
-                     (ours.sign_agreement_weighted, ref.sign_agreement_weighted),
-                     (ours.value_alignment, ref.value_alignment), (ours.value_alignment_weighted, ref.value_alignment_weighted)):
+        dense = step_feedback(o0.alpha, adv, o1.alpha, laws.value_grad(o0.alpha, u), o0.v, o1.v)
+        ref = feedback_stats(p0, p1, x, y, block_size=5)
+        for a, b in ((dense.entropy_bits, ref.attention_entropy_bits), (dense.sign_agreement, ref.sign_agreement),
+                     (dense.sign_agreement_weighted, ref.sign_agreement_weighted),
+                     (dense.value_alignment, ref.value_alignment),
+                     (dense.value_alignment_weighted, ref.value_alignment_weighted)):
             np.testing.assert_allclose(a, b, rtol=1e-10)
-        assert 0.5 < float(ours.sign_agreement) <= 1.0
+        assert 0.5 < float(dense.sign_agreement) <= 1.0 and float(dense.value_alignment) > 0
+
+
+def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
+    """At noise_std = 2 the run's Bayes losses are task.bayes_loss of its own sequences, not the
+    filter at noise 1."""
+    task = StickyMarkov(seq_len=16, noise_std=2.0)
+    key = jax.random.key(11)
+    out = jax.jit(make_deep_run(DeepConfig(steps=2, d_model=8, n_layers=1, n_heads=2, task=task, n_checkpoints=0)))(key)
+    k_data, _, _, k_test = jax.random.split(key, 4)
+    for name, k in (("train_bayes_loss", k_data), ("heldout_bayes_loss", k_test)):
+        x, y = task.sample(k, jnp.float32)
+        own = task.bayes_loss(x, y).mean
+        at_noise_1 = bayes.bayes_loss(jnp.asarray(task.transition_matrix, jnp.float32),
+                                      jnp.asarray(task.embeddings, jnp.float32), x, y).mean
+        np.testing.assert_allclose(out[name], own, rtol=1e-6)
+        assert abs(float(at_noise_1) - float(own)) > 1e-4, name  # far outside the rtol above
+
+
+def test_any_task_through_the_protocol():
+    task = DirichletHMM(seq_len=12)
+    cfg = DeepConfig(steps=2, d_model=8, n_layers=1, n_heads=2, task=task, n_checkpoints=0)
+    model = init_model(cfg, jax.random.key(0))
+    assert (model.d_in, model.n_classes) == (task.d_in, task.n_classes)
+    assert cfg.to_dict()["task"]["name"] == "DirichletHMM"
 
 
 def test_one_seed_one_result_and_run_contents():
@@ -209,4 +233,9 @@ def test_input_checks():
     with pytest.raises(TypeError, match="config"):
         deep_experiment([1], {"steps": 4})
     assert DeepConfig(steps=np.int64(10), n_checkpoints=5).steps == 10
-    assert DeepConfig().n_checkpoints == 10 and DeepConfig(steps=7).n_checkpoints == 7 and DeepConfig(steps=33).n_checkpoints == 3
+    assert DeepConfig(steps=7).n_checkpoints == 7 and DeepConfig(steps=33).n_checkpoints == 3
+    # The bounds declared with the fields hold in the library as on the command line.
+    with pytest.raises(ValueError, match=r"n_layers must be an integer in \[1, 64\], got 65"):
+        DeepConfig(n_layers=65)
+    with pytest.raises(ValueError, match="n_symbols"):
+        DeepConfig(task=StickyMarkov(n_symbols=2000))

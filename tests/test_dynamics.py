@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn import analytic_grads, forward, init_head, upstream_grad
+from gradattn import blocked_loss_and_grads, forward, init_head, upstream_grad
 from gradattn.dynamics import (
     distance_to_final,
     FeedbackRecord,
@@ -109,7 +109,7 @@ def dense_feedback(p0, p1, x, y):
 @pytest.mark.parametrize("block_size", [5, 256])
 def test_feedback_stats_match_dense_reference(block_size):
     p0, x, y = problem(n=30)
-    g = analytic_grads(p0, x, y)
+    g = blocked_loss_and_grads(p0, x, y)[1]
     p1 = jax.tree.map(lambda a, b: a - 0.3 * b, p0, g)
     s = stats_fn(p0, p1, x, y, block_size=block_size)
     ref = dense_feedback(p0, p1, x, y)
@@ -126,7 +126,7 @@ def test_value_only_step_in_value_space_aligns_perfectly():
     # orthonormal inputs (X^T X = I, N = d_in) the Gram matrix X X^T is I as well.
     p0, _, y = problem(n=6, d_in=6)
     x = jnp.eye(6, dtype=jnp.float64)
-    g = analytic_grads(p0, x, y)
+    g = blocked_loss_and_grads(p0, x, y)[1]
     p1 = p0._replace(w_v=p0.w_v - 0.1 * g.w_v)
     s = stats_fn(p0, p1, x, y)
     np.testing.assert_allclose(s.value_alignment, 1.0, rtol=1e-12)

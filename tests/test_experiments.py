@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from gradattn import experiments
+from gradattn import experiments, verify
+from gradattn.plotting import format_em_vs_sgd
 from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
 from gradattn.sweeps import sweep
 from gradattn.tasks import StickyMarkov
@@ -57,13 +58,13 @@ def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
     assert make_em_vs_sgd(a) is make_em_vs_sgd(b)  # one cache entry, one compiled program
     json.dumps(a.to_dict())  # plain ints, so the results file can hold the config
     c = EmVsSgdConfig(sgd_lr=np.float32(0.5), value_lr=np.float64(0.1), routing_lr=np.int64(0), task=TASK)
-    assert (type(c.sgd_lr), c.sgd_lr, type(c.value_lr), type(c.routing_lr)) == (float, 0.5, float, int)
+    assert (type(c.sgd_lr), c.sgd_lr, type(c.value_lr), type(c.routing_lr)) == (float, 0.5, float, float)
     json.dumps(c.to_dict())  # numpy scalars would not serialise
-    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be a positive integer, got 6.0"):
+    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be an integer, got 6.0"):
         EmVsSgdConfig(steps=6.0, task=TASK)
-    with pytest.raises(TypeError, match="EmVsSgdConfig: d_k must be a positive integer, got the bool"):
+    with pytest.raises(TypeError, match="EmVsSgdConfig: d_k must be an integer, got the bool"):
         EmVsSgdConfig(d_k=True, task=TASK)
-    with pytest.raises(ValueError, match="EmVsSgdConfig: d_v must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="EmVsSgdConfig: d_v must be an integer in \\[1, 4096\\], got 0"):
         EmVsSgdConfig(d_v=np.int64(0), task=TASK)
     for scale in (0, 0.0, float("nan"), -0.1):  # at 0 the head's scores are 0 and W_Q, W_K never move
         with pytest.raises(ValueError, match="init_scale"):
@@ -77,12 +78,12 @@ def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
 def test_invalid_config_leaves_no_cached_closure():
     bad = EmVsSgdConfig(steps=7, task=TASK)
     object.__setattr__(bad, "steps", 0)  # altered after validation: the closure would fail in the sweep
-    before = make_em_vs_sgd.cache_info().currsize
-    with pytest.raises(ValueError, match="EmVsSgdConfig: steps must be a positive integer, got 0"):
+    before = experiments._make_em_vs_sgd.cache_info().currsize
+    with pytest.raises(ValueError, match="EmVsSgdConfig: steps must be an integer in \\[1, 10000000\\], got 0"):
         make_em_vs_sgd(bad)
     with pytest.raises(TypeError, match="make_em_vs_sgd: config must be an EmVsSgdConfig, got dict"):
         make_em_vs_sgd({"steps": 7})  # unhashable: used to fail inside lru_cache
-    assert make_em_vs_sgd.cache_info().currsize == before
+    assert experiments._make_em_vs_sgd.cache_info().currsize == before
 
 
 def test_steps_to_threshold():
@@ -149,12 +150,12 @@ def test_a_diverged_seed_makes_the_speedup_null_not_plausible():
     assert s["speedup"] is None and s["threshold"] is None
     assert s["em_steps_to_sgd_final"] == {"mean": None, "std": None}
     assert s["per_seed"]["em_steps_to_sgd_final"] == [None, None]
-    assert "n/a" in experiments.format_em_vs_sgd(s)
+    assert "n/a" in format_em_vs_sgd(s)
 
 
 def test_laws_check_errors_are_tiny():
-    errors = experiments.laws_check_errors(jax.random.key(1), n=11)
-    assert len(errors) == 11
+    errors = verify.laws_check_errors(jax.random.key(1), n=11)
+    assert len(errors) == 13
     assert max(errors.values()) < 1e-9
 
 
@@ -170,3 +171,38 @@ def test_em_vs_sgd_takes_an_array_of_seeds():
     for bad in (np.array([1.0, 2.0]), jnp.array([[1, 2]])):
         with pytest.raises(ValueError, match="seeds"):
             experiments.em_vs_sgd(bad, config)
+
+
+def test_a_new_experiment_is_its_run_and_its_summary():
+    """The skeleton does the rest once: seeds (an int n or distinct ints), the sweep, the wall time,
+    the device count, the chunk size and the provenance."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        scale: float = 2.0
+
+    seen = {}
+
+    def summarise(per_seed, seeds, config):
+        seen["seeds"] = seeds
+        return {"mean": float(np.mean(per_seed["u"])), "n": len(seeds)}
+
+    toy = experiments.Experiment("toy", Cfg, lambda c: (lambda key: {"u": c.scale * jax.random.uniform(key)}), summarise)
+    out = experiments.run_experiment(toy, 3)
+    assert seen["seeds"] == [0, 1, 2] and out["n"] == 3
+    assert out["chunk_size"] == experiments.default_chunk_size() and out["n_devices"] == len(jax.devices())
+    assert out["wall_time_s"] >= 0 and {"versions", "start_time", "end_time"} <= set(out["provenance"])
+    again = experiments.run_experiment(toy, [2, 0, 1], Cfg(scale=2.0), chunk_size=1)
+    assert again["mean"] == pytest.approx(out["mean"], rel=1e-6)
+    with pytest.raises(ValueError, match="toy: seeds must be distinct"):
+        experiments.run_experiment(toy, [1, 1])
+    with pytest.raises(TypeError, match="toy: config must be a Cfg"):
+        experiments.run_experiment(toy, 1, {"scale": 1})
+
+
+def test_config_bounds_are_the_cli_bounds():
+    with pytest.raises(ValueError, match=r"d_k must be an integer in \[1, 4096\], got 5000"):
+        EmVsSgdConfig(d_k=5000)
+    with pytest.raises(ValueError, match="grad_source must be one of"):
+        EmVsSgdConfig(grad_source="analytic")

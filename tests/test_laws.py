@@ -5,8 +5,6 @@ differentiates with respect to (logits, contexts, alpha, scores, values, queries
 wrong law cannot hide behind a right total.
 """
 
-import functools
-
 import chex
 import hypothesis.strategies as st
 import jax
@@ -17,9 +15,14 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 
 import gradattn as ga
+from gradattn import verify
 from gradattn.head import causal_mask, normalised_weights, token_losses
 
 RTOL = 1e-9
+
+
+def blocked_grads(*args):
+    return ga.blocked_loss_and_grads(*args)[1]
 
 
 def rel_err(a, b, floor=1e-12):
@@ -76,37 +79,31 @@ shapes = st.fixed_dictionaries(
 )
 
 
-@functools.partial(jax.jit, static_argnames="causal")
-def laws_and_autodiff(params, x, y, w, causal):
-    """Pairs (law, jax.grad of the loss in that law's variable); one compile per shape."""
-    out = ga.forward(params, x, causal)
-    n = x.shape[0]
-    mask = causal_mask(n) if causal else jnp.ones((n, n), bool)
+VERIFY_NAME = {
+    "output_error": "output_error e = dL/dz", "upstream_grad": "upstream u = dL/dg",
+    "compatibility": "compatibility b = dL/dalpha", "routing_grad": "routing dL/ds",
+    "advantage": "advantage -alpha a = dL/ds", "value_grad": "value dL/dv", "query_grad": "query dL/dq",
+    "key_grad": "key dL/dk", "output_weight_grad": "output weight dL/dW_O = G^T e",
+}
 
-    def from_scores(s):
-        alpha = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        return loss_from_logits(alpha @ out.v @ params.w_o, y, w)
+# The pairs of gradattn.verify (what `gradattn laws-check` reports), one compile per shape.
+laws_and_autodiff = jax.jit(verify.law_pairs, static_argnames="causal")
 
-    def from_qk(q, k):
-        return from_scores(q @ k.T / jnp.sqrt(q.shape[1]))
 
-    e = ga.output_error(out, y, w)
-    u = ga.upstream_grad(params, out, y, w)
-    b = ga.compatibility(u, out.v)
-    ds = ga.routing_grad(out.alpha, b)
-    dq_auto, dk_auto = jax.grad(from_qk, argnums=(0, 1))(out.q, out.k)
-    dw_o = jax.grad(lambda wo: loss_from_logits(out.context @ wo, y, w))(params.w_o)
-    return {
-        "output_error": (e, jax.grad(lambda z: loss_from_logits(z, y, w))(out.logits)),
-        "upstream_grad": (u, jax.grad(lambda g: loss_from_logits(g @ params.w_o, y, w))(out.context)),
-        "compatibility": (b, jax.grad(lambda a: loss_from_logits(a @ out.v @ params.w_o, y, w))(out.alpha)),
-        "routing_grad": (ds, jax.grad(from_scores)(out.scores)),
-        "advantage": (-out.alpha * ga.advantage(out.alpha, b), jax.grad(from_scores)(out.scores)),
-        "value_grad": (ga.value_grad(out.alpha, u), jax.grad(lambda v: loss_from_logits(out.alpha @ v @ params.w_o, y, w))(out.v)),
-        "query_grad": (ga.query_grad(ds, out.k), dq_auto),
-        "key_grad": (ga.key_grad(ds, out.q), dk_auto),
-        "output_weight_grad": (ga.output_weight_grad(out.context, e), dw_o),
-    }
+def test_law_pairs_cover_every_law():
+    params, x, y, w = make_case(0, 5, 3, 2, 2, 3, True)
+    names = " ".join(laws_and_autodiff(params, x, y, w, causal=True))
+    for law in ("output_error", "upstream", "compatibility", "advantage", "routing", "value", "query", "key",
+                "output weight", "dL/dW_Q", "dL/dW_K", "dL/dW_V", "dL/dW_O"):
+        assert law in names, law
+
+
+def test_a_wrong_law_is_caught(monkeypatch):
+    """The check can fail: a value law off by a transpose is reported far above the tolerance."""
+    params, x, y, w = make_case(1, 6, 3, 2, 3, 3, True)
+    monkeypatch.setattr(verify.laws, "value_grad", lambda alpha, u: alpha @ u)
+    pairs = verify.law_pairs(params, x, y, w, True)
+    assert verify.relative_error(*pairs["value dL/dv"]) > 1e-3
 
 
 @settings(max_examples=40, deadline=None)
@@ -114,7 +111,7 @@ def laws_and_autodiff(params, x, y, w, causal):
 def test_each_law_equals_autodiff(case):
     causal = case.pop("causal")
     params, x, y, w = make_case(**case)
-    pairs = laws_and_autodiff(params, x, y, w, causal)
+    pairs = laws_and_autodiff(params, x, y, w, causal=causal)
     # A law whose true value is exactly zero (dL/ds when N = 1, or when no supervised position can
     # route anywhere) is measured against the scale of all the gradients of this instance.
     scale = max(float(np.max(np.abs(np.asarray(auto)))) for _, auto in pairs.values())
@@ -125,14 +122,14 @@ def test_each_law_equals_autodiff(case):
 # Each example compiles the blocked pass anew; tests/test_blocked.py covers it over more shapes.
 @settings(max_examples=15, deadline=None)
 @given(shapes)
-def test_analytic_grads_equal_autodiff(case):
+def test_blocked_and_dense_grads_equal_autodiff(case):
     causal = case.pop("causal")
     params, x, y, w = make_case(**case)
     auto_loss, auto = jax.jit(jax.value_and_grad(ga.dense_loss), static_argnums=4)(params, x, y, w, causal)
-    for f in (ga.analytic_loss_and_grads, ga.dense_loss_and_grads):
-        law_loss, analytic = jax.jit(f, static_argnums=4)(params, x, y, w, causal)
+    for f in (ga.blocked_loss_and_grads, ga.dense_loss_and_grads):
+        law_loss, grads = jax.jit(f, static_argnums=4)(params, x, y, w, causal)
         assert abs(float(law_loss) - float(auto_loss)) <= RTOL * abs(float(auto_loss))
-        errors = tree_rel_err(analytic, auto)
+        errors = tree_rel_err(grads, auto)
         assert max(errors.values()) < RTOL, (f.__name__, errors)
 
 
@@ -197,7 +194,7 @@ class VariantsTest(chex.TestCase):
             got = self.variant(f, static_argnames="causal")(self.params, self.x, self.y, self.w, causal=causal)
             np.testing.assert_allclose(got, ref["loss"], rtol=1e-12)
         autodiff = jax.grad(ga.dense_loss)(self.params, self.x, self.y, self.w, causal)
-        for f in (ga.analytic_grads, ga.dense_loss_and_grads, ga.analytic_loss_and_grads, ga.blocked_loss_and_grads):
+        for f in (ga.dense_loss_and_grads, ga.blocked_loss_and_grads):
             got = self.variant(f, static_argnames="causal")(self.params, self.x, self.y, self.w, causal=causal)
             if isinstance(got, tuple) and not isinstance(got, ga.HeadParams):
                 np.testing.assert_allclose(got[0], ref["loss"], rtol=1e-12)
@@ -225,7 +222,7 @@ class VariantsTest(chex.TestCase):
             ("output_weight_grad", ga.output_weight_grad, (out.context, e), lambda r: r),
         ]
         for name, f, args, view in cases:
-            want = auto[name]
+            want = auto[VERIFY_NAME[name]]
             if name == "compatibility":  # dL/dalpha_ij is u_i . v_j for every (i, j); compare the visible ones
                 want = jnp.where(causal_mask(10), want, 0.0)
             assert_trees_rel(view(self.variant(f)(*args)), want, 1e-9)
@@ -254,15 +251,15 @@ def test_vmap_over_sequences_and_parameter_sets():
     xs = jnp.stack([x, x[::-1], 2 * x])
     ys = jnp.stack([y, y[::-1], y])
     ws = jnp.stack([w, w[::-1], w])
-    batched = jax.vmap(ga.analytic_grads, in_axes=(None, 0, 0, 0))(params, xs, ys, ws)
+    batched = jax.vmap(blocked_grads, in_axes=(None, 0, 0, 0))(params, xs, ys, ws)
     for i in range(3):
-        assert_trees_rel(jax.tree.map(lambda a: a[i], batched), ga.analytic_grads(params, xs[i], ys[i], ws[i]), 1e-12)
+        assert_trees_rel(jax.tree.map(lambda a: a[i], batched), blocked_grads(params, xs[i], ys[i], ws[i]), 1e-12)
     losses = jax.vmap(ga.loss_fn, in_axes=(None, 0, 0, 0))(params, xs, ys, ws)
     np.testing.assert_allclose(losses, [ga.dense_loss(params, xs[i], ys[i], ws[i]) for i in range(3)], rtol=1e-12)
 
     keys = jax.random.split(jax.random.key(5), 4)
     stacked = jax.vmap(lambda k: ga.init_head(k, 4, 3, 3, 5, dtype=jnp.float64))(keys)
-    per_set = jax.jit(jax.vmap(ga.analytic_grads, in_axes=(0, None, None, None)))(stacked, x, y, w)
+    per_set = jax.jit(jax.vmap(blocked_grads, in_axes=(0, None, None, None)))(stacked, x, y, w)
     auto = jax.vmap(jax.grad(ga.dense_loss), in_axes=(0, None, None, None))(stacked, x, y, w)
     assert_trees_rel(per_set, auto, 1e-10)
     # A law vmapped over a batch of heads.
@@ -281,10 +278,10 @@ def test_grad_of_loss_fn_wrt_params_and_inputs():
 
 
 def test_float32_at_paper_size():
-    """N = 1999, the paper's head: analytic vs autodiff within float32 tolerance, float32 throughout."""
+    """N = 1999, the paper's head: the blocked pass vs autodiff within float32 tolerance, float32 throughout."""
     params, x, y, _ = make_case(0, 1999, 20, 10, 15, 8, weighted=False, dtype=jnp.float32, scale=0.1)
     x = x.astype(jnp.float32)
-    loss, grads = jax.jit(ga.analytic_loss_and_grads)(params, x, y)
+    loss, grads = jax.jit(ga.blocked_loss_and_grads)(params, x, y)
     ref_loss, ref = jax.jit(jax.value_and_grad(ga.dense_loss))(params, x, y)
     assert loss.dtype == jnp.float32
     assert all(g.dtype == jnp.float32 for g in grads)
@@ -294,7 +291,7 @@ def test_float32_at_paper_size():
     # And in float64 the two agree to 1e-9 at the same size.
     p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     x64 = x.astype(jnp.float64)
-    g64 = jax.jit(ga.analytic_grads)(p64, x64, y)
+    g64 = jax.jit(blocked_grads)(p64, x64, y)
     r64 = jax.jit(jax.grad(ga.dense_loss))(p64, x64, y)
     for name in ga.HeadParams._fields:
         assert rel_err(getattr(g64, name), getattr(r64, name)) < RTOL, name
@@ -304,7 +301,7 @@ class TestBadInput:
     def setup_method(self):
         self.params, self.x, self.y, _ = make_case(1, 5, 4, 3, 3, 4, weighted=False)
 
-    @pytest.mark.parametrize("fn", [ga.loss_fn, ga.analytic_grads, ga.analytic_loss_and_grads, ga.dense_loss])
+    @pytest.mark.parametrize("fn", [ga.loss_fn, ga.blocked_loss_and_grads, blocked_grads, ga.dense_loss])
     def test_each_bad_input_raises_and_names_the_argument(self, fn):
         p, x, y = self.params, self.x, self.y
         with pytest.raises(ValueError, match=r"x has shape \(5, 3\).*d_in = 4"):
@@ -341,7 +338,7 @@ class TestBadInput:
     def test_mixed_dtypes_are_rejected(self):
         p32 = jax.tree.map(lambda a: a.astype(jnp.float32), self.params)
         with pytest.raises(TypeError, match="share one floating dtype.*w_q float32.*x float64"):
-            ga.analytic_grads(p32, self.x, self.y)
+            blocked_grads(p32, self.x, self.y)
         with pytest.raises(TypeError, match="share one floating dtype"):
             ga.loss_fn(self.params._replace(w_v=p32.w_v), self.x, self.y)
 

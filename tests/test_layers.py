@@ -54,14 +54,33 @@ def test_graph_is_parsed():
     edges = graph()
     assert "gradattn.head" in edges["gradattn.laws"]
     assert "gradattn.laws" in edges["gradattn.blocked"]
+    assert "gradattn.paths" in edges["gradattn.training"]
+    assert {"gradattn.experiments", "gradattn.training", "gradattn.deep.config"} <= edges["gradattn.deep.run"]
+    for name, deps in edges.items():  # every edge names a real module of the package
+        assert deps <= set(MODULES), (name, deps - set(MODULES))
+
+
+CORE = {"gradattn._checks", "gradattn._backend", "gradattn._rows", "gradattn._math", "gradattn._vmap", "gradattn.head",
+        "gradattn.laws", "gradattn.blocked", "gradattn.paths", "gradattn.training", "gradattn.sweeps"}
+UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn.plotting", "gradattn.cli"}
 
 
 @pytest.mark.parametrize("layer,forbidden", [
     ("gradattn.head", {"gradattn.laws", "gradattn.blocked"}),
     ("gradattn.laws", {"gradattn.blocked"}),
+    # training reaches the gradient paths only through the registry, which imports them when used
+    ("gradattn.training", {"gradattn.blocked", "gradattn.laws", "gradattn.pallas"}),
+    ("gradattn.experiments", {"gradattn.deep", "gradattn.deep.run", "gradattn.cli", "gradattn.plotting"}),
+    ("gradattn.deep.run", {"gradattn.cli", "gradattn.plotting"}),
+    ("gradattn.plotting", {"gradattn.experiments", "gradattn.deep"}),
+    *((core, UPPER) for core in sorted(CORE)),
 ])
 def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
     assert not graph()[layer] & forbidden
+
+
+def test_nothing_imports_the_pallas_kernels_at_the_top():
+    assert not [m for m, deps in graph().items() if "gradattn.pallas" in deps]
 
 
 def test_import_graph_has_no_cycle():
@@ -96,10 +115,3 @@ def test_no_library_import_inside_a_function():
                     if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("gradattn")):
                         offenders.append(f"{name}:{inner.lineno}")
     assert not offenders, offenders
-
-
-def test_moved_name_says_where_it_went():
-    from gradattn import head
-
-    with pytest.raises(AttributeError, match=r"gradattn\.blocked\.loss_fn"):
-        head.loss_fn  # noqa: B018

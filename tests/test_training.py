@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import gradattn as ga
-from gradattn import training
+from gradattn import _backend, paths, training
 
 ROUTING = ("w_q", "w_k", "w_o")
 
@@ -27,7 +27,7 @@ def one_update(optimizer, params, x, y):
     """(grads, params after one step of make_step)."""
     state = training.init_state(params, optimizer)
     new, metrics = jax.jit(training.make_step(optimizer))(state, x, y)
-    grads = ga.analytic_grads(params, x, y)
+    grads = ga.blocked_loss_and_grads(params, x, y)[1]
     return grads, new, metrics
 
 
@@ -72,7 +72,7 @@ def test_alternating_moves_one_group_per_step(period):
     step = jax.jit(training.make_step(opt))
     for t in range(4 * period):
         before = state.params
-        grads = ga.analytic_grads(before, x, y)
+        grads = ga.blocked_loss_and_grads(before, x, y)[1]
         state, _ = step(state, x, y)
         value_step = (t // period) % 2 == 0
         moved_v = not np.array_equal(state.params.w_v, before.w_v)
@@ -155,13 +155,13 @@ def test_checkpoints_shape_and_timing():
 def test_grad_sources_agree():
     params, x, y = case(7)
     opt = training.sgd(0.1)
-    _, a = training.train(params, x, y, opt, 3, grad_source="analytic")
+    _, a = training.train(params, x, y, opt, 3, grad_source="blocked")
     _, b = training.train(params, x, y, opt, 3, grad_source="autodiff")
     calls = []
 
     def custom(p, x_, y_, weights, causal):
         calls.append(causal)
-        return ga.analytic_loss_and_grads(p, x_, y_, weights, causal)
+        return ga.blocked_loss_and_grads(p, x_, y_, weights, causal)
 
     _, c = training.train(params, x, y, opt, 3, grad_source=custom, causal=False)
     _, d = training.train(params, x, y, opt, 3, causal=False)
@@ -261,26 +261,38 @@ def test_learning_rates_can_be_vmapped():
     np.testing.assert_allclose(batched[1], final_loss(0.1), rtol=1e-10)
 
 
-def test_public_reexports():
-    assert ga.train is training.train and ga.em_like is training.em_like
-
-
-def test_grad_source_names_and_auto():
-    """Every named source gives the same run; "auto" picks the backend's path; a callable plugs in."""
+def test_grad_source_names_and_auto(monkeypatch):
+    """Every named source gives the same run; "auto" runs the backend's path; a callable plugs in."""
     params, x, y = case(3)
     opt = training.sgd(0.1)
     runs = {name: training.train(params, x, y, opt, 2, grad_source=name)[1]["loss"]
-            for name in ("auto", "blocked", "dense", "autodiff", "analytic")}
+            for name in ("auto", "blocked", "dense", "autodiff")}
     for name, loss in runs.items():
         np.testing.assert_allclose(loss, runs["autodiff"], rtol=1e-12, err_msg=name)
     fused = training.train(params, x, y, opt, 2, grad_source="pallas")[1]["loss"]  # interpreted on a CPU
     np.testing.assert_allclose(fused, runs["autodiff"], rtol=1e-9)
-    from gradattn import _backend
-
-    chosen = _backend.backend_choices().grad_source
-    assert training.GRAD_SOURCES[chosen] is {"blocked": ga.blocked_loss_and_grads, "dense": ga.dense_loss_and_grads}[chosen]
+    assert paths.resolve_grad_source("blocked") is ga.blocked_loss_and_grads
+    assert paths.resolve_grad_source("dense") is ga.dense_loss_and_grads
+    # "auto" runs whatever the backend table names, read when traced.
+    calls = []
+    monkeypatch.setitem(paths.GRAD_SOURCES, "spy", ("gradattn.laws", "dense_loss_and_grads"))
+    monkeypatch.setattr(paths, "backend_choices", lambda: _backend.CPU._replace(grad_source="spy"))
+    monkeypatch.setattr(paths, "_load", lambda name: (calls.append(name), ga.dense_loss_and_grads)[1])
+    paths.auto_loss_and_grads(params, x, y)
+    assert calls == ["spy"]
     calls = []
     training.train(params, x, y, opt, 2, grad_source=lambda *a: calls.append(1) or ga.dense_loss_and_grads(*a))
     assert calls  # any callable of the same signature plugs in
-    with pytest.raises(ValueError, match="'auto', 'blocked', 'dense', 'autodiff', 'pallas', 'analytic'"):
-        training.make_step(opt, grad_source="pallas-not-registered")
+    with pytest.raises(ValueError, match="'auto', 'blocked', 'dense', 'autodiff', 'pallas'"):
+        training.make_step(opt, grad_source="analytic")
+
+
+def test_scan_steps_passes_the_step_index_and_probes_segment_starts():
+    step = lambda c, t: (c + t, c * 10)  # noqa: E731
+    final, outs, none = training.scan_steps(step, jnp.asarray(0), 6)
+    assert none is None and int(final) == 15
+    np.testing.assert_array_equal(outs, 10 * np.array([0, 0, 1, 3, 6, 10]))
+    final2, outs2, rec = training.scan_steps(step, jnp.asarray(0), 6, 3, lambda b, a, t: jnp.stack([b, a, t]))
+    assert int(final2) == 15
+    np.testing.assert_array_equal(outs2, outs)
+    np.testing.assert_array_equal(rec, [[0, 0, 0], [3, 6, 3]])

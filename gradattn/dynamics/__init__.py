@@ -15,10 +15,12 @@ from gradattn.dynamics.feedback import (
     FeedbackRecord,
     FeedbackStats,
     Snapshots,
+    StepFeedback,
     feedback_probe,
     feedback_stats,
     make_feedback_probe,
     snapshots,
+    step_feedback,
 )
 from gradattn.dynamics.first_order import FirstOrderReport, first_order_report
 from gradattn.dynamics.settling import (
@@ -35,6 +37,7 @@ __all__ = [
     "FirstOrderReport",
     "FrameBeforePrecision",
     "Snapshots",
+    "StepFeedback",
     "distance_to_final",
     "feedback_probe",
     "feedback_stats",
@@ -44,4 +47,5 @@ __all__ = [
     "settling_step",
     "settling_steps",
     "snapshots",
+    "step_feedback",
 ]

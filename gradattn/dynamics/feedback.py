@@ -22,8 +22,8 @@ from gradattn._rows import RowBlocks, causal_visible, masked_scores
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import advantage, compatibility, output_error_rows, value_grad
 
-__all__ = ["FeedbackRecord", "FeedbackStats", "Snapshots", "feedback_probe", "feedback_stats", "make_feedback_probe",
-           "snapshots"]
+__all__ = ["FeedbackRecord", "FeedbackStats", "Snapshots", "StepFeedback", "feedback_probe", "feedback_stats",
+           "make_feedback_probe", "snapshots", "step_feedback"]
 
 
 class FeedbackStats(NamedTuple):
@@ -54,6 +54,60 @@ class FeedbackStats(NamedTuple):
 def _attention_rows(q_r, k, r0: int, causal: bool):
     """alpha for query rows r0:r0+|R| against keys ``k`` (|R|, len(k)): the blocked pass's masked scores."""
     return jax.nn.softmax(masked_scores(q_r / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype)), k, r0, causal), axis=-1)
+
+
+class StepFeedback(NamedTuple):
+    """The feedback statistics of one step without the loss: what :func:`step_feedback` returns
+    (for the deep model, one per head). Definitions as in :class:`FeedbackStats`
+    (``entropy_bits`` is its ``attention_entropy_bits``)."""
+
+    entropy_bits: jax.Array
+    sign_agreement: jax.Array
+    sign_agreement_weighted: jax.Array
+    value_alignment: jax.Array
+    value_alignment_weighted: jax.Array
+
+
+def _sign_sums(a0, adv, a1, r0: int, n: int, causal: bool):
+    """Over query rows r0.. of alpha before (a0) and after (a1): the movable entries' counts
+    ``(agreeing, movable, agreeing mass, movable mass)`` (movable: visible, at least two visible
+    keys, alpha_ij > 0, a_ij != 0)."""
+    rows, keys = a0.shape
+    visible = causal_visible(rows, keys, r0) if causal else jnp.ones_like(a0, bool)
+    n_keys = (r0 + jnp.arange(rows) + 1) if causal else jnp.full((rows,), n)
+    ok = visible & (a0 > 0) & (adv != 0) & (n_keys[:, None] > 1)
+    hit = ok & (jnp.sign(adv) == jnp.sign(a1 - a0))
+    return (jnp.sum(hit), jnp.sum(ok), jnp.sum(jnp.where(hit, a0, 0.0)), jnp.sum(jnp.where(ok, a0, 0.0)))
+
+
+def _feedback(sums, entropy_sum, n: int, value_grads, delta_v) -> StepFeedback:
+    """The ratios of :class:`StepFeedback` from the accumulated sign sums and entropy, and the
+    value law's dL/dv_j (N, d_v) against the measured moves Delta v_j (N, d_v)."""
+    agree, count, agree_w, mass = sums
+    dv_norm = jnp.linalg.norm(value_grads, axis=-1)
+    mv_norm = jnp.linalg.norm(delta_v, axis=-1)
+    valid = (dv_norm > 0) & (mv_norm > 0)
+    cos = jnp.where(valid, -jnp.sum(delta_v * value_grads, axis=-1) / jnp.where(valid, dv_norm * mv_norm, 1.0), 0.0)
+    total = jnp.sum(dv_norm)
+    return StepFeedback(
+        entropy_bits=entropy_sum / n,
+        sign_agreement=agree / jnp.maximum(count, 1),
+        sign_agreement_weighted=agree_w / jnp.where(mass > 0, mass, 1.0),
+        value_alignment=jnp.sum(cos) / jnp.maximum(jnp.sum(valid), 1),
+        value_alignment_weighted=jnp.sum(cos * dv_norm) / jnp.where(total > 0, total, 1.0),
+    )
+
+
+def step_feedback(alpha0, adv, alpha1, value_grads, v0, v1, causal: bool = True) -> StepFeedback:
+    """The feedback statistics of one step from whole matrices: alpha before and after (N, N), the
+    advantage a (N, N) before, the value law's dL/dv (N, d_v) and the values before and after.
+
+    The dense form of :func:`feedback_stats` (the same sums, over one block of all N rows); the deep
+    model applies it to every head, with u^h from the whole network. Pure; vmap it over heads.
+    """
+    n = alpha0.shape[0]
+    sums = _sign_sums(alpha0, adv, alpha1, 0, n, causal)
+    return _feedback(sums, jnp.sum(entropy_bits(alpha0)), n, value_grads, v1 - v0)
 
 
 def feedback_stats(
@@ -93,7 +147,8 @@ def feedback_stats(
     v_after = x @ params_after.w_v
 
     zero = jnp.zeros((), dt)
-    agree = count = agree_w = mass = loss = ent = zero
+    sums = (zero, zero, zero, zero)
+    loss = ent = zero
     dv = jnp.zeros_like(v0)
     blocks = RowBlocks(n, block_size, causal)
     for blk in blocks:
@@ -106,34 +161,14 @@ def feedback_stats(
         loss = loss + jnp.sum(w[r0:r1] * token_losses(z, yr))
         u = output_error_rows(z, yr, w[r0:r1]) @ params_before.w_o.T
         adv = advantage(a0, compatibility(u, v0[:keys]))
-        d_alpha = a1 - a0
-        visible = causal_visible(r1 - r0, keys, r0) if causal else jnp.ones_like(a0, bool)
-        n_keys = (r0 + jnp.arange(r1 - r0) + 1) if causal else jnp.full((r1 - r0,), n)
-        ok = visible & (a0 > 0) & (adv != 0) & (n_keys[:, None] > 1)
-        hit = ok & (jnp.sign(adv) == jnp.sign(d_alpha))
-        agree = agree + jnp.sum(hit)
-        count = count + jnp.sum(ok)
-        agree_w = agree_w + jnp.sum(jnp.where(hit, a0, 0.0))
-        mass = mass + jnp.sum(jnp.where(ok, a0, 0.0))
+        sums = tuple(t + b for t, b in zip(sums, _sign_sums(a0, adv, a1, r0, n, causal)))
         ent = ent + jnp.sum(entropy_bits(a0))
         dv = dv.at[:keys].add(value_grad(a0, u))
         blocks.finish(blk, loss, ent)
 
-    delta_v = v_after - v0
-    dv_norm = jnp.linalg.norm(dv, axis=-1)
-    mv_norm = jnp.linalg.norm(delta_v, axis=-1)
-    dot = -jnp.sum(delta_v * dv, axis=-1)
-    valid = (dv_norm > 0) & (mv_norm > 0)
-    cos = jnp.where(valid, dot / jnp.where(valid, dv_norm * mv_norm, 1.0), 0.0)
-    n_valid = jnp.maximum(jnp.sum(valid), 1)
-    return FeedbackStats(
-        loss=loss,
-        sign_agreement=agree / jnp.maximum(count, 1),
-        sign_agreement_weighted=agree_w / jnp.where(mass > 0, mass, 1.0),
-        value_alignment=jnp.sum(cos) / n_valid,
-        value_alignment_weighted=jnp.sum(cos * dv_norm) / jnp.where(jnp.sum(dv_norm) > 0, jnp.sum(dv_norm), 1.0),
-        attention_entropy_bits=ent / n,
-    )
+    f = _feedback(sums, ent, n, dv, v_after - v0)
+    return FeedbackStats(loss, f.sign_agreement, f.sign_agreement_weighted, f.value_alignment,
+                         f.value_alignment_weighted, f.entropy_bits)
 
 
 class FeedbackRecord(NamedTuple):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_number
+from gradattn._checks import check_int, check_number, option
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 
 REFERENCE_FILE = "sticky_markov_reference_embeddings.txt"
@@ -173,12 +173,14 @@ class StickyMarkov:
     The means as an array: :attr:`embeddings`.
     """
 
-    n_symbols: int
-    d_embed: int
-    self_prob: float
-    seq_len: int
-    embed_seed: int | None
-    noise_std: float
+    n_symbols: int = option(help="number of symbols C", minimum=2, maximum=1024)
+    d_embed: int = option(help="input size d_in of the symbol means", minimum=1, maximum=4096)
+    self_prob: float = option(help="self-transition mass added to the diagonal", minimum=0.0, maximum=1.0,
+                              exclusive_maximum=True)
+    seq_len: int = option(help="sequence length T (N = T - 1 positions)", minimum=2, maximum=65_537)
+    embed_seed: int | None = option(help="draw the symbol means from this numpy seed instead of the reference's",
+                                    minimum=0, maximum=2**32 - 1)
+    noise_std: float = option(help="std of the emission noise", minimum=0.0, exclusive_minimum=True)
     embedding_source: str | tuple | None
 
     def __init__(

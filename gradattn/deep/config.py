@@ -1,0 +1,135 @@
+"""The deep experiment's protocol: its configuration, its optimiser and its model.
+
+The reference code's deep variant: the :class:`~gradattn.nn.Transformer` (4 pre-norm layers of 4
+heads, d_model 64) trained full batch on one sequence of the task (T = 2000) by AdamW (lr 3e-4,
+weight decay 0.01) with the rate annealed to 0 along a cosine over the run and the gradient clipped
+to global norm 1.0, dropout on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gradattn._checks import option
+from gradattn.experiments import check_config, config_dict
+from gradattn.nn import Transformer
+from gradattn.tasks import StickyMarkov, Task
+
+VALUE = "value"
+OTHER = "other"
+SCHEDULES = ("adamw", "two_timescale")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepConfig:
+    """Everything that defines one deep run (the reference protocol by default).
+
+    Attributes:
+      steps: full-batch updates.
+      lr: peak AdamW rate, annealed to 0 along a cosine over ``steps``.
+      weight_decay: AdamW's decoupled weight decay (on every parameter, as PyTorch's AdamW does).
+      clip: global-norm gradient clipping threshold.
+      dropout: dropout rate during training (off at evaluation).
+      d_model, n_layers, n_heads: the :class:`~gradattn.nn.Transformer`'s sizes.
+      task: any :class:`~gradattn.tasks.Task` (the sticky chain, T = 2000, by default); the model's
+        d_in and C are the task's ``d_in`` and ``n_classes``, the Bayes losses its ``bayes_loss``.
+      fresh_data: sample a fresh training sequence at every step (default: one fixed sequence).
+      schedule: ``"adamw"`` (one rate) or ``"two_timescale"`` (the rate times ``value_lr_multiplier``
+        on every value projection, weight and bias; the rest at ``lr``).
+      value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"``.
+      n_checkpoints: per-head dynamics checkpoints (at steps 0, k, 2k, ...; k = steps / n_checkpoints
+        must be whole); 0 records none; None (default) takes the largest divisor of ``steps`` up to 10.
+      settle_tol: tolerance of the settling steps (fraction of each head's total change left).
+      settle_rows: attention rows (evenly spaced queries) compared for attention settling.
+
+    The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
+    line takes the same.
+    """
+
+    steps: int = option(1000, help="full-batch updates", minimum=1, maximum=10_000_000)
+    lr: float = option(3e-4, help="peak AdamW learning rate (cosine decay to 0)", minimum=0.0)
+    weight_decay: float = option(0.01, help="AdamW weight decay", minimum=0.0)
+    clip: float = option(1.0, help="global-norm gradient clipping", minimum=0.0, exclusive_minimum=True)
+    dropout: float = option(0.1, help="dropout rate during training", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    d_model: int = option(64, help="model width", minimum=1, maximum=4096)
+    n_layers: int = option(4, help="transformer blocks", minimum=1, maximum=64)
+    n_heads: int = option(4, help="heads per block", minimum=1, maximum=256)
+    task: Task = dataclasses.field(default_factory=StickyMarkov)
+    fresh_data: bool = option(False, help="a fresh training sequence at every step (default: one fixed sequence)")
+    schedule: str = option("adamw", help="a larger rate (--value-lr-multiplier) on every value projection",
+                           choices=SCHEDULES, flag="--two-timescale", const="two_timescale")
+    value_lr_multiplier: float = option(10.0, help="rate ratio on the value projections with --two-timescale",
+                                        minimum=0.0)
+    n_checkpoints: int | None = option(None, help="per-head dynamics checkpoints (must divide --steps)",
+                                       minimum=0, maximum=10_000)
+    settle_tol: float = option(0.1, help="tolerance of the settling steps (fraction of the total change left)",
+                               minimum=0.0)
+    settle_rows: int = option(64, help="attention rows compared for the settling of attention", minimum=1,
+                              maximum=65_536)
+
+    def __post_init__(self):
+        fn = "DeepConfig"
+        check_config(self, fn)
+        if self.n_checkpoints is None:
+            k = min(10, self.steps)
+            while self.steps % k:
+                k -= 1
+            object.__setattr__(self, "n_checkpoints", k)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"{fn}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_checkpoints and self.steps % self.n_checkpoints:
+            raise ValueError(f"{fn}: n_checkpoints={self.n_checkpoints} must divide steps={self.steps}")
+
+    @property
+    def checkpoint_steps(self) -> np.ndarray:
+        """(K + 1,) the checkpoint steps 0, k, 2k, ... and the final state ``steps``."""
+        if not self.n_checkpoints:
+            return np.zeros((0,), np.int64)
+        return np.append(np.arange(0, self.steps, self.steps // self.n_checkpoints), self.steps)
+
+    def to_dict(self) -> dict:
+        return config_dict(self)
+
+
+def value_labels(params) -> Any:
+    """The optax labels of the two timescales over a Transformer's parameter tree: ``"value"`` on
+    every value projection (weight and bias), ``"other"`` on everything else."""
+
+    def label(path, _):
+        return VALUE if any(getattr(k, "key", None) == "v_proj" for k in path) else OTHER
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def deep_optimizer(config: DeepConfig) -> optax.GradientTransformation:
+    """The protocol's optimiser: global-norm clipping, then AdamW with a cosine decay of the rate to 0.
+
+    ``schedule="two_timescale"`` is an ``optax.multi_transform`` over :func:`value_labels`: the value
+    projections get AdamW at ``lr * value_lr_multiplier`` (same cosine), the rest AdamW at ``lr``.
+    """
+    if not isinstance(config, DeepConfig):
+        raise TypeError(f"deep_optimizer: config must be a DeepConfig, got {type(config).__name__}")
+
+    def adamw(peak):
+        return optax.adamw(optax.cosine_decay_schedule(peak, config.steps, alpha=0.0), weight_decay=config.weight_decay)
+
+    if config.schedule == "adamw":
+        inner = adamw(config.lr)
+    else:
+        inner = optax.multi_transform({VALUE: adamw(config.lr * config.value_lr_multiplier), OTHER: adamw(config.lr)},
+                                      value_labels)
+    return optax.chain(optax.clip_by_global_norm(config.clip), inner)
+
+
+def init_model(config: DeepConfig, key: jax.Array, dtype=jnp.float32) -> Transformer:
+    """The :class:`~gradattn.nn.Transformer` of ``config`` (d_in and C from its task) drawn from ``key``."""
+    task = config.task
+    return Transformer(task.d_in, config.d_model, config.n_layers, config.n_heads, task.n_classes, config.dropout,
+                       rngs=nnx.Rngs(key), dtype=dtype)
