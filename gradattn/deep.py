@@ -45,7 +45,8 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from gradattn import laws
-from gradattn._checks import check_int, check_labels, check_number, check_weights
+from gradattn._checks import (check_deep_model_size, check_float32, check_int, check_labels, check_number,
+                              check_unused_option, check_weights)
 from gradattn.bayes import bayes_loss
 from gradattn.dynamics import settling_step
 from gradattn.head import causal_mask, normalised_weights, token_losses
@@ -80,11 +81,17 @@ class DeepConfig:
       fresh_data: sample a fresh training sequence at every step (default: one fixed sequence).
       schedule: ``"adamw"`` (one rate) or ``"two_timescale"`` (the rate times ``value_lr_multiplier``
         on every value projection, weight and bias; the rest at ``lr``).
-      value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"``.
+      value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"`` (another value
+        with ``"adamw"`` would be ignored, so it is a ValueError).
       n_checkpoints: per-head dynamics checkpoints (at steps 0, k, 2k, ...; k = steps / n_checkpoints
         must be whole); 0 records none; None (default) takes the largest divisor of ``steps`` up to 10.
       settle_tol: tolerance of the settling steps (fraction of each head's total change left).
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
+
+    Rates (and the products a run forms, ``lr * value_lr_multiplier``, ``lr * weight_decay``) must be
+    finite in float32. The model and its attention must fit the estimate of
+    :func:`gradattn._checks.check_deep_model_size` (64 GiB per seed, 1e14 FLOPs per step), whatever
+    each size's own bound.
     """
 
     steps: int = 1000
@@ -128,6 +135,10 @@ class DeepConfig:
             raise ValueError(f"{fn}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_checkpoints and self.steps % self.n_checkpoints:
             raise ValueError(f"{fn}: n_checkpoints={self.n_checkpoints} must divide steps={self.steps}")
+        check_unused_option(fn, self, "value_lr_multiplier", active=self.schedule == "two_timescale", needs='schedule="two_timescale"')
+        check_float32(fn, {"lr": self.lr, "weight_decay": self.weight_decay, "clip": self.clip, "lr * weight_decay": self.lr * self.weight_decay,
+                           "lr * value_lr_multiplier": self.lr * self.value_lr_multiplier if self.schedule == "two_timescale" else 0.0})
+        check_deep_model_size(fn, self.task.d_in, self.d_model, self.n_layers, self.n_heads, self.task.n_classes, self.task.n_positions, self.n_checkpoints)
 
     @property
     def checkpoint_steps(self) -> np.ndarray:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn import laws
-from gradattn._checks import check_int, check_number
+from gradattn._checks import check_float32, check_int, check_number
 from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 from gradattn.sweeps import seed_ints, sweep
@@ -70,6 +70,7 @@ class EmVsSgdConfig:
             num = check_number(name, val, fn, minimum=0)
             object.__setattr__(self, name, int(val) if isinstance(val, (int, np.integer)) else num)
         object.__setattr__(self, "init_scale", check_number("init_scale", self.init_scale, fn, minimum=0, exclusive_minimum=True))
+        check_float32(fn, {name: getattr(self, name) for name in ("sgd_lr", "value_lr", "routing_lr", "init_scale")})
         if not isinstance(self.task, Task):
             raise TypeError(
                 f"{fn}: task must provide sample(key, dtype), bayes_predictive(x) and its size fields "
