@@ -28,8 +28,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradattn import deep, experiments, tasks
-from gradattn._checks import check_int, check_number
-from gradattn._io import resolve_target, write_json
+from gradattn._checks import MAX_HEAD_SIZE, check_int, check_number, parse_float, parse_int
+from gradattn._io import check_output_path, write_json
 from gradattn.plotting import plot_em_vs_sgd
 from gradattn.provenance import finish, provenance
 from gradattn.sweeps import MAX_SEED, seed_key
@@ -41,7 +41,6 @@ MAX_RESULT_BYTES = 4 << 30
 """Most bytes of loss curves (seeds x steps x 2 arms x float32) one run may hold."""
 MAX_SEQ_LEN = 65_537
 """Longest task sequence (N = 65,536 positions; the blocked pass needs no N x N buffer)."""
-MAX_HEAD_SIZE = 4096
 MAX_LAWS_CHECK_N = 4096
 """laws-check builds float64 N x N matrices: 4096^2 x 8 bytes = 134 MB each."""
 
@@ -52,8 +51,8 @@ def _checked(check, convert, what: str):
     def parse(text: str):
         try:
             val = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}; must be {what}") from None
         try:
             return check(val)
         except (TypeError, ValueError) as err:
@@ -64,11 +63,11 @@ def _checked(check, convert, what: str):
 
 def _int_in(minimum: int, maximum: int | None = None):
     rng = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-    return _checked(lambda v: check_int("value", v, "cli", minimum=minimum, maximum=maximum), int, f"an integer {rng}")
+    return _checked(lambda v: check_int("value", v, "cli", minimum=minimum, maximum=maximum), parse_int, f"an integer {rng}")
 
 
 def _number(**bounds):
-    return _checked(lambda v: check_number("value", v, "cli", **bounds), float, "a number")
+    return _checked(lambda v: check_number("value", v, "cli", **bounds), lambda t: parse_float(t, float32=True), "a number")
 
 
 def _seed(text: str) -> int:
@@ -79,9 +78,9 @@ def _seed_list(text: str) -> list[int]:
     seeds = []
     for part in text.split(","):
         try:
-            s = int(part.strip())
+            s = parse_int(part.strip(" "))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers like 3,7,11, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers in ASCII digits, like 3,7,11, got {text!r}") from None
         if not 0 <= s <= MAX_SEED:
             raise argparse.ArgumentTypeError(f"seeds must be integers in [0, 2^64 - 1], got {s} in {text!r}")
         seeds.append(s)
@@ -102,13 +101,9 @@ def _embeddings(text: str):
 def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str:
     """The regular file ``path`` names (a symlink followed), or exit 2 if it cannot be one."""
     try:
-        target = resolve_target(path)
+        return check_output_path(path)
     except ValueError as err:
         parser.error(f"{option} {err}")
-    directory = os.path.dirname(os.path.abspath(target))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        parser.error(f"{option} {path!r}: cannot write in directory {directory!r}")
-    return target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,7 +130,7 @@ _TASK_FLAGS = {
     "n_symbols": (_int_in(2, 1024), "number of symbols C"),
     "self_prob": (_number(minimum=0, maximum=1, exclusive_maximum=True), "self-transition mass added to the diagonal"),
     "d_embed": (_int_in(1, MAX_HEAD_SIZE), "input size d_in of the symbol means"),
-    "embed_seed": (_int_in(0, 2**32 - 1), "draw the symbol means from this numpy seed instead of the reference's"),
+    "embed_seed": (_int_in(0, MAX_SEED), "draw the symbol means from this numpy seed instead of the reference's"),
     "noise_std": (_number(minimum=0, exclusive_minimum=True), "std of the emission noise"),
     "embeddings": (_embeddings, "symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', or a (C, d) .npy file"),
 }
@@ -247,6 +242,8 @@ def _deep(args, parser) -> int:
     kw = {f: getattr(args, f) for f in _DEEP_FLAGS if getattr(args, f) is not None}
     if args.two_timescale:
         kw["schedule"] = "two_timescale"
+    elif args.value_lr_multiplier is not None:
+        parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
     try:
         config = deep.DeepConfig(task=_build_task(args, parser), fresh_data=args.fresh_data, **kw)
     except (TypeError, ValueError) as err:
