@@ -146,7 +146,7 @@ _DEEP_FLAGS = {
     "d_model": (_int_in(1, MAX_HEAD_SIZE), "model width"),
     "n_layers": (_int_in(1, 64), "transformer blocks"),
     "n_heads": (_int_in(1, 256), "heads per block"),
-    "value_lr_multiplier": (_number(minimum=0), "rate ratio on the value projections with --two-timescale"),
+    "value_lr_multiplier": (_number(minimum=0), "rate ratio on the value projections (needs --two-timescale)"),
     "n_checkpoints": (_int_in(0, 10_000), "per-head dynamics checkpoints (must divide --steps)"),
 }
 
