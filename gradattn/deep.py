@@ -89,9 +89,10 @@ class DeepConfig:
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
 
     Rates (and the products a run forms, ``lr * value_lr_multiplier``, ``lr * weight_decay``) must be
-    finite in float32. The model and its attention must fit the estimate of
-    :func:`gradattn._checks.check_deep_model_size` (64 GiB per seed, 1e14 FLOPs per step), whatever
-    each size's own bound.
+    finite in float32. The model and its attention together must fit an estimated 64 GiB per seed
+    and 1e14 FLOPs per training step (parameters and optimiser state, the n_layers x n_heads x N x N
+    attention, activations), whatever each size's own bound; the error names the sizes and the
+    estimate.
     """
 
     steps: int = 1000
