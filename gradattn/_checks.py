@@ -12,6 +12,7 @@ import math
 import operator
 import types
 import typing
+import re
 
 import jax
 import jax.numpy as jnp
@@ -265,7 +266,9 @@ def check_field(cls, name: str, val, fn: str):
     if kind is int:
         return check_int(name, val, fn, minimum=bounds.get("minimum"), maximum=bounds.get("maximum"))
     if kind is float:
-        return check_number(name, val, fn, **bounds)
+        val = check_number(name, val, fn, **bounds)
+        check_float32(fn, {name: val})  # runs compute in float32: a larger value would be inf there
+        return val
     if kind is str:
         if not isinstance(val, str):
             raise TypeError(f"{fn}: {name} must be a string, got {val!r}")
@@ -285,3 +288,172 @@ def check_fields(obj, fn: str, *, store: bool = True) -> None:
         val = check_field(type(obj), f.name, getattr(obj, f.name), fn)
         if store:
             object.__setattr__(obj, f.name, val)
+
+
+# --------------------------------------------------------------------------------------------
+# Text to numbers (the command line), bounds shared by the command line and the library
+# --------------------------------------------------------------------------------------------
+
+MAX_HEAD_SIZE = 4096
+"""Largest head size (d_in, d_k, d_v, C) that :func:`gradattn.head.init_head` and the command take."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest finite float32 (about 3.4e38): runs compute in float32, where anything larger is inf."""
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_MAX_DIGITS = 1000
+
+
+def _text_shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def parse_int(text: str) -> int:
+    """The integer written in ``text``: ASCII decimal digits ``0-9`` with an optional sign, nothing else.
+
+    Stricter than ``int()``, which also takes surrounding spaces, underscores (``"1_0"`` is 10) and
+    every Unicode decimal digit (Arabic-Indic ``"٣"``, full-width ``"３"``).
+
+    Raises:
+      TypeError: ``text`` is not a string.
+      ValueError: anything else than an optional sign and 1 to 1000 ASCII digits; the message says why.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_int: text must be a string, got {type(text).__name__}")
+    if not _INT_TEXT.fullmatch(text):
+        raise ValueError(
+            f"{_text_shown(text)} is not an integer written in ASCII digits 0-9 (an optional sign; no spaces, "
+            "underscores, decimal point or other digits)"
+        )
+    if len(text.lstrip("+-")) > _MAX_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('+-'))} digits is too large (at most {_MAX_DIGITS} digits)")
+    return int(text)
+
+
+def parse_float(text: str, *, float32: bool = False) -> float:
+    """The finite number written in ``text``: ASCII digits, an optional sign, decimal point and exponent.
+
+    Stricter than ``float()``, which also takes ``"nan"``, ``"inf"``, surrounding spaces, underscores
+    and non-ASCII digits. With ``float32=True`` the value must also be finite in float32
+    (``|x| <= FLOAT32_MAX``): a learning rate of ``1e300`` would be inf once the run casts it.
+
+    Raises:
+      TypeError: ``text`` is not a string.
+      ValueError: not such a number, or beyond float64's (float32's) finite range.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_float: text must be a string, got {type(text).__name__}")
+    if len(text) > _MAX_DIGITS or not _FLOAT_TEXT.fullmatch(text):
+        raise ValueError(
+            f"{_text_shown(text)} is not a finite number written in ASCII (digits 0-9, an optional sign, "
+            "decimal point and exponent, as 0.01 or 1e-3)"
+        )
+    val = float(text)
+    if not math.isfinite(val):
+        raise ValueError(f"{_text_shown(text)} is beyond the finite range of a float")
+    if float32 and abs(val) > FLOAT32_MAX:
+        raise ValueError(f"{_text_shown(text)} is beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}; runs compute in float32)")
+    return val
+
+
+def check_float32(fn: str, values: dict) -> None:
+    """Every value of ``values`` (name -> already finite number) must be finite in float32 too.
+
+    Rates, and products of rates that a run forms (``lr * value_lr_multiplier``), are cast to
+    float32; one beyond ``FLOAT32_MAX`` would become inf and every loss NaN.
+
+    Raises:
+      ValueError: naming ``fn``, the first such value, and the bound.
+    """
+    for name, val in values.items():
+        if abs(float(val)) > FLOAT32_MAX:
+            raise ValueError(
+                f"{fn}: {name} = {float(val):.4g} is beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}); "
+                "the run computes in float32, where it would be inf"
+            )
+
+
+def check_bool(name: str, val, fn: str) -> bool:
+    """``val`` as a Python bool; anything but ``True``/``False`` (numpy bools included) is a TypeError.
+
+    A flag such as ``causal`` must not take a truthy string: ``causal="no"`` would mean causal.
+    """
+    if not isinstance(val, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be a bool (True or False), got {val!r} of type {type(val).__name__}")
+    return bool(val)
+
+
+def check_prng_key(name: str, key, fn: str) -> None:
+    """``key`` must be one PRNG key: a typed key of shape () (``jax.random.key(0)``), or a raw uint32
+    key (``jax.random.PRNGKey(0)``, shape (2,) with the default implementation). Tracers pass too.
+
+    Raises:
+      TypeError: an int (a seed is not a key), a key array of several keys, or anything else.
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            if np.ndim(key) == 0:
+                return
+            raise TypeError(f"{fn}: {name} must be one PRNG key (shape ()), got a key array of shape {_shape(key)}")
+        if dtype == np.uint32 and np.ndim(key) == 1:
+            return
+    seed_hint = " (a seed is not a key: use jax.random.key(seed))" if isinstance(key, (int, np.integer)) else ""
+    raise TypeError(f"{fn}: {name} must be a PRNG key such as jax.random.key(0), got {key!r} of type {type(key).__name__}{seed_hint}")
+
+
+def check_unused_option(fn: str, config, name: str, *, active: bool, needs: str) -> None:
+    """A dataclass field ``name`` of ``config`` set away from its default while the option it belongs
+    to (``needs``) is off would be silently ignored: a ValueError instead."""
+    default = {f.name: f.default for f in dataclasses.fields(config)}[name]
+    val = getattr(config, name)
+    if not active and val != default:
+        raise ValueError(f"{fn}: {name}={val!r} has no effect without {needs}; give {needs} or leave {name} at its default {default!r}")
+
+
+MAX_DEEP_BYTES = 64 << 30
+"""Largest estimated memory of one deep run (one seed, float32) that a config may need."""
+MAX_DEEP_STEP_FLOPS = 1e14
+"""Largest estimated floating-point operations of one training step of the deep model."""
+
+
+def deep_model_estimate(d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int, n_positions: int,
+                        n_checkpoints: int = 0) -> dict:
+    """Rough size of one deep run (one seed, float32): ``params``, ``attention`` (floats in the
+    (n_layers, n_heads, N, N) attention weights), ``bytes`` and ``step_flops``.
+
+    ``bytes`` counts the parameters with their gradient, AdamW's two moments, the update and one
+    copy per dynamics checkpoint; eight float32 copies of the attention (scores, weights and what the
+    backward pass and the laws at a checkpoint keep of them); and the activations (24 floats per
+    position, layer and model dimension, the feed-forward's four-fold width included).
+    ``step_flops`` is three forward passes' worth (forward and backward): the matmuls (2 N per
+    parameter), scores and contexts (4 N^2 d_model per layer) and the softmax (5 N^2 per head).
+    """
+    d, L, n = d_model, n_layers, n_positions
+    params = L * (12 * d * d + 13 * d) + d_in * d + 3 * d + d * n_classes + n_classes
+    attention = L * n_heads * n * n
+    floats = (5 + n_checkpoints) * params + 8 * attention + 24 * L * n * d + n * (d_in + 3 * n_classes)
+    flops = 3 * (2 * n * params + 4 * L * n * n * d + 5 * attention)
+    return {"params": params, "attention": attention, "bytes": 4 * floats, "step_flops": float(flops)}
+
+
+def check_deep_model_size(fn: str, d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int,
+                          n_positions: int, n_checkpoints: int = 0) -> None:
+    """The deep model of these sizes on ``n_positions`` positions must fit :data:`MAX_DEEP_BYTES` per
+    seed and :data:`MAX_DEEP_STEP_FLOPS` per step (:func:`deep_model_estimate`).
+
+    Each size can be within its own bound while the combination (wide, deep, many heads, long
+    sequence) would need terabytes and compile for many minutes before failing.
+
+    Raises:
+      ValueError: naming the sizes, the estimate and the limits.
+    """
+    est = deep_model_estimate(d_in, d_model, n_layers, n_heads, n_classes, n_positions, n_checkpoints)
+    if est["bytes"] > MAX_DEEP_BYTES or est["step_flops"] > MAX_DEEP_STEP_FLOPS:
+        raise ValueError(
+            f"{fn}: d_model={d_model}, n_layers={n_layers}, n_heads={n_heads} (d_in={d_in}, C={n_classes}) on "
+            f"N={n_positions} positions would need about {est['bytes'] / 2**30:.3g} GiB per seed "
+            f"({est['params']:.3g} parameters, attention n_layers x n_heads x N x N = {est['attention']:.3g} floats) "
+            f"and {est['step_flops']:.3g} FLOPs per step; the limits are {MAX_DEEP_BYTES / 2**30:.0f} GiB and "
+            f"{MAX_DEEP_STEP_FLOPS:.0e} FLOPs: use a smaller model or a shorter sequence"
+        )

@@ -25,21 +25,58 @@ def resolve_target(path: str | os.PathLike) -> str:
     file it points to (so the link stays a link).
 
     Raises:
-      ValueError: the target exists and is not a regular file (a directory, a device node, a FIFO,
-        a socket), or is a symlink whose target is one of those or dangles into a missing directory.
+      ValueError: ``path`` is empty or ends in a path separator; the target exists and is not a
+        regular file (a directory, a device node, a FIFO, a socket), or is a symlink whose target is
+        one of those or dangles into a missing directory; or the operating system refuses to look
+        the path up (a symlink loop, a name longer than it allows, a directory it may not search).
+        The message is one line naming the path and the reason.
     """
     path = os.fspath(path)
-    real = os.path.realpath(path) if os.path.islink(path) else path
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError("'' is an empty path; give the path of a file")
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        raise ValueError(f"{path!r} ends in a path separator, so it names a directory; give the path of a file")
     try:
-        mode = os.stat(real).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        if not os.path.isdir(os.path.dirname(os.path.abspath(real))):
-            raise ValueError(f"{path!r}: directory {os.path.dirname(os.path.abspath(real))!r} does not exist") from None
-        return real
+        real = os.path.realpath(path) if os.path.islink(path) else path
+        try:
+            mode = os.stat(real).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            directory = os.path.dirname(os.path.abspath(real))
+            if not os.path.isdir(directory):
+                raise ValueError(f"{path!r}: directory {directory!r} does not exist") from None
+            return real
+    except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES, ...
+        raise ValueError(f"{path!r}: {err.strerror or err}") from None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise ValueError(f"{path!r} is {kind}; refusing to replace it (give the path of a regular file)")
     return real
+
+
+def check_output_path(path: str | os.PathLike) -> str:
+    """The file a later :func:`atomic_write` to ``path`` will replace (:func:`resolve_target`),
+    after making sure it can: a temp file is created beside the target and removed at once.
+
+    This is the up-front check of a command's output paths, so that a run is not started whose
+    results could not be saved. Creating the probe is the only reliable test: permission bits do
+    not tell (``/proc`` and ``/sys`` look writable to root, a read-only mount looks writable to its
+    owner).
+
+    Raises:
+      ValueError: one line naming ``path`` and the reason (see :func:`resolve_target`; a directory
+        in which no file can be created).
+    """
+    target = resolve_target(path)
+    directory, name = os.path.split(os.path.abspath(target))
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
+    except OSError as err:
+        raise ValueError(f"{os.fspath(path)!r}: cannot create a file in directory {directory!r}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
 
 
 def _alive(pid: int) -> bool:

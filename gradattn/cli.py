@@ -31,8 +31,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradattn import deep, experiments, tasks
-from gradattn._checks import check_field, check_int, field_kind
-from gradattn._io import resolve_target, write_json
+from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
+from gradattn._io import check_output_path, write_json
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
 from gradattn.sweeps import MAX_SEED, seed_key
 from gradattn.verify import laws_check_errors
@@ -46,13 +46,13 @@ MAX_LAWS_CHECK_N = 4096
 
 
 def _int_arg(text: str) -> int:
-    """The text of every integer flag as an int (the one integer parser; ValueError if it is none)."""
-    return int(text)
+    """The text of every integer flag as an int (the one integer parser: ASCII digits only; ValueError if it is none)."""
+    return parse_int(text)
 
 
 def _float_arg(text: str) -> float:
-    """The text of every number flag as a float (the one number parser; ValueError if it is none)."""
-    return float(text)
+    """The text of every number flag as a float (the one number parser: ASCII, finite in float32; ValueError if it is none)."""
+    return parse_float(text, float32=True)
 
 
 def _checked(check, convert, what: str):
@@ -61,8 +61,8 @@ def _checked(check, convert, what: str):
     def parse(text: str):
         try:
             val = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}; must be {what}") from None
         try:
             return check(val)
         except (TypeError, ValueError) as err:
@@ -96,9 +96,9 @@ def _seed_list(text: str) -> list[int]:
     seeds = []
     for part in text.split(","):
         try:
-            s = _int_arg(part.strip())
+            s = _int_arg(part.strip(" "))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers like 3,7,11, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers in ASCII digits, like 3,7,11, got {text!r}") from None
         if not 0 <= s <= MAX_SEED:
             raise argparse.ArgumentTypeError(f"seeds must be integers in [0, 2^64 - 1], got {s} in {text!r}")
         seeds.append(s)
@@ -119,13 +119,9 @@ def _embeddings(text: str):
 def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str:
     """The regular file ``path`` names (a symlink followed), or exit 2 if it cannot be one."""
     try:
-        target = resolve_target(path)
+        return check_output_path(path)
     except ValueError as err:
         parser.error(f"{option} {err}")
-    directory = os.path.dirname(os.path.abspath(target))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        parser.error(f"{option} {path!r}: cannot write in directory {directory!r}")
-    return target
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,7 +231,10 @@ def _experiment(args, parser) -> int:
     command = args.experiment
     seeds = _seeds(args)
     out, plot = _outputs(args, parser)
-    config = _build(parser, command.config_type, task=_build_task(args, parser), **_given(args, command.config_type))
+    given = _given(args, command.config_type)
+    if "value_lr_multiplier" in given and given.get("schedule") != "two_timescale":
+        parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
+    config = _build(parser, command.config_type, task=_build_task(args, parser), **given)
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
     results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
     return _report(results, command.format(results), out, plot, command.plot)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_head_inputs, check_int, check_number, is_real_number
+from gradattn._checks import MAX_HEAD_SIZE, check_bool, check_head_inputs, check_int, check_number, check_prng_key, is_real_number
 from gradattn._rows import causal_visible
 
 
@@ -70,14 +70,17 @@ class HeadOutputs(NamedTuple):
 def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float = 0.1, dtype=jnp.float32) -> HeadParams:
     """Parameters with every entry drawn i.i.d. from N(0, scale^2) (the paper's initialisation).
 
-    The sizes may be any integral type (``np.int64(20)`` as well as ``20``); bools and floats are
-    TypeErrors, sizes below 1 ValueErrors. ``scale`` must be a finite number > 0: at scale 0 every
-    matrix is zero, so every gradient is zero too and the head can never move.
+    ``key`` must be a PRNG key (``jax.random.key(seed)``; a raw ``jax.random.PRNGKey`` too): an int
+    is a TypeError. The sizes may be any integral type (``np.int64(20)`` as well as ``20``) in
+    ``[1, MAX_HEAD_SIZE]`` (4096, the command line's bound); bools and floats are TypeErrors, sizes
+    out of range ValueErrors. ``scale`` must be a finite number > 0: at scale 0 every matrix is zero,
+    so every gradient is zero too and the head can never move.
     """
-    d_in = check_int("d_in", d_in, "init_head")
-    d_k = check_int("d_k", d_k, "init_head")
-    d_v = check_int("d_v", d_v, "init_head")
-    n_classes = check_int("n_classes", n_classes, "init_head")
+    check_prng_key("key", key, "init_head")
+    d_in = check_int("d_in", d_in, "init_head", maximum=MAX_HEAD_SIZE)
+    d_k = check_int("d_k", d_k, "init_head", maximum=MAX_HEAD_SIZE)
+    d_v = check_int("d_v", d_v, "init_head", maximum=MAX_HEAD_SIZE)
+    n_classes = check_int("n_classes", n_classes, "init_head", maximum=MAX_HEAD_SIZE)
     if is_real_number(scale) and jnp.ndim(scale) == 0 and float(scale) == 0.0:
         raise ValueError(
             "init_head: scale must be > 0, got 0: with every matrix zero every gradient is zero too, "
@@ -103,9 +106,9 @@ def causal_mask(n: int) -> jax.Array:
 
 def forward(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
     """The forward pass for one sequence ``x (N, d_in)``, keeping every intermediate (shapes in
-    :class:`HeadOutputs`)."""
+    :class:`HeadOutputs`). ``causal`` must be a bool."""
     check_head_inputs(params, x, fn="forward")
-    return forward_unchecked(params, x, causal)
+    return forward_unchecked(params, x, check_bool("causal", causal, "forward"))
 
 
 def forward_unchecked(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
@@ -153,10 +156,11 @@ def dense_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, cau
     """The loss L written as plain jnp ops on the whole N x N matrices (scalar, dtype of x).
 
     This is the autodiff reference that every law is tested against: ``jax.grad(dense_loss)``
-    differentiates the forward pass itself, with no hand-written rule anywhere.
+    differentiates the forward pass itself, with no hand-written rule anywhere. ``causal`` must be
+    a bool.
     """
     check_head_inputs(params, x, y, weights, fn="dense_loss")
-    return dense_loss_unchecked(params, x, y, weights, causal)
+    return dense_loss_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss"))
 
 
 def dense_loss_unchecked(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:

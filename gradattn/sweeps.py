@@ -146,6 +146,19 @@ def _check_devices(devices) -> list:
     return devices
 
 
+def _check_distinct(keys: jax.Array) -> None:
+    """A ValueError naming the first two positions of ``keys`` that hold the same key."""
+    data = np.asarray(jax.random.key_data(keys)).reshape(keys.shape[0], -1)
+    _, first, counts = np.unique(data, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        i = int(first[counts > 1].min())
+        j = int(np.flatnonzero((data == data[i]).all(axis=1))[1])
+        raise ValueError(
+            f"sweep: seeds must be distinct, but seeds[{i}] and seeds[{j}] give the same key "
+            "(the same run twice, counted twice in any statistic over seeds)"
+        )
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(fn, devices: tuple):
     """``jit(vmap(fn))`` sharded along the seed axis over ``devices`` (cached: one trace per fn)."""
@@ -167,8 +180,10 @@ def sweep(
     Args:
       fn: a pure function of one PRNG key returning a pytree of arrays. It is traced and compiled
         once, as ``jit(vmap(fn))`` over ``chunk_size * len(devices)`` keys.
-      seeds: integers in ``[0, 2^64)`` (a sequence, or a 1-D numpy or jax integer array), or a key
-        array (n,) / raw uint32 keys (n, 2). Distinct seeds never share a key.
+      seeds: distinct integers in ``[0, 2^64)`` (a sequence, or a 1-D numpy or jax integer array),
+        or a key array (n,) / raw uint32 keys (n, 2) of distinct keys. Distinct seeds never share a
+        key; a repeated seed (or key) is a ValueError, since it would only compute the same run twice
+        and count it twice in any statistic over seeds.
       chunk_size: seeds vmapped together on each device in one call (memory grows with it); the
         unit of bit-reproducibility (see the module docstring). Default :func:`default_chunk_size`
         (1 on CPU, 256 on GPU/TPU).
@@ -182,6 +197,7 @@ def sweep(
         raise TypeError(f"sweep: fn must be a callable key -> pytree, got {fn!r}")
     keys = seed_keys(seeds)
     n = keys.shape[0]
+    _check_distinct(keys)
     chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "sweep")
     devices = _check_devices(devices)
     per_call = chunk_size * len(devices)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradattn._checks import option
+from gradattn._checks import check_deep_model_size, check_float32, check_unused_option, option
 from gradattn.experiments import check_config, config_dict
 from gradattn.nn import Transformer
 from gradattn.tasks import StickyMarkov, Task
@@ -43,14 +43,19 @@ class DeepConfig:
       fresh_data: sample a fresh training sequence at every step (default: one fixed sequence).
       schedule: ``"adamw"`` (one rate) or ``"two_timescale"`` (the rate times ``value_lr_multiplier``
         on every value projection, weight and bias; the rest at ``lr``).
-      value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"``.
+      value_lr_multiplier: the value projections' rate ratio under ``"two_timescale"`` (another value
+        with ``"adamw"`` would be ignored, so it is a ValueError).
       n_checkpoints: per-head dynamics checkpoints (at steps 0, k, 2k, ...; k = steps / n_checkpoints
         must be whole); 0 records none; None (default) takes the largest divisor of ``steps`` up to 10.
       settle_tol: tolerance of the settling steps (fraction of each head's total change left).
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
 
     The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
-    line takes the same.
+    line takes the same. Rates (and the products a run forms, ``lr * value_lr_multiplier``,
+    ``lr * weight_decay``) must be finite in float32. The model and its attention together must fit
+    an estimated 64 GiB per seed and 1e14 FLOPs per training step (parameters and optimiser state, the
+    n_layers x n_heads x N x N attention, activations), whatever each size's own bound; the error
+    names the sizes and the estimate.
     """
 
     steps: int = option(1000, help="full-batch updates", minimum=1, maximum=10_000_000)
@@ -86,6 +91,13 @@ class DeepConfig:
             raise ValueError(f"{fn}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_checkpoints and self.steps % self.n_checkpoints:
             raise ValueError(f"{fn}: n_checkpoints={self.n_checkpoints} must divide steps={self.steps}")
+        check_unused_option(fn, self, "value_lr_multiplier", active=self.schedule == "two_timescale",
+                            needs='schedule="two_timescale"')
+        two = self.schedule == "two_timescale"
+        check_float32(fn, {"lr * weight_decay": self.lr * self.weight_decay,
+                           "lr * value_lr_multiplier": self.lr * self.value_lr_multiplier if two else 0.0})
+        check_deep_model_size(fn, self.task.d_in, self.d_model, self.n_layers, self.n_heads, self.task.n_classes,
+                              self.task.n_positions, self.n_checkpoints)
 
     @property
     def checkpoint_steps(self) -> np.ndarray:

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_number, option
+from gradattn._checks import check_int, check_number, option, parse_int
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
+from gradattn.sweeps import MAX_SEED
 
 REFERENCE_FILE = "sticky_markov_reference_embeddings.txt"
 REFERENCE_SHAPE = (8, 20)
@@ -94,8 +95,8 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
     """Parse a command-line means spec into the keyword arguments :class:`StickyMarkov` takes.
 
     ``"reference"`` -> ``{"embeddings": "reference"}``; ``"seed:N"`` -> ``{"embed_seed": N}``
-    (N >= 0); a path ending in ``.npy`` -> ``{"embeddings": array}``, a finite floating (C, d)
-    array read with ``numpy.load`` (no pickles). Use as ``StickyMarkov(**embeddings_from_spec(s))``;
+    (N in ASCII digits, 0 <= N < 2^64: the range of ``embed_seed``); a path ending in ``.npy`` ->
+    ``{"embeddings": array}``, a finite floating (C, d) array read with ``numpy.load`` (no pickles). Use as ``StickyMarkov(**embeddings_from_spec(s))``;
     the array's shape is checked against the task's sizes there.
 
     Raises:
@@ -111,9 +112,14 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
         return {"embeddings": "reference"}
     if spec.startswith("seed:"):
         body = spec[len("seed:"):].strip()
-        if not body.isdigit():  # digits only: no sign, no float, no empty seed
-            raise ValueError(f"{fn}: {text!r}: the seed in seed:N must be a non-negative integer, got {body!r}")
-        return {"embed_seed": int(body)}
+        try:  # ASCII digits only: no sign, no float, no empty seed; the bound of embed_seed
+            seed = parse_int(body) if body[:1] not in "+-" else None
+            seed = check_int("embed_seed", seed, fn, minimum=0, maximum=MAX_SEED)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{fn}: {text!r}: the seed in seed:N must be a non-negative integer below 2^64 in ASCII digits, got {body!r}"
+            ) from None
+        return {"embed_seed": seed}
     if spec.lower().endswith(".npy"):
         if not os.path.exists(spec):
             raise ValueError(f"{fn}: {text!r}: no such file")
@@ -160,7 +166,8 @@ class StickyMarkov:
       d_embed: d, the embedding (input) dimension; default 20, or the columns of ``embeddings``.
       self_prob: the stickiness parameter of :func:`sticky_transition_matrix`, in [0, 1).
       seq_len: T, the length of the symbol sequence; a sample has N = T - 1 positions.
-      embed_seed: seed of the drawn means (``None`` when the means are the reference's or explicit).
+      embed_seed: seed of the drawn means, in [0, 2^64) as every seed (``None`` when the means are
+        the reference's or explicit).
       noise_std: sigma > 0, the standard deviation of the emission noise.
       embedding_source: how the means were given, in a hashable form: ``None`` (drawn from
         ``embed_seed``), ``"reference"``, or the explicit values as a tuple of row tuples.
@@ -179,7 +186,7 @@ class StickyMarkov:
                               exclusive_maximum=True)
     seq_len: int = option(help="sequence length T (N = T - 1 positions)", minimum=2, maximum=65_537)
     embed_seed: int | None = option(help="draw the symbol means from this numpy seed instead of the reference's",
-                                    minimum=0, maximum=2**32 - 1)
+                                    minimum=0, maximum=MAX_SEED)
     noise_std: float = option(help="std of the emission noise", minimum=0.0, exclusive_minimum=True)
     embedding_source: str | tuple | None
 
@@ -202,7 +209,7 @@ class StickyMarkov:
         if d_embed is not None:
             d_embed = check_int("d_embed", d_embed, fn, minimum=1)
         if embed_seed is not None:
-            embed_seed = check_int("embed_seed", embed_seed, fn, minimum=0)
+            embed_seed = check_int("embed_seed", embed_seed, fn, minimum=0, maximum=MAX_SEED)
         source = embeddings if embeddings is not None else embedding_source
         if source is not None:
             if embed_seed is not None:
@@ -343,7 +350,8 @@ class StickyMarkov:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"StickyMarkov.sample: dtype must be floating point, got {dtype}")
         k_first, k_chain, k_noise = jax.random.split(key, 3)
-        log_p = jnp.asarray(np.log(self.transition_matrix), jnp.float32)
+        p = self.transition_matrix  # zeros on the diagonal at self_prob = 0: log 0 = -inf, without numpy's warning
+        log_p = jnp.asarray(np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), -np.inf), jnp.float32)
         y0 = jax.random.randint(k_first, (), 0, self.n_symbols, dtype=jnp.int32)
 
         def next_symbol(prev, k):

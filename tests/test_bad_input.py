@@ -1,0 +1,295 @@
+"""Bad input a new user might give, at the command line and to the library.
+
+Command-line cases run the real command in a subprocess (the console script's entry) and must stop
+with exit status 2 and one line on stderr, before any work: nothing on stdout (the summary comes
+only after the run) and no output file. Where a case would let a run start, the run is tiny.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradattn as ga
+from gradattn.deep import DeepConfig
+from gradattn.tasks import StickyMarkov, embeddings_from_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--seeds", "1", "--steps", "1", "--seq-len", "16", "--no-progress"]
+DEEP_TINY = ["--seeds", "1", "--steps", "1", "--seq-len", "16", "--d-model", "8", "--n-layers", "1", "--n-heads", "2",
+             "--n-checkpoints", "0", "--no-progress"]
+
+
+def gradattn(args, cwd, timeout=180):
+    """Run ``python -m gradattn_launcher ARGS`` with this checkout first on the path."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "gradattn_launcher", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def assert_refused(proc, *needles):
+    """Exit 2, one line on stderr naming ``needles``, no traceback, no summary (so no work was done)."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])
+    assert len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "Traceback" not in err and "error" in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["--out", "--plot"])
+def test_symlink_loop_is_one_line_and_exit_2(tmp_path, where):
+    loop = tmp_path / "loop.png"
+    os.symlink("loop.png", loop)  # points at itself
+    out, plot = (str(loop), str(tmp_path / "c.png")) if where == "--out" else (str(tmp_path / "r.json"), str(loop))
+    proc = gradattn(["em-vs-sgd", "--out", out, "--plot", plot] + TINY, tmp_path)
+    assert_refused(proc, where, "symbolic links")
+    assert sorted(os.listdir(tmp_path)) == ["loop.png"]
+
+
+@pytest.mark.parametrize("as_directory", [False, True])
+def test_name_longer_than_the_os_allows_is_one_line_and_exit_2(tmp_path, as_directory):
+    long = "a" * 300
+    out = tmp_path / long / "r.json" if as_directory else tmp_path / (long + ".json")
+    proc = gradattn(["em-vs-sgd", "--out", str(out)] + TINY, tmp_path)
+    assert_refused(proc, "--out", "too long")
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_out_is_refused_before_the_run(tmp_path):
+    proc = gradattn(["em-vs-sgd", "--out", ""] + TINY, tmp_path)
+    assert_refused(proc, "--out", "empty")
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_ending_in_a_separator_is_refused_before_the_run(tmp_path):
+    proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "results") + os.sep] + TINY, tmp_path)
+    assert_refused(proc, "--out", "directory")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("directory", ["/proc", "/sys"])
+def test_directory_where_no_file_can_be_created_is_refused_before_the_run(tmp_path, directory):
+    if not os.path.isdir(directory):
+        pytest.skip(f"no {directory} here")
+    target = os.path.join(directory, "gradattn-r.json")
+    proc = gradattn(["em-vs-sgd", "--out", target] + TINY, tmp_path)
+    assert_refused(proc, "--out", "cannot create a file")
+    assert not os.path.exists(target)
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers on the command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["em-vs-sgd", "--seeds", "\u0663"], "--seeds"),  # Arabic-Indic 3
+        (["em-vs-sgd", "--seeds", "\uff13"], "--seeds"),  # full-width 3
+        (["em-vs-sgd", "--seeds", "1_0"], "--seeds"),
+        (["em-vs-sgd", "--seed-list", "1,\u0663"], "--seed-list"),
+        (["em-vs-sgd", "--steps", "\uff11"], "--steps"),
+        (["em-vs-sgd", "--chunk-size", "1_0"], "--chunk-size"),
+        (["em-vs-sgd", "--embed-seed", "\u0663"], "--embed-seed"),
+        (["em-vs-sgd", "--embeddings", "seed:\u0663"], "--embeddings"),
+        (["deep", "--n-heads", "\uff12"], "--n-heads"),
+        (["laws-check", "--n", "\u0663"], "--n"),
+        (["laws-check", "--seed", "1_0"], "--seed"),
+    ],
+)
+def test_integers_are_ascii_decimal_digits_only(tmp_path, args, flag):
+    command = args[0]
+    rest = args[1:] + ([] if command == "laws-check" else ["--out", str(tmp_path / "r.json")])
+    tiny = {"em-vs-sgd": TINY, "deep": DEEP_TINY, "laws-check": []}[command]
+    if flag == "--seed-list":  # --seeds and --seed-list exclude each other
+        tiny = tiny[2:]
+    proc = gradattn([command] + tiny + rest, tmp_path)  # the flag under test comes last and wins
+    assert_refused(proc, flag, "ASCII")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--sgd-lr", "0_1"], "--sgd-lr"), (["--noise-std", "\u0661"], "--noise-std"), (["--init-scale", " 0.1"], "--init-scale")],
+)
+def test_numbers_are_plain_ascii_decimals(tmp_path, args, flag):
+    proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json")] + TINY + args, tmp_path)
+    assert_refused(proc, flag, "ASCII")
+
+
+def _config(path):
+    return json.loads(path.read_text())["config"]
+
+
+def test_seed_n_and_embed_seed_follow_one_rule(tmp_path):
+    big = str(2**32)  # was accepted as seed:N but refused as --embed-seed
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    pa = gradattn(["em-vs-sgd", "--out", str(a), "--embeddings", "seed:" + big] + TINY, tmp_path)
+    pb = gradattn(["em-vs-sgd", "--out", str(b), "--embed-seed", big] + TINY, tmp_path)
+    assert pa.returncode == 0, pa.stderr[-2000:]
+    assert pb.returncode == 0, pb.stderr[-2000:]
+    assert _config(a)["task"]["embeddings"] == _config(b)["task"]["embeddings"] == "seed:" + big
+    assert json.loads(a.read_text())["per_seed"] == json.loads(b.read_text())["per_seed"]
+    assert StickyMarkov(embed_seed=2**32) == StickyMarkov(**embeddings_from_spec("seed:" + big))
+
+
+@pytest.mark.parametrize("form", [["--embeddings", "seed:18446744073709551616"], ["--embed-seed", "18446744073709551616"]])
+def test_seed_n_and_embed_seed_refuse_2_to_the_64(tmp_path, form):
+    proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json")] + TINY + form, tmp_path)
+    assert_refused(proc, form[0])
+    with pytest.raises(ValueError, match="embed_seed"):
+        StickyMarkov(embed_seed=2**64)
+
+
+# --------------------------------------------------------------------------------------------
+# Rates and sizes of the deep model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, args, needle",
+    [
+        ("deep", ["--lr", "1e300"], "--lr"),
+        ("deep", ["--weight-decay", "1e39"], "--weight-decay"),
+        ("em-vs-sgd", ["--sgd-lr", "1e39"], "--sgd-lr"),
+        ("deep", ["--value-lr-multiplier", "5"], "--two-timescale"),
+        ("deep", ["--value-lr-multiplier", "10"], "--two-timescale"),  # the default value: still ignored
+    ],
+)
+def test_rates_beyond_float32_and_an_ignored_multiplier_are_refused(tmp_path, command, args, needle):
+    tiny = DEEP_TINY if command == "deep" else TINY
+    proc = gradattn([command, "--out", str(tmp_path / "r.json")] + tiny + args, tmp_path)
+    assert_refused(proc, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_library_rates_are_finite_in_float32():
+    with pytest.raises(ValueError, match="lr = 1e\\+300 is beyond float32"):
+        DeepConfig(lr=1e300)
+    with pytest.raises(ValueError, match="lr \\* value_lr_multiplier"):
+        DeepConfig(lr=1e30, schedule="two_timescale", value_lr_multiplier=1e10)
+    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+        DeepConfig(lr=1e30, weight_decay=1e10)
+    with pytest.raises(ValueError, match="routing_lr"):
+        ga.EmVsSgdConfig(routing_lr=1e39)
+    assert DeepConfig(lr=1e30, schedule="two_timescale", value_lr_multiplier=1e8).lr == 1e30  # 1e38 fits
+
+
+def test_library_value_lr_multiplier_needs_two_timescale():
+    with pytest.raises(ValueError, match='value_lr_multiplier=5.0 has no effect without schedule="two_timescale"'):
+        DeepConfig(value_lr_multiplier=5.0)
+    assert DeepConfig(value_lr_multiplier=5.0, schedule="two_timescale").value_lr_multiplier == 5.0
+
+
+def test_deep_combined_size_is_bounded_before_any_work(tmp_path):
+    huge = ["--d-model", "4096", "--n-heads", "256", "--n-layers", "64", "--seq-len", "65537"]  # each within its bound
+    proc = gradattn(["deep", "--out", str(tmp_path / "d.json")] + DEEP_TINY + huge, tmp_path, timeout=120)
+    assert_refused(proc, "GiB", "d_model=4096", "n_layers=64", "n_heads=256", "N=65536", "FLOPs")
+    assert os.listdir(tmp_path) == []
+
+
+def test_library_deep_combined_size_names_sizes_and_estimate():
+    with pytest.raises(ValueError, match=r"d_model=4096, n_layers=64, n_heads=256 .* N=65536 positions .* GiB per seed"):
+        DeepConfig(d_model=4096, n_heads=256, n_layers=64, task=StickyMarkov(seq_len=65537))
+    with pytest.raises(ValueError, match="GiB per seed"):  # the default model on the longest sequence: N x N per head
+        DeepConfig(task=StickyMarkov(seq_len=65537))
+    assert DeepConfig().d_model == 64  # the reference protocol fits
+
+
+# --------------------------------------------------------------------------------------------
+# Library: causal, keys, head sizes, duplicate seeds
+# --------------------------------------------------------------------------------------------
+
+
+def _head():
+    params = ga.init_head(jax.random.key(0), 3, 2, 2, 4)
+    x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float32)
+    return params, x, jnp.array([0, 1, 2, 3, 0])
+
+
+@pytest.mark.parametrize("causal", ["no", 0, 1, None, jnp.array(True)])
+def test_causal_must_be_a_bool(causal):
+    params, x, y = _head()
+    with pytest.raises(TypeError, match="forward: causal must be a bool"):
+        ga.forward(params, x, causal=causal)
+    with pytest.raises(TypeError, match="dense_loss: causal must be a bool"):
+        ga.dense_loss(params, x, y, causal=causal)
+    np.testing.assert_array_equal(ga.forward(params, x, causal=np.bool_(False)).alpha, ga.forward(params, x, causal=False).alpha)
+
+
+@pytest.mark.parametrize("key", [0, 7.0, "key", None, np.int64(3)])
+def test_init_head_needs_a_prng_key(key):
+    with pytest.raises(TypeError, match="init_head: key must be a PRNG key"):
+        ga.init_head(key, 3, 2, 2, 4)
+
+
+def test_init_head_refuses_a_batch_of_keys_and_takes_raw_keys():
+    with pytest.raises(TypeError, match="one PRNG key"):
+        ga.init_head(jax.random.split(jax.random.key(0), 2), 3, 2, 2, 4)
+    raw = ga.init_head(jax.random.PRNGKey(0), 3, 2, 2, 4)
+    typed = ga.init_head(jax.random.key(0), 3, 2, 2, 4)
+    np.testing.assert_array_equal(raw.w_q, typed.w_q)
+
+
+@pytest.mark.parametrize("which", range(4))
+def test_init_head_has_the_command_lines_head_size_bound(tmp_path, which):
+    sizes = [3, 2, 2, 4]
+    sizes[which] = 4097
+    with pytest.raises(ValueError, match=r"in \[1, 4096\], got 4097"):
+        ga.init_head(jax.random.key(0), *sizes)
+    sizes[which] = 4096  # the bound itself is accepted
+    assert ga.init_head(jax.random.key(0), *sizes)[0].shape[0] == sizes[0]
+
+
+def test_command_line_head_size_bound_is_the_same(tmp_path):
+    proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json"), "--d-k", "4097"] + TINY, tmp_path)
+    assert_refused(proc, "--d-k", "4096")
+    with pytest.raises(ValueError, match="4096"):
+        ga.init_head(jax.random.key(0), 3, 4097, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "seeds",
+    [[1, 1], [3, 1, 2, 1], np.array([5, 5]), jnp.stack([jax.random.key(2), jax.random.key(2)])],
+    ids=["list", "later", "array", "keys"],
+)
+def test_sweep_refuses_duplicate_seeds(seeds):
+    calls = []
+
+    def fn(k):
+        calls.append(1)
+        return {"u": jax.random.uniform(k)}
+
+    with pytest.raises(ValueError, match=r"seeds must be distinct, but seeds\[\d\] and seeds\[\d\]"):
+        ga.sweep(fn, seeds, chunk_size=2)
+    assert calls == []  # refused before tracing
+
+
+# --------------------------------------------------------------------------------------------
+# No warnings on valid input
+# --------------------------------------------------------------------------------------------
+
+
+def test_self_prob_zero_has_no_numpy_warning(tmp_path):
+    proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json"), "--self-prob", "0"] + TINY, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr and "divide" not in proc.stderr, proc.stderr
+    task = StickyMarkov(self_prob=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, y = task.sample(jax.random.key(0))
+    assert not np.any(np.asarray(y[1:]) == np.asarray(y[:-1]))  # the diagonal is 0: a symbol never repeats
