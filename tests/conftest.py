@@ -10,7 +10,7 @@ tests are marked here rather than in place). Tests that compare with the PyTorch
 ``bench`` extra (``make test-all`` installs it); without torch they are skipped, saying so.
 """
 
-import importlib.util
+import functools
 import os
 
 import pytest
@@ -60,9 +60,17 @@ def pytest_collection_modifyitems(config, items):
                 missing = [n for n in names if not hasattr(modules[file], n)]
                 if missing:
                     raise pytest.UsageError(f"tests/conftest.py names {missing} in {file}, which defines no such test")
-    has_torch = importlib.util.find_spec("torch") is not None
     for item in items:
         if _named(SLOW, item):
             item.add_marker(pytest.mark.slow)
-        if _named(TORCH, item) and not has_torch:
+        if _named(TORCH, item) and not _has_torch():
             item.add_marker(pytest.mark.skip(reason=TORCH_SKIP_REASON))
+
+
+@functools.cache
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
