@@ -1,23 +1,39 @@
-# `make test` and `make run` are all the set-up a fresh machine needs.
+# `make test` (quick), `make test-all` (everything, what CI runs) and `make run` are all the set-up
+# a fresh machine needs.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# One stamp per extra: `make test` never installs torch; `make test-all` and `make bench` do.
+STAMP       := $(VENV)/.installed
+STAMP_BENCH := $(VENV)/.installed-bench
 
 SEEDS ?= 5
 STEPS ?= 1000
 
-.PHONY: venv test run bench docs clean
+.PHONY: venv test test-all run bench docs clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The dev extra and the bench extra (torch, for the comparisons with the PyTorch reference).
+$(STAMP_BENCH): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP) $(STAMP_BENCH)
+
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The quick suite, for every change: all but the end-to-end runs marked slow.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PYTEST) -m "not slow"
+
+# The full suite (CI): the slow end-to-end runs and the PyTorch comparisons too.
+test-all: $(STAMP_BENCH)
+	$(PYTEST)
 
 run: $(STAMP)
 	$(VENV)/bin/gradattn laws-check
@@ -25,8 +41,7 @@ run: $(STAMP)
 	$(VENV)/bin/gradattn em-vs-sgd --seeds $(SEEDS) --steps $(STEPS) \
 	    --out results/em_vs_sgd.json --plot results/em_vs_sgd.png
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+bench: $(STAMP_BENCH)
 	$(PY) benchmarks/step_time.py --out-dir benchmarks/measured $(BENCH_ARGS)
 	$(PY) benchmarks/experiment_time.py --out-dir benchmarks/measured $(BENCH_ARGS)
 	$(PY) benchmarks/seed_scaling.py --out-dir benchmarks/measured $(BENCH_ARGS)

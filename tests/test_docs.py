@@ -69,6 +69,7 @@ def api_reference(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_make_docs_builds_a_page_for_every_public_module(api_reference):
     proc, out = api_reference
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,12 +82,14 @@ def test_make_docs_builds_a_page_for_every_public_module(api_reference):
     assert not private, f"private modules documented: {private}"
 
 
+@pytest.mark.slow
 def test_make_docs_reports_no_missing_module(api_reference):
     proc, _ = api_reference
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if any(p in line for p in IMPORT_PROBLEMS)]
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_law_pages_carry_the_docstrings(api_reference):
     proc, out = api_reference
     assert proc.returncode == 0

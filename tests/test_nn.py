@@ -133,7 +133,7 @@ def test_transformer_input_checks():
 def test_same_model_as_pytorch():
     """Weights copied into the PyTorch reference model give the same logits (float64): exact-erf
     GELU, LayerNorm eps 1e-5, pre-norm blocks, causal attention with the diagonal, scale 1/sqrt(d_h)."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="PyTorch (the bench extra) is not installed; `make test-all` installs it")
     spec = importlib.util.spec_from_file_location("deep_step", ROOT / "benchmarks" / "deep_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

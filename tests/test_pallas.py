@@ -90,6 +90,7 @@ def test_pass_and_grads_equal_laws_and_autodiff_float64(n, block_q, block_k, cau
         assert rel_err((loss, grads), by_dense_autodiff) < 1e-9
 
 
+@pytest.mark.slow
 def test_float32_and_the_faster_precisions():
     """The paper's head sizes (d_in 20, d_k 10, d_v 15, C 8; padded to 16 inside), float32 in and
     out, against the float64 laws, under jit with the options static.
@@ -113,6 +114,7 @@ def test_float32_and_the_faster_precisions():
     assert 1e-4 < errs["bfloat16"] < 5e-2, errs
 
 
+@pytest.mark.slow
 def test_vmap_over_seeds_is_a_grid_axis_and_equals_the_loop():
     seeds = 3
 
@@ -213,6 +215,7 @@ def test_invalid_inputs():
         pallas_pass(params, x.astype(jnp.float64), y)
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_quick_runs(tmp_path):
     """benchmarks/gpu_pallas.py --quick runs to the end (interpret mode here) and writes its JSON."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")

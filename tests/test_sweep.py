@@ -130,6 +130,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = tmp_path / "four.npz"
@@ -141,6 +142,7 @@ def test_four_devices_match_one_device(tmp_path):
     assert_trees_equal(here, four)
 
 
+@pytest.mark.slow
 def test_cli_per_seed_results_identical_on_four_devices(tmp_path):
     """`gradattn em-vs-sgd` on 4 (forced host) devices gives the 1-device per-seed results."""
     import json

@@ -147,7 +147,7 @@ def test_reference_means_equal_the_package_file():
 
 
 def test_reference_means_are_torchs_seed_zero_draw():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="PyTorch (the bench extra) is not installed; `make test-all` installs it")
     torch.manual_seed(0)
     np.testing.assert_array_equal(reference_embeddings(), torch.randn(8, 20).numpy())
 
