@@ -33,11 +33,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -68,8 +70,6 @@ def _detected_cluster() -> str | None:
     A SLURM job step (``srun``) or an Open MPI job (``mpirun``) of more than one task; a one-task
     step is a plain process.
     """
-    import os
-
     env = os.environ
     if all(v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
         if env["SLURM_NTASKS"].isdigit() and int(env["SLURM_NTASKS"]) > 1:
@@ -220,10 +220,12 @@ def _schedule(missing: np.ndarray, per_call: list[int]) -> list[list[tuple[int, 
     return rounds
 
 
-def sweep_manifest(fn, keys: jax.Array, chunk_size: int, fingerprint: dict | None) -> dict:
-    """What a checkpoint directory of this sweep records (see :mod:`gradattn.resume`)."""
-    leaves, treedef = jax.tree.flatten(jax.eval_shape(fn, keys[0]))
-    import jaxlib
+def sweep_manifest(fn, keys: jax.Array, chunk_size: int, fingerprint: dict | None, out_shape=None) -> dict:
+    """What a checkpoint directory of this sweep records (see :mod:`gradattn.resume`).
+
+    ``out_shape``: ``jax.eval_shape(fn, keys[0])`` if already known.
+    """
+    leaves, treedef = jax.tree.flatten(jax.eval_shape(fn, keys[0]) if out_shape is None else out_shape)
 
     return resume.canonical(
         {
@@ -289,7 +291,8 @@ def cluster_sweep(
             "cluster_sweep: a checkpoint_dir needs a fingerprint (a JSON-able dict of everything fn depends on: "
             "config, task, version), so that a directory of another configuration is never mixed in"
         )
-    manifest = sweep_manifest(fn, keys, chunk_size, fingerprint)
+    out_shape = jax.eval_shape(fn, keys[0])  # one trace: the manifest, and buffers for every process
+    manifest = sweep_manifest(fn, keys, chunk_size, fingerprint, out_shape)
     key_data = np.asarray(jax.random.key_data(keys))
     n_proc, me = jax.process_count(), jax.process_index()
     local = jax.local_devices()
@@ -305,7 +308,7 @@ def cluster_sweep(
                 f"versions): processes {odd} differ from process 0; give every process the same command"
             )
 
-    leaf_specs, treedef = jax.tree.flatten(jax.eval_shape(fn, keys[0]))
+    leaf_specs, treedef = jax.tree.flatten(out_shape)
     buffers = [np.zeros((n, *a.shape), a.dtype) for a in leaf_specs]
     have = np.zeros(n, bool)
     store, error = None, None

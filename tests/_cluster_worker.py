@@ -3,6 +3,7 @@
 ``python tests/_cluster_worker.py '<json>'`` with the keys:
   mode: "ref" (gradattn.sweeps.sweep in this one process) or "cluster" (gradattn.cluster.cluster_sweep);
   seeds, chunk_size, out (an .npz path this process writes its whole result to);
+  seeds_by_process (optional): {"<process id>": seeds} overriding seeds for some processes;
   coordinator, num_processes, process_id (optional: join a multi-process run);
   checkpoint_dir, fingerprint (optional); pause (seconds each call sleeps on the host);
   exit_before_sweep: "crash" (os._exit(3)) or "exit" (a clean sys.exit(0)) before the sweep.
@@ -38,13 +39,13 @@ def _pause():
 
 
 def fn(key):
-    """Random numbers, a matmul, a nonlinearity and an integer count: cheap to compile."""
+    """Random numbers, a matmul, a nonlinearity, an integer count and a bool: cheap to compile."""
     k1, k2 = jax.random.split(key)
     a = jax.random.normal(k1, (6, 6))
     b = jax.random.uniform(k2, (6,))
     jax.debug.callback(_pause)
     h = jnp.tanh(a @ a.T + b)
-    return {"h": h.sum(0), "norm": jnp.sqrt((h * h).sum()), "pos": (a > 0).sum()}
+    return {"h": h.sum(0), "norm": jnp.sqrt((h * h).sum()), "pos": (a > 0).sum(), "big": h.max() > 0.99}
 
 
 if ARGS.get("exit_before_sweep") and ARGS.get("process_id") == ARGS.get("exit_process", 1):
@@ -53,12 +54,13 @@ if ARGS.get("exit_before_sweep") and ARGS.get("process_id") == ARGS.get("exit_pr
         os._exit(3)
     sys.exit(0)
 
+SEEDS = ARGS.get("seeds_by_process", {}).get(str(ARGS.get("process_id")), ARGS["seeds"])
 t = time.perf_counter()
 if ARGS["mode"] == "ref":
-    out = sweep(fn, ARGS["seeds"], chunk_size=ARGS["chunk_size"])
+    out = sweep(fn, SEEDS, chunk_size=ARGS["chunk_size"])
 else:
     out = cluster.cluster_sweep(
-        fn, ARGS["seeds"], chunk_size=ARGS["chunk_size"],
+        fn, SEEDS, chunk_size=ARGS["chunk_size"],
         checkpoint_dir=ARGS.get("checkpoint_dir"), fingerprint=ARGS.get("fingerprint"),
     )
 sweep_s = time.perf_counter() - t

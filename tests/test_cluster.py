@@ -147,3 +147,12 @@ def test_a_process_that_dies_stops_the_others(tmp_path, how):
         assert ("another process has most likely died" in err
                 or "JAX distributed service detected fatal errors" in err), err[-3000:]
     assert elapsed < 150  # heartbeat and shutdown timeouts of 5 and 10 s, plus start-up on a busy machine
+
+
+@pytest.mark.slow
+def test_processes_given_different_seeds_refuse_to_sweep(tmp_path):
+    runs = run_cluster({"mode": "cluster", "seeds": SEEDS, "chunk_size": 1, "out": str(tmp_path / "m"),
+                        "seeds_by_process": {"1": SEEDS[:-1]}}, devices=[1, 1], timeout=180)
+    for i, r in enumerate(runs):
+        assert r["rc"] != 0 and not os.path.exists(tmp_path / f"m.{i}.npz")
+        assert "the processes were given different sweeps" in r["err"] and "processes [1] differ" in r["err"], r["err"][-3000:]
