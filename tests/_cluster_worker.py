@@ -6,7 +6,8 @@
   seeds_by_process (optional): {"<process id>": seeds} overriding seeds for some processes;
   coordinator, num_processes, process_id (optional: join a multi-process run);
   checkpoint_dir, fingerprint (optional); pause (seconds each call sleeps on the host);
-  exit_before_sweep: "crash" (os._exit(3)) or "exit" (a clean sys.exit(0)) before the sweep.
+  exit_before_sweep: "crash" (os._exit(3)) or "exit" (a clean sys.exit(0)) before the sweep;
+  crash_after_calls: k (os._exit(3) in the middle of its (k+1)-th call); both in process exit_process (1).
 It prints one JSON line: the process id, the sweep's wall time and the process's.
 """
 
@@ -32,9 +33,14 @@ if ARGS.get("coordinator"):
     )
 
 PAUSE = float(ARGS.get("pause", 0.0))
+CRASH_AFTER = ARGS.get("crash_after_calls") if ARGS.get("process_id") == ARGS.get("exit_process", 1) else None
+CALLS = [0]
 
 
 def _pause():
+    CALLS[0] += 1
+    if CRASH_AFTER is not None and CALLS[0] > CRASH_AFTER:
+        os._exit(3)  # a node lost in the middle of the sweep
     time.sleep(PAUSE)
 
 

@@ -133,13 +133,15 @@ def test_three_processes_resume_a_partial_directory_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["crash", "exit"])
+@pytest.mark.parametrize("how", ["crash", "exit", "crash mid-sweep"])
 def test_a_process_that_dies_stops_the_others(tmp_path, how):
     t0 = time.monotonic()
-    runs = run_cluster({"mode": "cluster", "seeds": SEEDS, "chunk_size": 1, "out": str(tmp_path / "d"),
-                        "exit_before_sweep": how, "exit_process": 1}, devices=[1, 1, 1], timeout=180)
+    death = {"crash_after_calls": 2} if how == "crash mid-sweep" else {"exit_before_sweep": how}
+    runs = run_cluster({"mode": "cluster", "seeds": SEEDS, "chunk_size": 1, "out": str(tmp_path / "d"), "exit_process": 1,
+                        **death}, devices=[1, 1, 1], timeout=180)
     elapsed = time.monotonic() - t0
-    print(f"\n{how}: the others ended after {elapsed:.1f} s, status {[r['rc'] for r in runs]}")
+    said = ["ours" if "another process has most likely died" in r["err"] else "jax" for r in runs]
+    print(f"\n{how}: the others ended after {elapsed:.1f} s, status {[r['rc'] for r in runs]}, message {said}")
     for i in (0, 2):
         assert runs[i]["rc"] != 0
         assert not os.path.exists(tmp_path / f"d.{i}.npz")
