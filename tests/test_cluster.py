@@ -4,6 +4,8 @@ a process that dies stops the others, with a clear message, in bounded time."""
 import os
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from _spawn import assert_same, load, run_cluster, run_one
@@ -47,8 +49,6 @@ def test_single_process_is_left_plain(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert cluster.initialize() is False  # no launcher: nothing to join
     assert cluster.initialize("127.0.0.1:1234", 1, 0) is False  # a cluster of one
-    import jax
-
     assert not jax.distributed.is_initialized()
     assert cluster.is_primary() and jax.process_count() == 1
 
@@ -70,8 +70,6 @@ def test_launcher_detection(monkeypatch):
 
 
 def test_schedule_is_round_robin_with_each_process_call_size():
-    import numpy as np
-
     rounds = cluster._schedule(np.arange(11), [2, 1, 2])
     assert [[(p, pos.tolist()) for p, pos in r] for r in rounds] == [
         [(0, [0, 1]), (1, [2]), (2, [3, 4])],
