@@ -23,9 +23,12 @@ process it does nothing, so the same program runs unchanged on a laptop and on a
   already there and computes only the others. The directory may be shared by the processes (a
   network file system) or be each host's own: the processes agree on what is on disk through a
   collective before computing, and a seed found by several is taken from the first.
-* A process that dies stops the others: a collective with a dead peer raises (re-raised here as a
-  RuntimeError saying so), and JAX's heartbeats end any process still waiting (after
-  ``heartbeat_timeout`` / ``shutdown_timeout`` of :func:`initialize`) with a non-zero status.
+* A process that dies stops the others: JAX's distributed runtime notices its missing heartbeats
+  and ends every other process (status -6, with JAX's message that another task most likely died)
+  within ``heartbeat_timeout`` (or ``shutdown_timeout`` for one that exited cleanly) of
+  :func:`initialize`; a collective that fails first is re-raised as a RuntimeError saying so. The
+  sweep runs in rounds (one call per process each) with one tiny collective per round (the count
+  of seeds done, which the progress bar shows), so no process runs far ahead of a lost one.
 """
 
 from __future__ import annotations
@@ -277,7 +280,8 @@ def cluster_sweep(
     Raises:
       ValueError: a checkpoint directory of another configuration; processes given different
         seeds, chunk sizes or fingerprints.
-      RuntimeError: another process died during the sweep.
+      RuntimeError: a collective failed because another process died (most often JAX's runtime
+        ends this process first; see the module docstring).
     """
     if not callable(fn):
         raise TypeError(f"cluster_sweep: fn must be a callable key -> pytree, got {fn!r}")
