@@ -1,0 +1,258 @@
+"""The directory of finished sweep chunks that lets a stopped sweep resume where it stopped.
+
+A checkpoint directory holds one manifest and one file per finished call:
+
+* ``manifest.json``: the sweep's *fingerprint* (a JSON dict from the caller naming everything the
+  experiment depends on: its config, task, library version) together with what the engine itself
+  knows changes results: the chunk size, the PRNG implementation, the shapes and dtypes of one
+  seed's output, the jax and jaxlib versions, the backend and the x64 flag. A directory whose
+  manifest differs in anything is refused with a ValueError naming the differences: results of
+  another configuration are never mixed in.
+* ``chunk-<hash>.npz``: the per-seed results of one finished call (each seed's raw key data and
+  its output leaves), written whole or not at all (a temp file beside it, then ``os.replace``),
+  behind a one-line header carrying the SHA-256 of the payload and of the manifest. A file that
+  cannot be read, whose checksum does not match, or whose arrays do not have the manifest's
+  shapes (a disk error, a truncated copy) is reported with a warning, removed and its seeds
+  recomputed. A chunk carrying another manifest's hash (copied in from another directory) is
+  refused like a foreign manifest.
+
+Results are keyed by each seed's key data, not by position, so a rerun with more seeds reuses
+every seed already on disk. Temp files that a killed run leaves behind (``.<name>.gradattn-tmp-*``)
+are never read; the next run on the same host removes those whose process is gone.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import socket
+import warnings
+import zipfile
+from typing import Any
+
+import numpy as np
+
+
+FORMAT = "gradattn-sweep-chunks 1"
+MANIFEST = "manifest.json"
+_CHUNK_PREFIX = "chunk-"
+_CHUNK_SUFFIX = ".npz"
+_MAGIC = b"gradattn-sweep-chunk 1"
+_TMP = ".gradattn-tmp-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def _write_replace(path: str, data: bytes) -> None:
+    """``data`` to ``path`` whole or not at all: a temp file beside it, fsync, ``os.replace``.
+
+    The temp name carries the host and the pid (``.<name>.gradattn-tmp-<host>-<pid>-<random>``),
+    so that processes of several hosts sharing one directory never take each other's temp files for
+    stale ones (:func:`_remove_stale_temps` only removes this host's, of processes that are gone).
+    """
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}{_TMP}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_stale_temps(directory: str) -> None:
+    """Remove the temp files that killed processes of this host left in ``directory``."""
+    prefix = f"{_TMP}{_host()}-"
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".*{_TMP}*")):
+        rest = os.path.basename(tmp).split(prefix, 1)
+        if len(rest) != 2 or not rest[1].split("-", 1)[0].isdigit():
+            continue
+        pid = int(rest[1].split("-", 1)[0])
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def canonical(obj: Any, name: str = "fingerprint", fn: str = "cluster_sweep") -> Any:
+    """``obj`` through a JSON round trip (tuples become lists), so it compares as it will read back.
+
+    Raises:
+      TypeError: ``obj`` is not JSON-able (a set, an array, an object), or holds a non-finite float.
+    """
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{fn}: {name} must be a JSON-able dict (str keys; str, number, bool, None, list, dict values), got {obj!r}: {e}") from None
+
+
+def digest(manifest: dict) -> str:
+    """The SHA-256 of a manifest's canonical JSON (what every chunk file carries)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": leaf}``."""
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def _differences(old: dict, new: dict, limit: int = 6) -> str:
+    a, b = _flat(old), _flat(new)
+    keys = sorted(set(a) | set(b))
+    diffs = [f"{k}: {a.get(k, '(absent)')!r} on disk, {b.get(k, '(absent)')!r} now" for k in keys if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+class ChunkStore:
+    """An opened, validated checkpoint directory (see the module docstring). Made by :func:`open_store`."""
+
+    def __init__(self, directory: str, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        self.digest = digest(manifest)
+
+    def chunk_paths(self) -> list[str]:
+        """The chunk files now in the directory, sorted by name."""
+        pattern = os.path.join(glob.escape(self.directory), f"{_CHUNK_PREFIX}*{_CHUNK_SUFFIX}")
+        return sorted(glob.glob(pattern))
+
+    def write(self, keys: np.ndarray, leaves: list[np.ndarray]) -> str:
+        """Write one finished call: ``keys`` (m, key_width) uint32 key data, ``leaves`` each (m, ...).
+
+        The file name is the hash of the keys, so a recomputed chunk replaces its own old file.
+        Returns the path.
+        """
+        keys = np.ascontiguousarray(keys, dtype=np.uint32)
+        buf = io.BytesIO()
+        arrays = {"manifest": np.array(self.digest), "keys": keys}
+        arrays.update({f"out_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+        np.savez(buf, **arrays)
+        payload = buf.getvalue()
+        header = _MAGIC + b" " + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+        name = f"{_CHUNK_PREFIX}{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}{_CHUNK_SUFFIX}"
+        path = os.path.join(self.directory, name)
+
+        _write_replace(path, header + payload)
+        return path
+
+    def _read(self, path: str, leaf_specs: list[tuple[tuple, str]], key_width: int):
+        """(keys, leaves) of one chunk file, or None with a reason when it is unusable."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return None, f"unreadable ({e})"
+        head, sep, payload = data.partition(b"\n")
+        parts = head.split(b" ")
+        if not sep or len(parts) != 3 or b" ".join(parts[:2]) != _MAGIC:
+            return None, "no valid header (truncated or not a chunk file)"
+        if hashlib.sha256(payload).hexdigest().encode() != parts[2]:
+            return None, "checksum mismatch (truncated or damaged)"
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            return None, f"unreadable payload ({e})"
+        if str(arrays.get("manifest")) != self.digest:
+            raise ValueError(
+                f"cluster_sweep: {path} was written by another configuration (manifest hash {arrays.get('manifest')!s}, "
+                f"this directory's is {self.digest}); refusing to mix it in: remove it or use another checkpoint directory"
+            )
+        keys = arrays.get("keys")
+        if keys is None or keys.dtype != np.uint32 or keys.ndim != 2 or keys.shape[1] != key_width or keys.shape[0] == 0:
+            return None, "bad key array"
+        m = keys.shape[0]
+        leaves = []
+        for i, (shape, dtype) in enumerate(leaf_specs):
+            a = arrays.get(f"out_{i}")
+            if a is None or a.shape != (m, *shape) or str(a.dtype) != dtype:
+                return None, f"output {i} missing or of the wrong shape/dtype"
+            leaves.append(a)
+        if len(arrays) != 2 + len(leaf_specs):
+            return None, "unexpected arrays"
+        return (keys, leaves), None
+
+    def load(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Every usable chunk as ``(keys, leaves)``; unusable ones are warned about and removed.
+
+        Raises:
+          ValueError: a chunk carries another manifest's hash.
+        """
+        specs = [(tuple(s), d) for s, d in self.manifest["sweep"]["outputs"]["leaves"]]
+        width = self.manifest["sweep"]["key_width"]
+        chunks = []
+        for path in self.chunk_paths():
+            chunk, why = self._read(path, specs, width)
+            if chunk is None:
+                warnings.warn(f"cluster_sweep: checkpoint chunk {path} is {why}; removed, its seeds will be recomputed", RuntimeWarning, stacklevel=3)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            chunks.append(chunk)
+        return chunks
+
+
+def open_store(directory: str | os.PathLike, manifest: dict) -> ChunkStore:
+    """Open ``directory`` as the checkpoint of the sweep described by ``manifest`` (create it if need be).
+
+    ``manifest`` must be canonical (:func:`canonical`) with the keys ``format``, ``fingerprint`` and
+    ``sweep`` (``sweep.outputs.leaves``: ``[[shape, dtype], ...]``; ``sweep.key_width``).
+
+    Raises:
+      ValueError: ``directory`` is not a directory; its manifest differs from ``manifest`` (the
+        message lists the differing fields); it holds chunk files but no manifest; its manifest
+        cannot be read.
+    """
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"cluster_sweep: checkpoint_dir {directory!r} exists and is not a directory")
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temps(directory)
+    store = ChunkStore(directory, manifest)
+    path = os.path.join(directory, MANIFEST)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cluster_sweep: cannot read the checkpoint manifest {path} ({e}); remove the directory or use another") from None
+        if old != manifest:
+            raise ValueError(
+                f"cluster_sweep: checkpoint_dir {directory!r} holds a sweep of another configuration; refusing to mix it in "
+                f"({_differences(old, manifest)}). Use another directory, or remove this one to start over."
+            )
+        return store
+    if store.chunk_paths():
+        raise ValueError(
+            f"cluster_sweep: checkpoint_dir {directory!r} holds chunk files but no {MANIFEST}; their configuration is unknown, "
+            "refusing to mix them in (use another directory)"
+        )
+    _write_replace(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return store

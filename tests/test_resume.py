@@ -1,0 +1,164 @@
+"""Resumable sweeps: finished chunks survive a kill, a rerun computes only the rest and gives the
+uninterrupted run's results bit for bit; another configuration's directory is refused; a damaged
+chunk is detected and recomputed."""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from _spawn import assert_same, finish, load, start
+
+from gradattn import resume
+from gradattn.cluster import cluster_sweep
+from gradattn.sweeps import sweep
+
+
+def fn(key):
+    a = jax.random.normal(key, (5, 5))
+    return {"h": jnp.tanh(a @ a).sum(0), "pos": (a > 0).sum(), "big": a.max() > 1.0}
+
+
+def other_fn(key):
+    return {"h": jax.random.normal(key, (3,))}
+
+
+FP = {"config": {"steps": 4, "lr": 0.1}, "task": "test", "version": "0"}
+SEEDS = list(range(9))
+
+
+def chunks(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("chunk-"))
+
+
+def stamps(d):
+    return {f: (os.stat(os.path.join(d, f)).st_ino, os.stat(os.path.join(d, f)).st_mtime_ns) for f in chunks(d)}
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return sweep(fn, SEEDS, chunk_size=2)
+
+
+def test_checkpointed_sweep_equals_sweep_and_resumes_only_the_missing(tmp_path, expected):
+    d = str(tmp_path / "ck")
+    out = cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    assert_same(out, expected)
+    assert len(chunks(d)) == 5  # 9 seeds in calls of 2 (one device)
+    assert json.load(open(os.path.join(d, "manifest.json")))["fingerprint"] == FP
+    gone = chunks(d)[1:3]
+    for f in gone:
+        os.unlink(os.path.join(d, f))
+    kept = stamps(d)
+    again = cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    assert_same(again, expected)
+    assert {f: stamps(d)[f] for f in kept} == kept  # read, not rewritten
+    assert set(chunks(d)) - set(kept) == set(gone)  # the same calls again (names are the keys' hash)
+
+
+def test_more_seeds_reuse_the_finished_ones(tmp_path):
+    d = str(tmp_path / "ck")
+    cluster_sweep(fn, SEEDS[:4], chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    kept = stamps(d)
+    out = cluster_sweep(fn, [8, 0, 1, 2, 3, 9], chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    assert_same(out, sweep(fn, [8, 0, 1, 2, 3, 9], chunk_size=2))
+    assert {f: stamps(d)[f] for f in kept} == kept and len(chunks(d)) == 3  # only seeds 8 and 9 computed
+
+
+def test_another_configuration_is_refused(tmp_path):
+    d = str(tmp_path / "ck")
+    cluster_sweep(fn, SEEDS[:3], chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    other = dict(FP, config={"steps": 4, "lr": 0.2})
+    with pytest.raises(ValueError, match=r"another configuration.*fingerprint\.config\.lr: 0\.1 on disk, 0\.2 now"):
+        cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=other)
+    with pytest.raises(ValueError, match=r"sweep\.chunk_size: 2 on disk, 3 now"):
+        cluster_sweep(fn, SEEDS, chunk_size=3, checkpoint_dir=d, fingerprint=FP)
+    with pytest.raises(ValueError, match=r"sweep\.outputs"):  # same fingerprint, another fn's outputs
+        cluster_sweep(other_fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    with jax.enable_x64(False):  # another dtype of the same outputs
+        with pytest.raises(ValueError, match=r"sweep\.x64"):
+            cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    # a chunk copied in from another directory carries its manifest's hash
+    e = str(tmp_path / "other")
+    cluster_sweep(fn, [20], chunk_size=2, checkpoint_dir=e, fingerprint=other)
+    os.replace(os.path.join(e, chunks(e)[0]), os.path.join(d, chunks(e)[0]))
+    with pytest.raises(ValueError, match="written by another configuration"):
+        cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    # chunks without a manifest: of unknown origin
+    os.unlink(os.path.join(d, "manifest.json"))
+    with pytest.raises(ValueError, match="no manifest.json"):
+        cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="needs a fingerprint"):
+        cluster_sweep(fn, SEEDS, checkpoint_dir=str(tmp_path))
+    with pytest.raises(TypeError, match="JSON-able"):
+        cluster_sweep(fn, SEEDS, checkpoint_dir=str(tmp_path), fingerprint={"lr": {0.1}})
+    with pytest.raises(TypeError, match="JSON-able dict"):
+        cluster_sweep(fn, SEEDS, checkpoint_dir=str(tmp_path), fingerprint=[1])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        cluster_sweep(fn, SEEDS, checkpoint_dir=str(tmp_path / "file"), fingerprint=FP)
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        cluster_sweep(3, SEEDS)
+    with pytest.raises(ValueError, match="chunk_size"):
+        cluster_sweep(fn, SEEDS, chunk_size=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])
+def test_a_damaged_chunk_is_detected_and_recomputed(tmp_path, expected, damage):
+    d = str(tmp_path / "ck")
+    cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    victim = os.path.join(d, chunks(d)[2])
+    data = open(victim, "rb").read()
+    data = {"truncate": data[: len(data) // 2], "flip": data[:-40] + bytes([data[-40] ^ 1]) + data[-39:],
+            "empty": b"", "garbage": b"not a chunk\n" + data}[damage]
+    open(victim, "wb").write(data)
+    with pytest.warns(RuntimeWarning, match=f"{os.path.basename(victim)} is .*recomputed"):
+        out = cluster_sweep(fn, SEEDS, chunk_size=2, checkpoint_dir=d, fingerprint=FP)
+    assert_same(out, expected)
+    store = resume.open_store(d, json.load(open(os.path.join(d, "manifest.json"))))
+    assert len(store.load()) == 5  # every chunk readable again
+
+
+def test_manifest_records_what_changes_results(tmp_path):
+    cluster_sweep(fn, [1], chunk_size=3, checkpoint_dir=str(tmp_path), fingerprint=FP)
+    m = json.load(open(tmp_path / "manifest.json"))
+    assert m["sweep"]["chunk_size"] == 3 and m["sweep"]["jax"] == jax.__version__ and m["sweep"]["backend"] == "cpu"
+    assert m["sweep"]["outputs"]["leaves"] == [[[], "bool"], [[5], "float64"], [[], "int64"]]  # x64 is on in the tests
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
+    d = str(tmp_path / "ck")
+    seeds = list(range(16))
+    base = {"mode": "cluster", "seeds": seeds, "chunk_size": 1, "checkpoint_dir": d, "fingerprint": FP}
+    proc = start(dict(base, pause=0.25, out=str(tmp_path / "killed.npz")))  # 16 calls of at least 0.25 s
+    deadline = time.monotonic() + 120
+    try:
+        while not (os.path.isdir(d) and len(chunks(d)) >= 3):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no chunk files after 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    finished = stamps(d)
+    print(f"\nkilled after {len(finished)} of 16 chunks")
+    assert 3 <= len(finished) < 16
+    t0 = time.monotonic()
+    rerun, ref = finish([start(dict(base, out=str(tmp_path / "rerun.npz"))),
+                         start({"mode": "ref", "seeds": seeds, "chunk_size": 1, "out": str(tmp_path / "ref.npz")})], timeout=180)
+    for r in (rerun, ref):
+        assert r["rc"] == 0, r["err"][-3000:]
+    print(f"rerun and uninterrupted run: {time.monotonic() - t0:.1f} s; sweep_s {rerun['report']['sweep_s']:.1f} "
+          f"(resumed) and {ref['report']['sweep_s']:.1f} (whole)")
+    assert_same(load(tmp_path / "rerun.npz"), load(tmp_path / "ref.npz"))
+    assert {f: stamps(d)[f] for f in finished} == finished and len(chunks(d)) == 16
+    assert not [f for f in os.listdir(d) if f.startswith(".")]  # the killed run's temp file, if any, is gone
