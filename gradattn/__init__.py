@@ -42,7 +42,7 @@ from gradattn.laws import (
 )
 from gradattn.pallas import pallas_loss_and_grads
 from gradattn.sweeps import seed_keys, sweep
-from gradattn.tasks import DirichletHMM, StickyMarkov, Task
+from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, Task
 from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train
 
 __all__ = [
@@ -86,6 +86,7 @@ __all__ = [
     "Task",
     "StickyMarkov",
     "DirichletHMM",
+    "BijectionElimination",
     "sweep",
     "seed_keys",
     "EmVsSgdConfig",
