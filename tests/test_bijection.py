@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import gammaln
 
 import gradattn
 from gradattn.head import HeadParams
@@ -23,7 +24,7 @@ def numpy_encode(order, bijection):
     k = len(order)
     x = np.zeros((k, 3 * k))
     y = np.zeros(k, np.int64)
-    for t in range(k):  # 0-based position t is the paper's t + 1
+    for t in range(k):  # 0-based row t is position t + 1 of the task
         x[t, order[t]] = 1.0
         y[t] = bijection[order[t]]
         if t > 0:
@@ -162,8 +163,6 @@ def test_entropy_per_position(k):
     p = np.asarray(task.bayes_predictive(x))
     h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
     np.testing.assert_allclose(h, expected, rtol=1e-13, atol=1e-15)
-    from scipy.special import gammaln
-
     np.testing.assert_allclose(task.bayes_filter_entropy(x), gammaln(k - np.arange(1, k + 1) + 2.0), rtol=1e-12, atol=1e-12)
     assert not task.entropy_profile.flags.writeable
 
