@@ -44,7 +44,7 @@ from gradattn.laws import (
     value_grad,
 )
 from gradattn.sweeps import seed_keys, sweep
-from gradattn.tasks import DirichletHMM, StickyMarkov, Task
+from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, Task
 from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train
 from gradattn.verify import laws_check_errors
 
@@ -86,6 +86,7 @@ __all__ = [
     "Task",
     "StickyMarkov",
     "DirichletHMM",
+    "BijectionElimination",
     "sweep",
     "seed_keys",
     "EmVsSgdConfig",
