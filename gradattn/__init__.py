@@ -15,7 +15,7 @@ The surface, from the bottom up:
   the paths by name, and ``"auto"``, the backend's choice: :mod:`gradattn.paths`;
 * training (:mod:`gradattn.training`): optax transformations (``sgd``, ``em_like``,
   ``alternating``) and ``train``, a whole run as one ``lax.scan``;
-* tasks (:mod:`gradattn.tasks`): ``StickyMarkov``, ``DirichletHMM``, any ``Task``;
+* tasks (:mod:`gradattn.tasks`): ``StickyMarkov``, ``DirichletHMM``, ``BijectionElimination``, any ``Task``;
 * seeds: ``sweep(fn, seeds)``; experiments on one skeleton (:mod:`gradattn.experiments`), the paper's
   ``em_vs_sgd(seeds, EmVsSgdConfig(...))``; the laws against autodiff: ``laws_check_errors``
   (:mod:`gradattn.verify`); reports and figures: :mod:`gradattn.plotting`;
