@@ -293,3 +293,17 @@ def test_self_prob_zero_has_no_numpy_warning(tmp_path):
         warnings.simplefilter("error")
         x, y = task.sample(jax.random.key(0))
     assert not np.any(np.asarray(y[1:]) == np.asarray(y[:-1]))  # the diagonal is 0: a symbol never repeats
+
+
+def test_sticky_markov_alone_enforces_the_bounds_of_its_fields():
+    """The task's own constructor takes the bounds its fields declare (the command line's), not
+    only the experiment configs that hold it."""
+    from gradattn.tasks import StickyMarkov
+
+    with pytest.raises(ValueError, match="n_symbols"):
+        StickyMarkov(n_symbols=1025, d_embed=4)
+    with pytest.raises(ValueError, match="seq_len"):
+        StickyMarkov(seq_len=65_538)
+    with pytest.raises(ValueError, match="d_embed"):
+        StickyMarkov(n_symbols=4, d_embed=4097)
+    assert StickyMarkov(n_symbols=1024, d_embed=4, seq_len=16).n_symbols == 1024

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_number, option, parse_int
+from gradattn._checks import check_fields, check_int, check_number, option, parse_int
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 from gradattn.sweeps import MAX_SEED
 
@@ -242,6 +242,7 @@ class StickyMarkov:
         set_("embed_seed", embed_seed)
         set_("noise_std", check_number("noise_std", noise_std, fn, minimum=0.0, exclusive_minimum=True))
         set_("embedding_source", source)
+        check_fields(self, fn, store=False)  # the bounds declared with each field, as the command line takes
 
     @classmethod
     def reference(cls, **kwargs) -> StickyMarkov:
