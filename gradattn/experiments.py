@@ -71,8 +71,8 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     ``checkpoint_dir`` (only with ``devices=None``): keep every finished chunk there and, on a
     rerun, compute only the seeds not yet there (:mod:`gradattn.resume`); the results equal an
     uninterrupted run's bit for bit. The directory is tied to the experiment, ``config.to_dict()``
-    and the library version (and the chunk size, jax version, backend): another configuration's
-    directory is refused with :class:`gradattn.resume.SweepRefused`.
+    (required then) and the library version (and the chunk size, jax version, backend): another
+    configuration's directory is refused with :class:`gradattn.resume.SweepRefused`.
 
     Returns the experiment's summary plus ``wall_time_s`` (the sweep), ``n_devices`` (over all
     processes), ``n_processes``, ``chunk_size`` and ``provenance``
@@ -93,11 +93,16 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
                 "(the seeds then run over every process's local devices)"
             )
         devices = list(devices)
+    to_dict = getattr(config, "to_dict", None)
+    if checkpoint_dir is not None and not callable(to_dict):
+        raise TypeError(f"{fn}: a checkpoint_dir needs a config with a to_dict() method (a JSON-able description of "
+                        f"everything the run depends on); {type(config).__name__} has none")
+    # What the checkpoint directory is tied to, and what every process of a run must agree on.
+    fingerprint = {"experiment": fn, "config": to_dict() if callable(to_dict) else repr(config), "version": __version__}
     run = experiment.make_run(config)
     prov = provenance()
     t0 = time.perf_counter()
     if devices is None:
-        fingerprint = {"experiment": fn, "config": config.to_dict(), "version": __version__}
         per_seed = cluster_sweep(run, seeds, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
                                  fingerprint=fingerprint, progress=progress)
         n_devices = jax.device_count()

@@ -15,7 +15,7 @@ import pytest
 
 from _spawn import ROOT, assert_same, env, finish, load, start
 
-from gradattn import cli, resume
+from gradattn import cli, experiments, resume
 from gradattn.cluster import cluster_sweep
 from gradattn.sweeps import sweep
 
@@ -250,3 +250,21 @@ def test_cli_killed_mid_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     assert_same_results(resumed, whole)
     assert {f: stamps(d)[f] for f in finished} == finished and len(chunks(d)) == n  # read, not recomputed
     assert not [f for f in os.listdir(d) if f.startswith(".")]  # a temp file the kill left, if any, is gone
+
+
+def test_run_experiment_checkpoint_arguments(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:  # no to_dict: nothing to tie a directory to
+        scale: float = 1.0
+
+    toy = experiments.Experiment("toy", Plain, lambda c: (lambda key: {"u": c.scale * jax.random.uniform(key)}),
+                                 lambda per_seed, seeds, c: {"u": per_seed["u"].tolist()})
+    with pytest.raises(TypeError, match="toy: a checkpoint_dir needs a config with a to_dict"):
+        experiments.run_experiment(toy, 2, checkpoint_dir=str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(ValueError, match="give it without devices"):
+        experiments.em_vs_sgd(2, checkpoint_dir=str(tmp_path / "ck"), devices=jax.devices())
+    out = experiments.run_experiment(toy, 2)  # without a directory a plain config is fine
+    assert out["n_processes"] == 1 and out["n_devices"] == jax.device_count() and len(out["u"]) == 2
