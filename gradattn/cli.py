@@ -4,9 +4,11 @@
                        [every field of EmVsSgdConfig and of the task as a flag: --steps, --sgd-lr,
                         --value-lr, --routing-lr, --d-k, --d-v, --init-scale, --grad-source,
                         --seq-len, --self-prob, --noise-std, --embeddings, ...]
-                       [--chunk-size K] [--no-progress]
+                       [--chunk-size K] [--no-progress] [--checkpoint-dir DIR]
+                       [--coordinator HOST:PORT --num-processes P --process-id I]
     gradattn deep --seeds N --out deep.json [--plot deep.png] [--fresh-data] [--two-timescale]
                   [every field of DeepConfig and of the task as a flag]
+                  [--chunk-size K] [--no-progress] [--checkpoint-dir DIR] [cluster flags as above]
     gradattn laws-check [--n N] [--seed S]
 
 The flags of an experiment are made from its config's fields and the task's (each field declares
@@ -17,6 +19,14 @@ The summary is printed before the files are written; results are written whole o
 temp file in the same directory, then ``os.replace``), and a failed write is one line naming the
 path and the reason, with exit status 1. Ctrl-C stops the command with one line and exit status 130
 in any phase (see :mod:`gradattn_launcher`, the console script's entry).
+
+An experiment runs over every process of a multi-process JAX run (docs/cluster.md): the three
+cluster flags name the coordinator, the process count and this process's id (or, without them,
+JAX detects a SLURM or Open MPI job itself); the processes join before any JAX work, every one
+computes its share of the seeds, and only process 0 checks and writes ``--out`` and ``--plot``
+and prints the summary (the others exit 0 after the sweep). ``--checkpoint-dir`` keeps every
+finished chunk, so that the same command run again computes only the missing seeds; a directory
+of another configuration is refused with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradattn import deep, experiments, tasks
+from gradattn import cluster, deep, experiments, resume, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
 from gradattn._io import check_output_path, write_json
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
@@ -43,6 +55,8 @@ MAX_RESULT_BYTES = 4 << 30
 """Most bytes of loss curves (seeds x steps x 2 arms x float32) one run may hold."""
 MAX_LAWS_CHECK_N = 4096
 """laws-check builds float64 N x N matrices: 4096^2 x 8 bytes = 134 MB each."""
+MAX_PROCESSES = 65_536
+"""Most processes one multi-process run may have (``--num-processes``)."""
 
 
 def _int_arg(text: str) -> int:
@@ -114,6 +128,35 @@ def _embeddings(text: str):
         return tasks.embeddings_from_spec(text)
     except (TypeError, ValueError, OSError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _coordinator(text: str) -> str:
+    try:
+        return cluster.check_coordinator(text, "cli")
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+
+
+def _checkpoint_dir(text: str) -> str:
+    """``--checkpoint-dir``: an existing directory in which files can be created, or a path whose
+    nearest existing ancestor is one (the sweep creates the rest); checked by creating a probe file."""
+    if not text:
+        raise argparse.ArgumentTypeError("'' is an empty path; give the path of a directory")
+    path = os.path.abspath(text)
+    probe_in = path
+    while not os.path.lexists(probe_in):
+        probe_in = os.path.dirname(probe_in)
+    if not os.path.isdir(probe_in):
+        what = "exists and is not a directory" if probe_in == path else f"cannot be created: {probe_in!r} is not a directory"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".gradattn-probe-")
+    except OSError as err:
+        where = "" if probe_in == path else f" (in {probe_in!r}, where it would be created)"
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot create files{where}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return text
 
 
 def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str:
@@ -226,17 +269,62 @@ def _seeds(args) -> list[int]:
     return args.seed_list if args.seed_list is not None else list(range(args.seeds))
 
 
+def _cluster_flags(args, parser) -> tuple | None:
+    """``(coordinator, num_processes, process_id)`` when the cluster flags are given (all three, or
+    exit 2), None when none is."""
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes, "--process-id": args.process_id}
+    if all(v is None for v in flags.values()):
+        return None
+    missing = [k for k, v in flags.items() if v is None]
+    if missing:
+        parser.error(f"give --coordinator, --num-processes and --process-id together (or none of them: a single process, "
+                     f"or a SLURM or Open MPI job that JAX detects); missing {', '.join(missing)}")
+    if args.process_id >= args.num_processes:
+        parser.error(f"argument --process-id: must be in [0, {args.num_processes - 1}] for --num-processes "
+                     f"{args.num_processes}, got {args.process_id}")
+    return args.coordinator, args.num_processes, args.process_id
+
+
+def _join(parser, flags: tuple | None) -> int | None:
+    """:func:`gradattn.cluster.initialize` with the cluster flags (before any JAX work); a failure
+    to connect is one line and exit status 1 (returned), None when this process may go on."""
+    try:
+        cluster.initialize(*(flags or ()))
+    except RuntimeError as err:
+        print(f"gradattn: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    return None
+
+
 def _experiment(args, parser) -> int:
-    """Any experiment command: its config from the flags, the run, the report."""
+    """Any experiment command: its config from the flags, the run, the report (by process 0 only)."""
     command = args.experiment
     seeds = _seeds(args)
-    out, plot = _outputs(args, parser)
+    flags = _cluster_flags(args, parser)
+    if flags is None:  # a single process, or a SLURM/MPI job: who is process 0 is known once joined
+        if (status := _join(parser, None)) is not None:
+            return status
+        primary = cluster.is_primary()
+    else:
+        primary = flags[2] == 0
+    out, plot = _outputs(args, parser) if primary else (None, None)
     given = _given(args, command.config_type)
     if "value_lr_multiplier" in given and given.get("schedule") != "two_timescale":
         parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
     config = _build(parser, command.config_type, task=_build_task(args, parser), **given)
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
-    results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress)
+    if flags is not None and (status := _join(parser, flags)) is not None:  # every check passed: connect
+        return status
+    try:
+        results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress,
+                              checkpoint_dir=args.checkpoint_dir)
+    except resume.SweepRefused as err:  # found at start-up, before any seed was computed
+        parser.error(str(err))
+    if not primary:
+        print(f"process {jax.process_index()} of {results['n_processes']}: sweep done; process 0 writes the results")
+        return 0
     return _report(results, command.format(results), out, plot, command.plot)
 
 
@@ -258,6 +346,15 @@ def _common(p) -> None:
     group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds in [0, 2^64), e.g. 3,7,11")
     p.add_argument("--out", required=True, help="results JSON path")
     p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
+    p.add_argument("--checkpoint-dir", type=_checkpoint_dir, default=None,
+                   help="keep every finished chunk of seeds in this directory (created if need be); the same command "
+                        "with the same directory resumes a stopped sweep, computing only the missing seeds")
+    group = p.add_argument_group("several processes or hosts (docs/cluster.md); give all three, or none")
+    group.add_argument("--coordinator", type=_coordinator, default=None,
+                       help="HOST:PORT of process 0 (it serves the coordinator there); every process gives the same")
+    group.add_argument("--num-processes", type=_int_in(1, MAX_PROCESSES), default=None, help="number of processes")
+    group.add_argument("--process-id", type=_int_in(0, MAX_PROCESSES - 1), default=None,
+                       help="this process's id, 0 .. P-1 (process 0 writes --out and --plot)")
 
 
 class _Command(NamedTuple):

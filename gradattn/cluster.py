@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradattn import resume
 from gradattn._checks import check_int
-from gradattn.sweeps import DEFAULT_CHUNK_SIZE, seed_keys, sweep
+from gradattn.sweeps import default_chunk_size, seed_keys, sweep
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})$")
 
@@ -266,7 +266,8 @@ def cluster_sweep(
     Args:
       fn: a pure function of one PRNG key returning a pytree of arrays.
       seeds: as for :func:`gradattn.sweeps.sweep` (integers in ``[0, 2^64)``, or keys).
-      chunk_size: seeds vmapped per device per call; default ``DEFAULT_CHUNK_SIZE``. A call holds
+      chunk_size: seeds vmapped per device per call; default the backend's
+        (:func:`gradattn.sweeps.default_chunk_size`, as for ``sweep``). A call holds
         ``chunk_size * n_local_devices`` seeds.
       checkpoint_dir: a directory (created if need be) in which every finished call is kept; a
         rerun computes only the seeds not yet there.
@@ -278,8 +279,10 @@ def cluster_sweep(
     Returns:
       the pytree of ``fn``'s output with numpy leaves of shape ``(n_seeds, ...)``, on every process.
     Raises:
-      ValueError: a checkpoint directory of another configuration; processes given different
-        seeds, chunk sizes or fingerprints.
+      gradattn.resume.SweepRefused (a ValueError): a checkpoint directory of another
+        configuration (or one that cannot be used); processes given different seeds, chunk sizes
+        or fingerprints. Raised before anything is computed.
+      ValueError, TypeError: bad arguments (a checkpoint_dir without a fingerprint, ...).
       RuntimeError: a collective failed because another process died (most often JAX's runtime
         ends this process first; see the module docstring).
     """
@@ -287,7 +290,7 @@ def cluster_sweep(
         raise TypeError(f"cluster_sweep: fn must be a callable key -> pytree, got {fn!r}")
     keys = seed_keys(seeds)
     n = keys.shape[0]
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else check_int("chunk_size", chunk_size, "cluster_sweep")
+    chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "cluster_sweep")
     if fingerprint is not None and not isinstance(fingerprint, dict):
         raise TypeError(f"cluster_sweep: fingerprint must be a JSON-able dict, got {type(fingerprint).__name__}")
     if checkpoint_dir is not None and fingerprint is None:
@@ -307,7 +310,7 @@ def cluster_sweep(
         every = _allgather(mine, "comparing the sweep's arguments")
         if not (every == every[0]).all():
             odd = [p for p in range(n_proc) if not (every[p] == every[0]).all()]
-            raise ValueError(
+            raise resume.SweepRefused(
                 f"cluster_sweep: the processes were given different sweeps (seeds, chunk size, fingerprint or library "
                 f"versions): processes {odd} differ from process 0; give every process the same command"
             )
@@ -336,7 +339,7 @@ def cluster_sweep(
         if error is not None:
             raise error
         if failed:
-            raise ValueError(f"cluster_sweep: process(es) {failed} refused their checkpoint directory (see their log); stopping")
+            raise resume.SweepRefused(f"cluster_sweep: process(es) {failed} refused their checkpoint directory (see their log); stopping")
         have_by = flags[:, 1:].astype(bool)
     else:
         if error is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_fields, check_int, option
+from gradattn._version import __version__
+from gradattn.cluster import cluster_sweep
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.provenance import finish, provenance
@@ -53,14 +56,26 @@ class Experiment:
 
 
 def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: int | None = None, devices=None,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """``experiment`` over ``seeds`` (a positive int n: seeds 0..n-1; or distinct integer seeds in
     [0, 2^64)), with ``config`` (default: the config type's defaults).
 
     ``chunk_size`` seeds are vmapped per device per call (default: the backend's,
     :func:`gradattn.sweeps.default_chunk_size`; a seed's result is bit-reproducible for a given
-    chunk size), sharded over ``devices`` (default: all visible). Returns the experiment's summary
-    plus ``wall_time_s`` (the sweep), ``n_devices``, ``chunk_size`` and ``provenance``
+    chunk size). With ``devices`` (a list of this process's devices) the seeds are sharded over
+    those, by :func:`gradattn.sweeps.sweep`. By default (``devices=None``) they run through
+    :func:`gradattn.cluster.cluster_sweep`: over the local devices of every process of a
+    multi-process run (:func:`gradattn.cluster.initialize`; every process gets the whole result),
+    or, in a plain process, over all its devices with the same results as ``sweep``.
+
+    ``checkpoint_dir`` (only with ``devices=None``): keep every finished chunk there and, on a
+    rerun, compute only the seeds not yet there (:mod:`gradattn.resume`); the results equal an
+    uninterrupted run's bit for bit. The directory is tied to the experiment, ``config.to_dict()``
+    (required then) and the library version (and the chunk size, jax version, backend): another
+    configuration's directory is refused with :class:`gradattn.resume.SweepRefused`.
+
+    Returns the experiment's summary plus ``wall_time_s`` (the sweep), ``n_devices`` (over all
+    processes), ``n_processes``, ``chunk_size`` and ``provenance``
     (:func:`gradattn.provenance.provenance`, finished at the end).
     """
     fn = experiment.name
@@ -69,13 +84,35 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
         raise TypeError(f"{fn}: config must be a {experiment.config_type.__name__}, got {type(config).__name__}")
     seeds = experiment_seeds(seeds, fn)
     chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, fn)
-    devices = jax.devices() if devices is None else list(devices)
+    if devices is not None:
+        if checkpoint_dir is not None:
+            raise ValueError(f"{fn}: checkpoint_dir runs the seeds over every process's local devices; give it without devices")
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"{fn}: devices picks devices of one process; in a run of {jax.process_count()} processes leave it None "
+                "(the seeds then run over every process's local devices)"
+            )
+        devices = list(devices)
+    to_dict = getattr(config, "to_dict", None)
+    if checkpoint_dir is not None and not callable(to_dict):
+        raise TypeError(f"{fn}: a checkpoint_dir needs a config with a to_dict() method (a JSON-able description of "
+                        f"everything the run depends on); {type(config).__name__} has none")
+    # What the checkpoint directory is tied to, and what every process of a run must agree on.
+    fingerprint = {"experiment": fn, "config": to_dict() if callable(to_dict) else repr(config), "version": __version__}
+    run = experiment.make_run(config)
     prov = provenance()
     t0 = time.perf_counter()
-    per_seed = sweep(experiment.make_run(config), seeds, chunk_size=chunk_size, devices=devices, progress=progress)
+    if devices is None:
+        per_seed = cluster_sweep(run, seeds, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
+                                 fingerprint=fingerprint, progress=progress)
+        n_devices = jax.device_count()
+    else:
+        per_seed = sweep(run, seeds, chunk_size=chunk_size, devices=devices, progress=progress)
+        n_devices = len(devices)
     wall = time.perf_counter() - t0
     summary = experiment.summarise(per_seed, seeds, config)
-    summary.update(wall_time_s=wall, n_devices=len(devices), chunk_size=chunk_size, provenance=finish(prov))
+    summary.update(wall_time_s=wall, n_devices=n_devices, n_processes=jax.process_count(), chunk_size=chunk_size,
+                   provenance=finish(prov))
     return summary
 
 
@@ -305,11 +342,13 @@ EM_VS_SGD = Experiment("em_vs_sgd", EmVsSgdConfig, make_em_vs_sgd, summarise_em_
 
 
 def em_vs_sgd(seeds, config: EmVsSgdConfig | None = None, *, chunk_size: int | None = None, devices=None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The paper's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
 
     :func:`run_experiment` of :func:`make_em_vs_sgd` and :func:`summarise_em_vs_sgd`: the summary
-    plus ``wall_time_s``, ``n_devices``, ``chunk_size`` and ``provenance``. ``config`` defaults to
-    the paper's (:class:`EmVsSgdConfig`); ``chunk_size``, ``devices`` and ``progress`` as there.
+    plus ``wall_time_s``, ``n_devices``, ``n_processes``, ``chunk_size`` and ``provenance``.
+    ``config`` defaults to the paper's (:class:`EmVsSgdConfig`); ``chunk_size``, ``devices``,
+    ``progress`` and ``checkpoint_dir`` (resume a stopped sweep) as there.
     """
-    return run_experiment(EM_VS_SGD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress)
+    return run_experiment(EM_VS_SGD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
+                          checkpoint_dir=checkpoint_dir)

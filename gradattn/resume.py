@@ -6,8 +6,8 @@ A checkpoint directory holds one manifest and one file per finished call:
   experiment depends on: its config, task, library version) together with what the engine itself
   knows changes results: the chunk size, the PRNG implementation, the shapes and dtypes of one
   seed's output, the jax and jaxlib versions, the backend and the x64 flag. A directory whose
-  manifest differs in anything is refused with a ValueError naming the differences: results of
-  another configuration are never mixed in.
+  manifest differs in anything is refused with a :class:`SweepRefused` (a ValueError) naming the
+  differences: results of another configuration are never mixed in.
 * ``chunk-<hash>.npz``: the per-seed results of one finished call (each seed's raw key data and
   its output leaves), written whole or not at all (a temp file beside it, then ``os.replace``),
   behind a one-line header carrying the SHA-256 of the payload and of the manifest. A file that
@@ -44,6 +44,12 @@ _CHUNK_PREFIX = "chunk-"
 _CHUNK_SUFFIX = ".npz"
 _MAGIC = b"gradattn-sweep-chunk 1"
 _TMP = ".gradattn-tmp-"
+
+
+class SweepRefused(ValueError):
+    """A sweep refused before it computed anything: its checkpoint directory holds another
+    configuration's results (or cannot be used), or the processes of one run were given different
+    sweeps. The message is one line saying what differs and what to do."""
 
 
 def _host() -> str:
@@ -179,7 +185,7 @@ class ChunkStore:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             return None, f"unreadable payload ({e})"
         if str(arrays.get("manifest")) != self.digest:
-            raise ValueError(
+            raise SweepRefused(
                 f"cluster_sweep: {path} was written by another configuration (manifest hash {arrays.get('manifest')!s}, "
                 f"this directory's is {self.digest}); refusing to mix it in: remove it or use another checkpoint directory"
             )
@@ -201,7 +207,7 @@ class ChunkStore:
         """Every usable chunk as ``(keys, leaves)``; unusable ones are warned about and removed.
 
         Raises:
-          ValueError: a chunk carries another manifest's hash.
+          SweepRefused: a chunk carries another manifest's hash.
         """
         specs = [(tuple(s), d) for s, d in self.manifest["sweep"]["outputs"]["leaves"]]
         width = self.manifest["sweep"]["key_width"]
@@ -226,13 +232,13 @@ def open_store(directory: str | os.PathLike, manifest: dict) -> ChunkStore:
     ``sweep`` (``sweep.outputs.leaves``: ``[[shape, dtype], ...]``; ``sweep.key_width``).
 
     Raises:
-      ValueError: ``directory`` is not a directory; its manifest differs from ``manifest`` (the
-        message lists the differing fields); it holds chunk files but no manifest; its manifest
-        cannot be read.
+      SweepRefused (a ValueError): ``directory`` is not a directory; its manifest differs from
+        ``manifest`` (the message lists the differing fields); it holds chunk files but no
+        manifest; its manifest cannot be read.
     """
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"cluster_sweep: checkpoint_dir {directory!r} exists and is not a directory")
+        raise SweepRefused(f"cluster_sweep: checkpoint_dir {directory!r} exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temps(directory)
     store = ChunkStore(directory, manifest)
@@ -242,15 +248,15 @@ def open_store(directory: str | os.PathLike, manifest: dict) -> ChunkStore:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cluster_sweep: cannot read the checkpoint manifest {path} ({e}); remove the directory or use another") from None
+            raise SweepRefused(f"cluster_sweep: cannot read the checkpoint manifest {path} ({e}); remove the directory or use another") from None
         if old != manifest:
-            raise ValueError(
+            raise SweepRefused(
                 f"cluster_sweep: checkpoint_dir {directory!r} holds a sweep of another configuration; refusing to mix it in "
                 f"({_differences(old, manifest)}). Use another directory, or remove this one to start over."
             )
         return store
     if store.chunk_paths():
-        raise ValueError(
+        raise SweepRefused(
             f"cluster_sweep: checkpoint_dir {directory!r} holds chunk files but no {MANIFEST}; their configuration is unknown, "
             "refusing to mix them in (use another directory)"
         )

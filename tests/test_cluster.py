@@ -1,16 +1,19 @@
 """Multi-process sweeps: local processes on 127.0.0.1 give a single process's results bit for bit;
 a process that dies stops the others, with a clear message, in bounded time."""
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from _spawn import assert_same, load, run_cluster, run_one
+from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one
 
-from gradattn import cluster
+from gradattn import cli, cluster, deep, experiments
 
 SEEDS = list(range(13))
 
@@ -156,3 +159,154 @@ def test_processes_given_different_seeds_refuse_to_sweep(tmp_path):
     for i, r in enumerate(runs):
         assert r["rc"] != 0 and not os.path.exists(tmp_path / f"m.{i}.npz")
         assert "the processes were given different sweeps" in r["err"] and "processes [1] differ" in r["err"], r["err"][-3000:]
+
+
+# ---- the command line over several processes ----
+
+TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
+
+
+def cli_run(argv, capsys):
+    """cli.main(argv) in this process -> (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", ["em-vs-sgd", "deep"])
+@pytest.mark.parametrize("args, message", [
+    (["--coordinator", "localhost"], "argument --coordinator: coordinator must be HOST:PORT"),
+    (["--coordinator", "127.0.0.1:0", "--num-processes", "2", "--process-id", "0"], "a port in 1..65535"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], "missing --process-id"),
+    (["--process-id", "0"], "missing --coordinator, --num-processes"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id: must be in [0, 1]"),
+    (["--num-processes", "0"], "--num-processes"),
+    (["--num-processes", "2.0"], "--num-processes"),
+    (["--process-id", "-1"], "--process-id"),
+    (["--checkpoint-dir", "{file}"], "--checkpoint-dir: '{file}' exists and is not a directory"),
+    (["--checkpoint-dir", "{file}/ck"], "is not a directory"),
+    (["--checkpoint-dir", ""], "--checkpoint-dir"),
+])
+def test_cli_cluster_flags_are_checked_before_anything_runs(tmp_path, capsys, monkeypatch, command, args, message):
+    monkeypatch.setattr(cluster, "initialize", lambda *a, **k: pytest.fail("must not join a cluster"))
+    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(deep, "deep_experiment", lambda *a, **k: pytest.fail("the run must not start"))
+    (tmp_path / "file").write_text("x")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    out = tmp_path / "r.json"
+    code, _, err = cli_run([command, "--out", str(out)] + TINY + args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message.replace("{file}", str(tmp_path / "file")) in err
+    assert not out.exists()
+
+
+def test_cli_cluster_integers_go_through_the_one_integer_parser(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_int_arg", lambda text: seen.append(text) or int(text))
+    cli.build_parser().parse_args(["deep", "--out", "x.json", "--coordinator", "h:1", "--num-processes", "3", "--process-id", "2"])
+    assert sorted(seen) == ["2", "3"]
+
+
+def test_cli_joins_before_the_run_and_a_cluster_of_one_is_a_plain_process(tmp_path, capsys, monkeypatch):
+    calls = []
+    real_initialize, real_run = cluster.initialize, experiments.em_vs_sgd
+
+    def initialize(*a, **k):
+        calls.append(("initialize", a))
+        return real_initialize(*a, **k)
+
+    def run(*a, **k):
+        calls.append(("run", k["checkpoint_dir"]))
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(cluster, "initialize", initialize)
+    monkeypatch.setattr(experiments, "em_vs_sgd", run)
+    out = tmp_path / "r.json"
+    flags = ["--coordinator", "127.0.0.1:9", "--num-processes", "1", "--process-id", "0"]
+    code, stdout, err = cli_run(["em-vs-sgd", "--seeds", "2", "--out", str(out)] + TINY + flags, capsys)
+    assert code == 0, err
+    assert calls == [("initialize", ("127.0.0.1:9", 1, 0)), ("run", None)]
+    assert json.loads(out.read_text())["n_processes"] == 1 and f"wrote {out}" in stdout
+    calls.clear()
+    code, _, err = cli_run(["em-vs-sgd", "--seeds", "2", "--out", str(out), "--checkpoint-dir", str(tmp_path / "ck")] + TINY, capsys)
+    assert code == 0, err
+    assert calls == [("initialize", ()), ("run", str(tmp_path / "ck"))]  # no flags: JAX's own detection (none here)
+
+
+SWEEP = ["--steps", "30", "--seq-len", "32", "--no-progress"]
+N_SEEDS = 7
+
+
+def cli_start(argv, devices=1):
+    """The gradattn command in its own process, with ``devices`` CPU devices and no cluster variables."""
+    return subprocess.Popen([sys.executable, "-m", "gradattn_launcher", *argv], env=env(devices), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_cluster(argv, devices, outs, timeout=400):
+    """``len(devices)`` processes of one command on 127.0.0.1 (process i: ``devices[i]`` devices, ``--out outs[i]``)."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    flags = lambda i: ["--coordinator", coordinator, "--num-processes", str(len(devices)), "--process-id", str(i)]  # noqa: E731
+    t0 = time.monotonic()
+    procs = [cli_start(argv + flags(i) + ["--out", str(outs[i])], n) for i, n in enumerate(devices)]
+    runs = finish(procs, timeout)
+    for r in runs:
+        r["wall"] = r["at"] - t0
+    return runs
+
+
+def assert_same_results(a, b):
+    assert a["seeds"] == b["seeds"] and a["per_seed"] == b["per_seed"] and a["curves"] == b["curves"]
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.json"
+    t0 = time.monotonic()
+    (r,) = finish([cli_start(["em-vs-sgd", "--seeds", str(N_SEEDS)] + SWEEP + ["--out", str(path)])], timeout=300)
+    assert r["rc"] == 0, r["err"][-3000:]
+    res = json.loads(path.read_text())
+    print(f"\nCLI, 1 process, {N_SEEDS} seeds: {time.monotonic() - t0:.1f} s from start to exit, sweep {res['wall_time_s']:.1f} s")
+    return res
+
+
+def check_cluster_runs(runs, outs, expected, label):
+    for r in runs:
+        assert r["rc"] == 0, r["err"][-3000:]
+    res = json.loads(outs[0].read_text())
+    print(f"\nCLI, {label}: {max(r['wall'] for r in runs):.1f} s from start to exit, sweep {res['wall_time_s']:.1f} s (process 0)")
+    assert_same_results(res, expected)
+    assert res["n_processes"] == len(runs)
+    assert f"wrote {outs[0]}" in runs[0]["out"] and "EM-like" in runs[0]["out"]
+    for i in range(1, len(runs)):  # only process 0 prints the summary and writes
+        assert not os.path.exists(outs[i])
+        assert f"process {i} of {len(runs)}: sweep done" in runs[i]["out"] and "EM-like" not in runs[i]["out"]
+    return res
+
+
+@pytest.mark.slow
+def test_cli_two_processes_equal_one_process_and_only_process_0_writes(tmp_path, cli_reference):
+    outs = [tmp_path / "two.json", tmp_path / "two.1.json"]
+    runs = cli_cluster(["em-vs-sgd", "--seeds", str(N_SEEDS)] + SWEEP, [1, 1], outs)
+    res = check_cluster_runs(runs, outs, cli_reference, "2 processes x 1 device")
+    assert res["n_devices"] == 2
+
+
+@pytest.mark.slow
+def test_cli_three_processes_resume_a_one_process_checkpoint(tmp_path, cli_reference):
+    ck = str(tmp_path / "ck")
+    (r,) = finish([cli_start(["em-vs-sgd", "--seeds", "3"] + SWEEP + ["--checkpoint-dir", ck, "--out", str(tmp_path / "part.json")])],
+                  timeout=300)
+    assert r["rc"] == 0, r["err"][-3000:]
+    before = {f: os.stat(os.path.join(ck, f)).st_mtime_ns for f in os.listdir(ck) if f.startswith("chunk-")}
+    assert len(before) == 3
+    outs = [tmp_path / "three.json", tmp_path / "three.1.json", tmp_path / "three.2.json"]
+    runs = cli_cluster(["em-vs-sgd", "--seeds", str(N_SEEDS), "--checkpoint-dir", ck] + SWEEP, [1, 2, 1], outs)
+    res = check_cluster_runs(runs, outs, cli_reference, "3 processes x 1, 2, 1 devices, 3 of 7 seeds on disk")
+    assert res["n_devices"] == 4
+    after = {f: os.stat(os.path.join(ck, f)).st_mtime_ns for f in os.listdir(ck) if f.startswith("chunk-")}
+    assert {f: after[f] for f in before} == before  # read, not recomputed
+    assert len(after) == len(before) + 3  # the 4 missing seeds in calls of 1, 2 and 1 seeds

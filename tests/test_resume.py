@@ -5,15 +5,17 @@ chunk is detected and recomputed."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from _spawn import assert_same, finish, load, start
+from _spawn import ROOT, assert_same, env, finish, load, start
 
-from gradattn import resume
+from gradattn import cli, experiments, resume
 from gradattn.cluster import cluster_sweep
 from gradattn.sweeps import sweep
 
@@ -162,3 +164,107 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
     assert_same(load(tmp_path / "rerun.npz"), load(tmp_path / "ref.npz"))
     assert {f: stamps(d)[f] for f in finished} == finished and len(chunks(d)) == 16
     assert not [f for f in os.listdir(d) if f.startswith(".")]  # the killed run's temp file, if any, is gone
+
+
+# ---- the command line: --checkpoint-dir ----
+
+CLI_TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
+
+
+def cli_run(argv, capsys):
+    """cli.main(argv) in this process -> (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_start(argv, devices=1):
+    """The gradattn command in its own process (a plain one: no cluster variables; one CPU device)."""
+    return subprocess.Popen([sys.executable, "-m", "gradattn_launcher", *argv], env=env(devices), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    assert a["seeds"] == b["seeds"]
+    assert a["per_seed"] == b["per_seed"]  # floats through JSON: equal bit for bit
+    assert a["curves"] == b["curves"]
+
+
+def test_cli_checkpoint_dir_resumes_and_refuses_another_configuration(tmp_path, capsys):
+    d = tmp_path / "ck"
+    base = ["em-vs-sgd", "--checkpoint-dir", str(d)] + CLI_TINY
+    code, _, err = cli_run(base + ["--seeds", "3", "--out", str(tmp_path / "a.json")], capsys)
+    assert code == 0, err
+    assert len(chunks(d)) == 3  # one seed per call on CPU
+    manifest = json.load(open(d / "manifest.json"))
+    assert manifest["fingerprint"]["experiment"] == "em_vs_sgd" and manifest["fingerprint"]["config"]["steps"] == 4
+    assert manifest["fingerprint"]["config"]["task"]["name"] == "StickyMarkov"
+    kept = stamps(d)
+    # another learning rate: refused at start-up, one line, exit 2, nothing written
+    code, _, err = cli_run(base + ["--seeds", "3", "--sgd-lr", "0.02", "--out", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "another configuration" in err and "fingerprint.config.sgd_lr: 0.01 on disk, 0.02 now" in err
+    assert not (tmp_path / "b.json").exists() and stamps(d) == kept
+    # more seeds: the three on disk are read, the fourth computed; equal to a run without a directory
+    code, _, err = cli_run(base + ["--seeds", "4", "--out", str(tmp_path / "c.json")], capsys)
+    assert code == 0, err
+    assert {f: stamps(d)[f] for f in kept} == kept and len(chunks(d)) == 4
+    code, _, err = cli_run(["em-vs-sgd", "--seeds", "4", "--out", str(tmp_path / "ref.json")] + CLI_TINY, capsys)
+    assert code == 0, err
+    resumed, ref = (json.load(open(tmp_path / f)) for f in ("c.json", "ref.json"))
+    assert_same_results(resumed, ref)
+    assert resumed["n_processes"] == ref["n_processes"] == 1
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_sweep_resumes_to_the_uninterrupted_result(tmp_path):
+    d = str(tmp_path / "ck")
+    n = 8
+    run = ["em-vs-sgd", "--seeds", str(n), "--steps", "1000", "--seq-len", "32", "--no-progress"]
+    killed = tmp_path / "killed.json"
+    proc = cli_start(run + ["--checkpoint-dir", d, "--out", str(killed)])
+    deadline = time.monotonic() + 240
+    try:
+        while not (os.path.isdir(d) and chunks(d)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no chunk file after 240 s"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    finished = stamps(d)
+    print(f"\nCLI killed after {len(finished)} of {n} chunks")
+    assert 1 <= len(finished) < n and not killed.exists()
+    t0 = time.monotonic()
+    rerun, ref = finish([cli_start(run + ["--checkpoint-dir", d, "--out", str(tmp_path / "rerun.json")]),
+                         cli_start(run + ["--out", str(tmp_path / "ref.json")])], timeout=400)
+    for r in (rerun, ref):
+        assert r["rc"] == 0, r["err"][-3000:]
+    resumed, whole = (json.load(open(tmp_path / f)) for f in ("rerun.json", "ref.json"))
+    print(f"rerun and uninterrupted run side by side: {time.monotonic() - t0:.1f} s; sweep wall_time_s "
+          f"{resumed['wall_time_s']:.1f} (resumed) and {whole['wall_time_s']:.1f} (whole)")
+    assert_same_results(resumed, whole)
+    assert {f: stamps(d)[f] for f in finished} == finished and len(chunks(d)) == n  # read, not recomputed
+    assert not [f for f in os.listdir(d) if f.startswith(".")]  # a temp file the kill left, if any, is gone
+
+
+def test_run_experiment_checkpoint_arguments(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain:  # no to_dict: nothing to tie a directory to
+        scale: float = 1.0
+
+    toy = experiments.Experiment("toy", Plain, lambda c: (lambda key: {"u": c.scale * jax.random.uniform(key)}),
+                                 lambda per_seed, seeds, c: {"u": per_seed["u"].tolist()})
+    with pytest.raises(TypeError, match="toy: a checkpoint_dir needs a config with a to_dict"):
+        experiments.run_experiment(toy, 2, checkpoint_dir=str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(ValueError, match="give it without devices"):
+        experiments.em_vs_sgd(2, checkpoint_dir=str(tmp_path / "ck"), devices=jax.devices())
+    out = experiments.run_experiment(toy, 2)  # without a directory a plain config is fine
+    assert out["n_processes"] == 1 and out["n_devices"] == jax.device_count() and len(out["u"]) == 2

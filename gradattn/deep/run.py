@@ -17,6 +17,7 @@ values settle. Seeds run through :func:`gradattn.experiments.run_experiment`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -185,11 +186,14 @@ DEEP = Experiment("deep_experiment", DeepConfig, make_deep_run, summarise_deep)
 
 
 def deep_experiment(seeds, config: DeepConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The deep experiment over ``seeds`` (an int n means seeds 0..n-1): JSON-ready results.
 
     :func:`gradattn.experiments.run_experiment` of :func:`make_deep_run` and
-    :func:`summarise_deep`: the summary plus ``wall_time_s``, ``n_devices``, ``chunk_size`` and
-    ``provenance``; ``chunk_size`` seeds vmapped per device per call (default: the backend's).
+    :func:`summarise_deep`: the summary plus ``wall_time_s``, ``n_devices``, ``n_processes``,
+    ``chunk_size`` and ``provenance``; ``chunk_size`` seeds vmapped per device per call (default:
+    the backend's); ``devices``, ``progress`` and ``checkpoint_dir`` (resume a stopped sweep, over
+    every process of a multi-process run) as there.
     """
-    return run_experiment(DEEP, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress)
+    return run_experiment(DEEP, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
+                          checkpoint_dir=checkpoint_dir)
