@@ -28,7 +28,6 @@ SLOW = {
         "test_head_laws_of_a_model",
         "test_one_seed_one_result_and_run_contents",
         "test_protocol_dropout_off_at_evaluation_and_fresh_data",
-        "test_per_head_dynamics_match_the_single_head_definitions",
         "test_two_timescale_scales_every_value_projection",
     ),
     "test_cli.py": ("test_deep_writes_json_with_the_heldout_table",),

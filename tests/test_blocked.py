@@ -43,17 +43,20 @@ def _blocked_dense_and_autodiff(params, x, y, w, causal, block_size):
     )
 
 
-# Lengths and block sizes come from short lists so that compiled programs are reused across
-# examples (each new shape compiles the unrolled blocks again); the data vary freely.
-@settings(max_examples=25, deadline=None)
-@given(
-    n=st.sampled_from([1, 7, 23, 40]),
-    block_size=st.sampled_from([8, 64]),
-    causal=st.booleans(),
-    weighted=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+# (N, block): N = 1; N below one block; several whole blocks; several blocks with a ragged last
+# one. Each compiles the unrolled blocks again, so these few pairs are reused across examples.
+LAYOUTS = [(1, 8), (7, 8), (16, 8), (23, 8)]
+# Each layout causal and not, and across layouts every (causal, weighted) combination.
+CASES = [(n, b, causal, causal == (i % 2 == 0)) for i, (n, b) in enumerate(LAYOUTS) for causal in (True, False)]
+
+
+@pytest.mark.parametrize("n, block_size, causal, weighted", CASES)
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16))
 def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted, seed):
+    """Blocked loss and gradients = dense laws = autodiff, and blocked_loss = autodiff's loss, on
+    each layout (N = 1, N below a block, whole blocks, a ragged last block), causal and not,
+    weighted and not; three random draws of parameters and data per case (one compile per case)."""
     params, x, y, w = problem(n, seed=seed, weighted=weighted)
     (loss, grads), loss_only, (dense_l, dense_g), (auto_l, auto_g) = _blocked_dense_and_autodiff(params, x, y, w, causal, block_size)
     assert_close(loss, auto_l, 1e-12)
@@ -63,35 +66,42 @@ def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted,
     assert_close(loss_only, auto_l, 1e-12)
 
 
-@pytest.mark.parametrize("n,block_size", [(1, 256), (7, 256), (33, 8), (100, 32)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_loss_fn_grad_matches_autodiff_of_dense_loss(n, block_size, causal):
-    """jax.grad through loss_fn's custom VJP, w.r.t. params, x and weights."""
-    params, x, y, w = problem(n, seed=n, weighted=True)
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _loss_fn_and_dense_grads(params, x, y, w, causal, block_size):
     f = lambda p, x_, w_: loss_fn(p, x_, y, w_, causal, block_size)  # noqa: E731
     g = lambda p, x_, w_: dense_loss(p, x_, y, w_, causal)  # noqa: E731
-    got_l, got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(params, x, w)
-    want_l, want = jax.value_and_grad(g, argnums=(0, 1, 2))(params, x, w)
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(params, x, w), jax.value_and_grad(g, argnums=(0, 1, 2))(params, x, w)
+
+
+@pytest.mark.parametrize("n,block_size", [(1, 8), (7, 8), (23, 8)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_loss_fn_grad_matches_autodiff_of_dense_loss(n, block_size, causal):
+    """jax.grad through loss_fn's custom VJP, w.r.t. params, x and weights, at N = 1, N below a
+    block and several blocks with a ragged last one, causal and not; and the eager (unjitted)
+    loss_fn equals it on the several-block layout."""
+    params, x, y, w = problem(n, seed=n, weighted=True)
+    (got_l, got), (want_l, want) = _loss_fn_and_dense_grads(params, x, y, w, causal, block_size)
     assert_close(got_l, want_l, 1e-12)
     assert_close(got, want, 1e-9)
-    assert_close(f(params, x, w), want_l, 1e-12)
+    if n == 23:  # eagerly, op by op: once is enough to prove the eager path
+        assert_close(loss_fn(params, x, y, w, causal, block_size), want_l, 1e-12)
 
 
 def test_loss_fn_default_weights_jit_and_scaled_cotangent():
     params, x, y, _ = problem(50, seed=3)
     got = jax.jit(jax.grad(lambda p: 3.0 * loss_fn(p, x, y)))(params)
-    want = jax.grad(lambda p: 3.0 * dense_loss(p, x, y))(params)
+    want = jax.jit(jax.grad(lambda p: 3.0 * dense_loss(p, x, y)))(params)
     assert_close(got, want, 1e-9)
 
 
 def test_loss_fn_integer_weights_and_reverse_over_reverse():
     params, x, y, _ = problem(12, seed=4)
     w = jnp.arange(12) % 3  # integer weights: no cotangent, still a valid mask
-    assert_close(jax.jit(jax.grad(loss_fn))(params, x, y, w), jax.grad(dense_loss)(params, x, y, w), 1e-9)
+    assert_close(jax.jit(jax.grad(loss_fn))(params, x, y, w), jax.jit(jax.grad(dense_loss))(params, x, y, w), 1e-9)
     # second derivatives: reverse over the custom VJP's own (differentiable) pass
     flat = lambda f: lambda wq: f(params._replace(w_q=wq), x, y)  # noqa: E731
     hess = jax.jit(jax.jacrev(jax.grad(flat(loss_fn))))(params.w_q)
-    assert_close(hess, jax.hessian(flat(dense_loss))(params.w_q), 1e-9)
+    assert_close(hess, jax.jit(jax.hessian(flat(dense_loss)))(params.w_q), 1e-9)
 
 
 def test_vmap_over_sequences_and_over_param_sets():
@@ -99,11 +109,11 @@ def test_vmap_over_sequences_and_over_param_sets():
     xs = jax.random.normal(jax.random.PRNGKey(1), (3, 20, 5), jnp.float64)
     ys = jax.random.randint(jax.random.PRNGKey(2), (3, 20), 0, 6)
     got = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0)))(params, xs, ys)
-    want = jax.vmap(jax.grad(dense_loss), in_axes=(None, 0, 0))(params, xs, ys)
+    want = jax.jit(jax.vmap(jax.grad(dense_loss), in_axes=(None, 0, 0)))(params, xs, ys)
     assert_close(got, want, 1e-9)
-    many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(jax.random.split(jax.random.PRNGKey(5), 4))
+    many = jax.jit(jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64)))(jax.random.split(jax.random.PRNGKey(5), 4))
     got = jax.jit(jax.vmap(lambda p: blocked_loss_and_grads(p, xs[0], ys[0], None, True, 8)))(many)
-    want = jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0]))(many)
+    want = jax.jit(jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0])))(many)
     assert_close(got, want, 1e-9)
 
 
@@ -111,7 +121,7 @@ def test_blocked_pass_at_the_default_block_equals_an_explicit_block():
     params, x, y, w = problem(300, seed=6, weighted=True)
     got = jax.jit(blocked_loss_and_grads)(params, x, y, w)
     assert_close(got, jax.jit(functools.partial(blocked_loss_and_grads, block_size=64))(params, x, y, w), 1e-12)
-    assert_close(got, dense_loss_and_grads(params, x, y, w), 1e-9)
+    assert_close(got, jax.jit(dense_loss_and_grads)(params, x, y, w), 1e-9)
 
 
 def test_routing_identity_sum_alpha_b_is_u_dot_g():
@@ -183,18 +193,18 @@ def test_vmap_over_many_seeds_runs_in_groups_with_identical_values(monkeypatch):
     monkeypatch.setattr(blocked, "backend_choices", lambda: _backend.CPU._replace(seed_group_bytes=3 * 4 * 10 * 10))
     assert blocked.seed_group(10) == 3
     keys = jax.random.split(jax.random.PRNGKey(8), 7)
-    many = jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64))(keys)
+    many = jax.jit(jax.vmap(lambda k: ga.init_head(k, 5, 3, 4, 6, scale=0.7, dtype=jnp.float64)))(keys)
     xs = jax.random.normal(jax.random.PRNGKey(9), (7, 10, 5), jnp.float64)
     ys = jax.random.randint(jax.random.PRNGKey(10), (7, 10), 0, 6)
     # params batched, x and y shared; then everything batched
     got = jax.jit(jax.vmap(lambda p: ga.blocked_loss_and_grads(p, xs[0], ys[0])))(many)
-    assert_close(got, jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0]))(many), 1e-9)
+    assert_close(got, jax.jit(jax.vmap(lambda p: dense_loss_and_grads(p, xs[0], ys[0])))(many), 1e-9)
     got = jax.jit(jax.vmap(jax.value_and_grad(loss_fn)))(many, xs, ys)
-    assert_close(got, jax.vmap(jax.value_and_grad(dense_loss))(many, xs, ys), 1e-9)
+    assert_close(got, jax.jit(jax.vmap(jax.value_and_grad(dense_loss)))(many, xs, ys), 1e-9)
     # differentiating through the vmapped blocked gradient goes through the plain pass
     meta = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: ga.blocked_loss_and_grads(p_, x_, y_)[1].w_v.sum())(p, xs, ys))  # noqa: E731
     meta_dense = lambda p: jnp.sum(jax.vmap(lambda p_, x_, y_: jax.grad(dense_loss)(p_, x_, y_).w_v.sum())(p, xs, ys))  # noqa: E731
-    assert_close(jax.jit(jax.grad(meta))(many), jax.grad(meta_dense)(many), 1e-9)
+    assert_close(jax.jit(jax.grad(meta))(many), jax.jit(jax.grad(meta_dense))(many), 1e-9)
 
 
 def test_blocked_forms_are_the_named_laws_on_a_block():
@@ -238,27 +248,30 @@ def test_one_validation_per_eager_call(monkeypatch):
     assert len(calls) == 1, calls
 
 
+# Every gradient path, jitted once at module level so both bad labels reuse the compiled programs.
+LABEL_PATHS = {
+    "blocked": jax.jit(lambda *a: ga.blocked_loss_and_grads(*a, block_size=4)),
+    "dense": jax.jit(ga.dense_loss_and_grads),
+    "autodiff": jax.jit(ga.autodiff_loss_and_grads),
+    "loss_fn_vjp": jax.jit(jax.value_and_grad(loss_fn)),
+    "pallas": jax.jit(lambda *a: gradattn.pallas.pallas_loss_and_grads(*a, block_q=16, block_k=16)),  # interpreted here
+}
+
+
 @pytest.mark.parametrize("bad", [-1, 6])
 def test_invalid_labels_under_jit_give_nan_in_every_path(bad):
     """A label outside [0, C) reaching compiled code: NaN loss and NaN gradients everywhere, never a
     finite update; valid labels are unchanged."""
     params, x, y, w = problem(9, weighted=True)
-    paths = {
-        "blocked": lambda *a: ga.blocked_loss_and_grads(*a, block_size=4),
-        "dense": ga.dense_loss_and_grads,
-        "autodiff": ga.autodiff_loss_and_grads,
-        "loss_fn_vjp": jax.value_and_grad(loss_fn),
-        "pallas": lambda *a: gradattn.pallas.pallas_loss_and_grads(*a, block_q=16, block_k=16),  # interpreted here
-    }
     y_bad = y.at[3].set(bad)
-    reference = ga.autodiff_loss_and_grads(params, x, y, w)
-    for name, fn in paths.items():
-        loss, grads = jax.jit(fn)(params, x, y_bad, w)
+    reference = LABEL_PATHS["autodiff"](params, x, y, w)
+    for name, fn in LABEL_PATHS.items():
+        loss, grads = fn(params, x, y_bad, w)
         assert np.isnan(loss), name
         for leaf in jax.tree.leaves(grads):
             assert np.isnan(np.asarray(leaf)).any(), name
         assert not np.isfinite(np.asarray(grads.w_o)).any(), name  # every row of E feeds dW_O
-        assert_close(jax.jit(fn)(params, x, y, w), reference, 1e-9)
+        assert_close(fn(params, x, y, w), reference, 1e-9)
     with pytest.raises(ValueError, match="outside"):  # eagerly it is still an error at the door
         ga.blocked_loss_and_grads(params, x, y_bad, w)
 

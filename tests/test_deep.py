@@ -65,13 +65,18 @@ def test_dense_feedback_core_equals_the_blocked_statistics():
         p0 = init_head(jax.random.key(2), 6, 3, 4, 3, scale=0.8, dtype=f64)
         x = jax.random.normal(jax.random.key(3), (17, 6), f64)
         y = jax.random.randint(jax.random.key(4), (17,), 0, 3)
-        _, g = laws.dense_loss_and_grads(p0, x, y)
+        _, g = jax.jit(laws.dense_loss_and_grads)(p0, x, y)
         p1 = jax.tree.map(lambda a, d: a - 0.5 * d, p0, g)
-        o0, o1 = forward(p0, x), forward(p1, x)
-        u = laws.upstream_grad(p0, o0, y)
-        adv = laws.advantage(o0.alpha, laws.compatibility(u, o0.v))
-        dense = step_feedback(o0.alpha, adv, o1.alpha, laws.value_grad(o0.alpha, u), o0.v, o1.v)
-        ref = feedback_stats(p0, p1, x, y, block_size=5)
+
+        @jax.jit  # both sides compiled once rather than dispatched op by op
+        def both(p0, p1, x, y):
+            o0, o1 = forward(p0, x), forward(p1, x)
+            u = laws.upstream_grad(p0, o0, y)
+            adv = laws.advantage(o0.alpha, laws.compatibility(u, o0.v))
+            dense = step_feedback(o0.alpha, adv, o1.alpha, laws.value_grad(o0.alpha, u), o0.v, o1.v)
+            return dense, feedback_stats(p0, p1, x, y, block_size=5)
+
+        dense, ref = both(p0, p1, x, y)
         for a, b in ((dense.entropy_bits, ref.attention_entropy_bits), (dense.sign_agreement, ref.sign_agreement),
                      (dense.sign_agreement_weighted, ref.sign_agreement_weighted),
                      (dense.value_alignment, ref.value_alignment),

@@ -88,19 +88,21 @@ def test_first_order_report_jit_and_errors():
             first_order_report(p, x, y, bad)
 
 
-def dense_feedback(p0, p1, x, y):
-    """Direct N x N reference for feedback_stats."""
+@jax.jit
+def _dense_parts(p0, p1, x, y):
     o0, o1 = forward(p0, x), forward(p1, x)
     u = upstream_grad(p0, o0, y)
-    a = np.asarray(advantage(o0.alpha, compatibility(u, o0.v)))
-    da = np.asarray(o1.alpha - o0.alpha)
-    al = np.asarray(o0.alpha)
+    return (advantage(o0.alpha, compatibility(u, o0.v)), o1.alpha - o0.alpha, o0.alpha, value_grad(o0.alpha, u),
+            o1.v - o0.v)
+
+
+def dense_feedback(p0, p1, x, y):
+    """Direct N x N reference for feedback_stats (the jax part compiled once, the statistics in numpy)."""
+    a, da, al, dv, mv = (np.asarray(t) for t in _dense_parts(p0, p1, x, y))
     n = x.shape[0]
     ok = np.tril(np.ones((n, n), bool)) & (al > 0) & (a != 0)
     ok[0] = False
     hit = ok & (np.sign(a) == np.sign(da))
-    dv = np.asarray(value_grad(o0.alpha, u))
-    mv = np.asarray(o1.v - o0.v)
     cos = -(dv * mv).sum(1) / (np.linalg.norm(dv, axis=1) * np.linalg.norm(mv, axis=1))
     w = np.linalg.norm(dv, axis=1)
     return hit.sum() / ok.sum(), (al * hit).sum() / (al * ok).sum(), cos.mean(), (cos * w).sum() / w.sum()
@@ -108,16 +110,17 @@ def dense_feedback(p0, p1, x, y):
 
 @pytest.mark.parametrize("block_size", [5, 256])
 def test_feedback_stats_match_dense_reference(block_size):
-    p0, x, y = problem(n=30)
-    g = blocked_loss_and_grads(p0, x, y)[1]
+    """N = 12: blocks of 5 (two whole blocks and a ragged one) and one block larger than N."""
+    p0, x, y = problem(n=12)
+    g = jax.jit(blocked_loss_and_grads)(p0, x, y)[1]
     p1 = jax.tree.map(lambda a, b: a - 0.3 * b, p0, g)
     s = stats_fn(p0, p1, x, y, block_size=block_size)
     ref = dense_feedback(p0, p1, x, y)
     np.testing.assert_allclose(
         [s.sign_agreement, s.sign_agreement_weighted, s.value_alignment, s.value_alignment_weighted], ref, rtol=1e-10
     )
-    alpha = forward(p0, x).alpha
-    ent = -jnp.sum(jnp.where(alpha > 0, alpha * jnp.log2(jnp.where(alpha > 0, alpha, 1.0)), 0.0)) / 30
+    alpha = np.asarray(jax.jit(forward)(p0, x).alpha)
+    ent = -np.sum(np.where(alpha > 0, alpha * np.log2(np.where(alpha > 0, alpha, 1.0)), 0.0)) / 12
     np.testing.assert_allclose(s.attention_entropy_bits, ent, rtol=1e-10)
 
 
@@ -194,7 +197,7 @@ def test_non_finite_series_never_settles():
     with pytest.raises(ValueError, match=r"frame_before_precision: attention_series"):
         frame_before_precision(steps, attn.at[0].set(jnp.nan), jnp.ones((10, 3)))
     # Traced (a sweep where one seed diverges): NaN, not a step.
-    out = jax.vmap(lambda s: settling_step(steps, s, 0.1))(jnp.stack([good, diverged, good.at[2].set(jnp.nan)]))
+    out = jax.jit(jax.vmap(lambda s: settling_step(steps, s, 0.1)))(jnp.stack([good, diverged, good.at[2].set(jnp.nan)]))
     assert out[0] == 50 and np.isnan(out[1]) and np.isnan(out[2])
     fbp = jax.jit(frame_before_precision)(steps, attn, jnp.ones((10, 3)).at[9].set(jnp.nan))
     assert int(fbp.attention_step) == 0 and np.isnan(fbp.value_step) and np.isnan(fbp.lag)
@@ -263,9 +266,11 @@ def test_w_v_value_step_is_checked_against_dense_autodiff(monkeypatch):
     from gradattn.dynamics import first_order
 
     p, x, y = problem(n=10)
-    good = first_order_report(p, x, y, 1e-4, value_param="w_v")
+    # A fresh jit each time, so the second one traces with the broken law in place.
+    run = lambda: jax.jit(lambda p_, x_, y_: first_order_report(p_, x_, y_, 1e-4, value_param="w_v"))(p, x, y)  # noqa: E731
+    good = run()
     np.testing.assert_allclose(good.dcompat_actual, good.dcompat_predicted, rtol=1e-9, atol=1e-15)
     # Break the value law used for the prediction: the report must notice.
     monkeypatch.setattr(first_order, "value_grad", lambda alpha, u: 2.0 * value_grad(alpha, u))
-    bad = first_order_report(p, x, y, 1e-4, value_param="w_v")
+    bad = run()
     assert abs(float(bad.dcompat_ratio) - 0.5) < 1e-6

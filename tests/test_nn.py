@@ -70,14 +70,22 @@ def test_attention_head_nnx_optimizer_follows_train():
 
 
 def test_transformer_parameter_count_and_init():
+    """The default model's parameter count (from its shapes, nothing initialised); the init rules
+    (PyTorch's U(+-1/sqrt(fan_in)) for every Linear, LayerNorm 1/0 with eps 1e-5) on a model of the
+    default widths with one block instead of four: every block is built by the same code, and one
+    block compiles its init in a quarter of the time."""
     assert n_params(nnx.eval_shape(lambda: Transformer(rngs=nnx.Rngs(0)))) == 201_928
-    model = _build(Transformer)
-    assert n_params(model) == 201_928
+    one_block = lambda: Transformer(20, 64, 1, 4, 8, rngs=nnx.Rngs(0))  # noqa: E731
+    model = _build(Transformer, 20, 64, 1, 4, 8)
+    assert n_params(model) == n_params(nnx.eval_shape(one_block)) < 201_928
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Linear):
             bound = 1 / math.sqrt(var.kernel.shape[0])
-            for a in (var.kernel[...], var.bias[...]):
-                assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound, path
+            kernel, bias = np.abs(var.kernel[...]), np.abs(var.bias[...])
+            # Both drawn within the bound, the bias too (not zero); together they reach near it (an
+            # 8-entry bias alone need not: its largest |entry| is below 0.8 of the bound 17% of the time).
+            assert max(kernel.max(), bias.max()) <= bound and bias.max() > 0, path
+            assert max(kernel.max(), bias.max()) > 0.8 * bound and kernel.max() > 0.8 * bound, path
         if isinstance(var, nnx.LayerNorm):
             np.testing.assert_array_equal(var.scale[...], 1.0)
             np.testing.assert_array_equal(var.bias[...], 0.0)
