@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
 import gradattn as ga  # noqa: E402
-from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q  # noqa: E402
+from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, pallas_loss_and_grads  # noqa: E402
 
 HEAD, LR, INIT_SCALE, CHECK_TOL = H.HEAD, H.LR, H.INIT_SCALE, H.CHECK_TOL
 PATHS = ("pallas_float32", "pallas_tf32", "pallas_bfloat16", "blocked", "dense", "autodiff")
@@ -65,7 +65,7 @@ QUICK = dict(n=40, seeds=(2,), steps=2, reps=1, tiles=((16, 16),), tile_seeds=2,
 def loss_and_grads_of(path: str, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """``(params, x, y) -> (loss, grads)`` for one named path, causal, no weights."""
     if path.startswith("pallas_"):
-        return functools.partial(ga.pallas_loss_and_grads, weights=None, causal=True, precision=path[len("pallas_"):],
+        return functools.partial(pallas_loss_and_grads, weights=None, causal=True, precision=path[len("pallas_"):],
                                  block_q=block_q, block_k=block_k)
     if path == "blocked":
         return lambda p, x, y: ga.blocked_loss_and_grads(p, x, y, None, True)
