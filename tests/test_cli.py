@@ -13,18 +13,9 @@ import pytest
 
 from gradattn import _io, cli, experiments, tasks
 
-TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
+from _cli import TINY, cli_run as run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(argv, capsys):
-    """main(argv) -> (exit code, stdout, stderr), whether it returns or raises SystemExit."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def no_run(monkeypatch):

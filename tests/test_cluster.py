@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from _cli import TINY, cli_run
 from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one
 
 from gradattn import cli, cluster, deep, experiments
@@ -162,19 +163,6 @@ def test_processes_given_different_seeds_refuse_to_sweep(tmp_path):
 
 
 # ---- the command line over several processes ----
-
-TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
-
-
-def cli_run(argv, capsys):
-    """cli.main(argv) in this process -> (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 @pytest.mark.parametrize("command", ["em-vs-sgd", "deep"])
 @pytest.mark.parametrize("args, message", [

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from _cli import TINY, cli_run
 from _spawn import ROOT, assert_same, env, finish, load, start
 
-from gradattn import cli, experiments, resume
+from gradattn import experiments, resume
 from gradattn.cluster import cluster_sweep
 from gradattn.sweeps import sweep
 
@@ -168,19 +169,6 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
 
 # ---- the command line: --checkpoint-dir ----
 
-CLI_TINY = ["--steps", "4", "--seq-len", "24", "--no-progress"]
-
-
-def cli_run(argv, capsys):
-    """cli.main(argv) in this process -> (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def cli_start(argv, devices=1):
     """The gradattn command in its own process (a plain one: no cluster variables; one CPU device)."""
     return subprocess.Popen([sys.executable, "-m", "gradattn_launcher", *argv], env=env(devices), cwd=ROOT,
@@ -195,7 +183,7 @@ def assert_same_results(a: dict, b: dict) -> None:
 
 def test_cli_checkpoint_dir_resumes_and_refuses_another_configuration(tmp_path, capsys):
     d = tmp_path / "ck"
-    base = ["em-vs-sgd", "--checkpoint-dir", str(d)] + CLI_TINY
+    base = ["em-vs-sgd", "--checkpoint-dir", str(d)] + TINY
     code, _, err = cli_run(base + ["--seeds", "3", "--out", str(tmp_path / "a.json")], capsys)
     assert code == 0, err
     assert len(chunks(d)) == 3  # one seed per call on CPU
@@ -212,7 +200,7 @@ def test_cli_checkpoint_dir_resumes_and_refuses_another_configuration(tmp_path, 
     code, _, err = cli_run(base + ["--seeds", "4", "--out", str(tmp_path / "c.json")], capsys)
     assert code == 0, err
     assert {f: stamps(d)[f] for f in kept} == kept and len(chunks(d)) == 4
-    code, _, err = cli_run(["em-vs-sgd", "--seeds", "4", "--out", str(tmp_path / "ref.json")] + CLI_TINY, capsys)
+    code, _, err = cli_run(["em-vs-sgd", "--seeds", "4", "--out", str(tmp_path / "ref.json")] + TINY, capsys)
     assert code == 0, err
     resumed, ref = (json.load(open(tmp_path / f)) for f in ("c.json", "ref.json"))
     assert_same_results(resumed, ref)
