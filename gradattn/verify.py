@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gradattn import laws
+from gradattn._checks import MAX_HEAD_SIZE, check_bool, check_int, check_prng_key
 from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 
@@ -90,9 +91,16 @@ def laws_check_errors(key=None, n: int = 37, d_in: int = 6, d_k: int = 4, d_v: i
     with respect to that intermediate (logits, contexts, alpha, scores, V, Q, K) or, for the weight
     gradients, ``jax.grad(gradattn.head.dense_loss)`` (:func:`law_pairs` on :func:`random_instance`).
     Random position weights are used.
-    Returns ``{law name: relative error}`` (Python floats).
+    Returns ``{law name: relative error}`` (Python floats). ``n`` and the head sizes are positive
+    integers of at most 4096 (``n_classes`` at least 2), ``causal`` a bool, ``key`` a PRNG key.
     """
+    fn = "laws_check_errors"
     key = jax.random.key(0) if key is None else key
+    check_prng_key("key", key, fn)
+    n, d_in, d_k, d_v = (check_int(name, val, fn, minimum=1, maximum=MAX_HEAD_SIZE)
+                         for name, val in (("n", n), ("d_in", d_in), ("d_k", d_k), ("d_v", d_v)))
+    n_classes = check_int("n_classes", n_classes, fn, minimum=2, maximum=MAX_HEAD_SIZE)
+    causal = check_bool("causal", causal, fn)
     with jax.enable_x64(True):
         instance = random_instance(key, n=n, d_in=d_in, d_k=d_k, d_v=d_v, n_classes=n_classes)
         pairs = jax.jit(law_pairs, static_argnames="causal")(*instance, causal=causal)

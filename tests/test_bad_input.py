@@ -307,3 +307,14 @@ def test_sticky_markov_alone_enforces_the_bounds_of_its_fields():
     with pytest.raises(ValueError, match="d_embed"):
         StickyMarkov(n_symbols=4, d_embed=4097)
     assert StickyMarkov(n_symbols=1024, d_embed=4, seq_len=16).n_symbols == 1024
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"n": 0}, ValueError, "n"), ({"n": 2.0}, TypeError, "n"), ({"d_k": 4097}, ValueError, "d_k"),
+    ({"n_classes": 1}, ValueError, "n_classes"), ({"causal": "no"}, TypeError, "causal"), ({"key": 0}, TypeError, "key"),
+])
+def test_laws_check_errors_checks_its_sizes_at_the_door(kwargs, exc, name):
+    from gradattn.verify import laws_check_errors
+
+    with pytest.raises(exc, match=rf"laws_check_errors: {name}\b"):
+        laws_check_errors(**kwargs)
