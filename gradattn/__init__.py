@@ -24,7 +24,7 @@ The surface, from the bottom up:
 """
 
 from gradattn._version import __version__
-from gradattn import bayes, deep, dynamics, geometry, nn, paths, plotting, provenance, tasks, training, verify
+from gradattn import bayes, deep, dynamics, geometry, nn, paths, plotting, provenance, studies, tasks, training, verify
 from gradattn.blocked import blocked_loss_and_grads, loss_fn
 from gradattn.checking import checked
 from gradattn.experiments import EmVsSgdConfig, em_vs_sgd
@@ -101,6 +101,7 @@ __all__ = [
     "paths",
     "plotting",
     "provenance",
+    "studies",
     "tasks",
     "training",
     "verify",

@@ -4,11 +4,13 @@
                        [every field of EmVsSgdConfig and of the task as a flag: --steps, --sgd-lr,
                         --value-lr, --routing-lr, --d-k, --d-v, --init-scale, --grad-source,
                         --seq-len, --self-prob, --noise-std, --embeddings, ...]
-                       [--chunk-size K] [--no-progress] [--checkpoint-dir DIR]
+                       [--chunk-size K] [--no-progress] [--checkpoint-dir DIR] [--no-compilation-cache]
                        [--coordinator HOST:PORT --num-processes P --process-id I]
     gradattn deep --seeds N --out deep.json [--plot deep.png] [--fresh-data] [--two-timescale]
                   [every field of DeepConfig and of the task as a flag]
                   [--chunk-size K] [--no-progress] [--checkpoint-dir DIR] [cluster flags as above]
+    gradattn plateau --seeds N --out plateau.json [every field of PlateauConfig and of the task]
+    gradattn manifold --seeds N --out manifold.json [every field of ManifoldConfig and of the task]
     gradattn laws-check [--n N] [--seed S]
 
 The flags of an experiment are made from its config's fields and the task's (each field declares
@@ -27,6 +29,11 @@ computes its share of the seeds, and only process 0 checks and writes ``--out`` 
 and prints the summary (the others exit 0 after the sweep). ``--checkpoint-dir`` keeps every
 finished chunk, so that the same command run again computes only the missing seeds; a directory
 of another configuration is refused with one line and exit status 2.
+
+Compiled programs are kept in JAX's persistent compilation cache (``~/.cache/gradattn/jax``, or
+``$XDG_CACHE_HOME/gradattn/jax``, or ``$GRADATTN_CACHE_DIR``), so that a second run of the same
+sizes skips compilation; ``--no-compilation-cache`` (or ``GRADATTN_NO_COMPILATION_CACHE=1``) turns
+it off.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradattn import cluster, deep, experiments, resume, tasks
+from gradattn import cluster, deep, experiments, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
 from gradattn._io import check_output_path, write_json
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
@@ -216,20 +223,27 @@ def _build(parser, make, **kw):
         parser.error(str(err))
 
 
-def _build_task(args, parser) -> tasks.StickyMarkov:
-    task_kw = _given(args, tasks.StickyMarkov)
-    if args.embeddings is not None:
+def _build_task(args, parser, command):
+    """The command's task: built from the task flags given, on top of the fields in which the
+    config's default task differs from its class's defaults (e.g. a study's T = 500)."""
+    default = command.config_type().task
+    cls = type(default)
+    plain = cls()
+    task_kw = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)
+               if "help" in f.metadata and getattr(default, f.name) != getattr(plain, f.name)}
+    task_kw.update(_given(args, cls))
+    if getattr(args, "embeddings", None) is not None:
         if "embed_seed" in task_kw:
             parser.error("give either --embeddings or --embed-seed, not both (--embeddings seed:N is --embed-seed N)")
         task_kw.update(args.embeddings)
-    return _build(parser, tasks.StickyMarkov, **task_kw)
+    return _build(parser, cls, **task_kw)
 
 
 def _outputs(args, parser) -> tuple[str, str | None]:
     """The checked ``--out`` and ``--plot`` targets (exit 2 before any work if they cannot be written)."""
     out = _output_path(parser, "--out", args.out)
     plot = None
-    if args.plot is not None:
+    if getattr(args, "plot", None) is not None:
         plot = _output_path(parser, "--plot", args.plot)
         if os.path.abspath(plot) == os.path.abspath(out):
             parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
@@ -298,9 +312,43 @@ def _join(parser, flags: tuple | None) -> int | None:
     return None
 
 
+CACHE_DIR_VAR = "GRADATTN_CACHE_DIR"
+"""Environment variable naming the directory of the persistent compilation cache."""
+NO_CACHE_VAR = "GRADATTN_NO_COMPILATION_CACHE"
+"""Environment variable that, set to a non-empty value, turns the compilation cache off (as the flag)."""
+
+
+def default_cache_dir() -> str:
+    """``$GRADATTN_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradattn/jax``, else ``~/.cache/gradattn/jax``."""
+    if os.environ.get(CACHE_DIR_VAR):
+        return os.environ[CACHE_DIR_VAR]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gradattn", "jax")
+
+
+def _use_compilation_cache(args) -> None:
+    """JAX's persistent compilation cache in :func:`default_cache_dir`, unless turned off: a second
+    run of the same command and sizes loads its compiled programs instead of compiling them again
+    (the results are the same programs, so the same numbers). A directory that cannot be created
+    leaves the cache off; nothing else changes."""
+    if args.no_compilation_cache or os.environ.get(NO_CACHE_VAR):
+        return
+    path = default_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(path, os.W_OK | os.X_OK):
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _experiment(args, parser) -> int:
     """Any experiment command: its config from the flags, the run, the report (by process 0 only)."""
     command = args.experiment
+    _use_compilation_cache(args)
     seeds = _seeds(args)
     flags = _cluster_flags(args, parser)
     if flags is None:  # a single process, or a SLURM/MPI job: who is process 0 is known once joined
@@ -313,7 +361,7 @@ def _experiment(args, parser) -> int:
     given = _given(args, command.config_type)
     if "value_lr_multiplier" in given and given.get("schedule") != "two_timescale":
         parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
-    config = _build(parser, command.config_type, task=_build_task(args, parser), **given)
+    config = _build(parser, command.config_type, task=_build_task(args, parser, command), **given)
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
     if flags is not None and (status := _join(parser, flags)) is not None:  # every check passed: connect
         return status
@@ -340,12 +388,13 @@ def _laws_check(args, parser) -> int:
     return 0 if ok else 1
 
 
-def _common(p) -> None:
+def _common(p, plot: bool) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=5, help="run seeds 0..N-1 (default 5)")
     group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds in [0, 2^64), e.g. 3,7,11")
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
+    if plot:
+        p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
     p.add_argument("--checkpoint-dir", type=_checkpoint_dir, default=None,
                    help="keep every finished chunk of seeds in this directory (created if need be); the same command "
                         "with the same directory resumes a stopped sweep, computing only the missing seeds")
@@ -374,25 +423,35 @@ COMMANDS = (
              lambda *a, **k: experiments.em_vs_sgd(*a, **k), format_em_vs_sgd, plot_em_vs_sgd, 2),
     _Command("deep", "the deep transformer on the sticky Markov chain, and the laws of each of its heads",
              deep.DeepConfig, lambda *a, **k: deep.deep_experiment(*a, **k), format_deep, plot_deep, 1),
+    _Command("plateau", "frame before precision: attention vs values settling, on runs trained to a plateau",
+             studies.plateau.PlateauConfig, lambda *a, **k: studies.plateau.plateau_study(*a, **k),
+             studies.plateau.format_plateau, None, 2),
+    _Command("manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
+             studies.manifold.ManifoldConfig, lambda *a, **k: studies.manifold.manifold_study(*a, **k),
+             studies.manifold.format_manifold, None, 2),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    task = tasks.StickyMarkov()
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help)
-        _common(p)
+        _common(p, plot=command.plot is not None)
         _add_fields(p, command.config_type, command.config_type())
-        _add_fields(p, tasks.StickyMarkov, task, prefix="task: ")
-        p.add_argument("--embeddings", type=_embeddings, default=None,
-                       help="task: symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', "
-                            "or a (C, d) .npy file")
+        task = command.config_type().task
+        _add_fields(p, type(task), task, prefix="task: ")
+        if isinstance(task, tasks.StickyMarkov):
+            p.add_argument("--embeddings", type=_embeddings, default=None,
+                           help="task: symbol means: 'reference' (the reference code's; the default at 8 x 20), 'seed:N', "
+                                "or a (C, d) .npy file")
         p.add_argument("--chunk-size", type=_int_in(1, 65_536), default=None,
                        help="seeds vmapped per device per call (default: 1 on CPU, 256 on GPU/TPU; results are "
                             "reproducible per chunk size)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-compilation-cache", action="store_true",
+                       help=f"do not keep compiled programs in {CACHE_DIR_VAR} (default: {default_cache_dir()}) for the "
+                            "next run of the same sizes")
         p.set_defaults(run=_experiment, sub=p, experiment=command)
 
     p = sub.add_parser("laws-check", help="each first-order law vs autodiff, float64, on a random instance")

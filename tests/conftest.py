@@ -16,6 +16,9 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command keeps compiled programs in a cache under the user's home; tests never write there
+# (tests of the cache give it a directory of their own).
+os.environ["GRADATTN_NO_COMPILATION_CACHE"] = "1"
 
 import jax  # noqa: E402
 

@@ -25,8 +25,11 @@ from gradattn.dynamics.feedback import (
 from gradattn.dynamics.first_order import FirstOrderReport, first_order_report
 from gradattn.dynamics.settling import (
     FrameBeforePrecision,
+    change_per_step,
     distance_to_final,
     frame_before_precision,
+    plateau_step,
+    quiet_step,
     settling_step,
     settling_steps,
 )
@@ -38,12 +41,15 @@ __all__ = [
     "FrameBeforePrecision",
     "Snapshots",
     "StepFeedback",
+    "change_per_step",
     "distance_to_final",
     "feedback_probe",
     "feedback_stats",
     "first_order_report",
     "frame_before_precision",
     "make_feedback_probe",
+    "plateau_step",
+    "quiet_step",
     "settling_step",
     "settling_steps",
     "snapshots",

@@ -1,6 +1,11 @@
 """Settling: from checkpoints of a run, when does attention reach (and stay within a tolerance of)
 its final pattern, and when do the values? The paper's two-timescale reading predicts attention
-first ("frame before precision")."""
+first ("frame before precision").
+
+Two readings of "settled": :func:`settling_step` measures the distance to the last snapshot (right
+when the run has converged, trivially 0 at the end otherwise); :func:`quiet_step` needs no endpoint
+(the change per step falls below a fraction of its peak and stays there). :func:`plateau_step` says
+whether, and from when, a loss curve is converged."""
 
 from __future__ import annotations
 
@@ -10,9 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_number, concrete
+from gradattn._checks import check_int, check_number, concrete
 
-__all__ = ["FrameBeforePrecision", "distance_to_final", "frame_before_precision", "settling_step", "settling_steps"]
+__all__ = [
+    "FrameBeforePrecision",
+    "change_per_step",
+    "distance_to_final",
+    "frame_before_precision",
+    "plateau_step",
+    "quiet_step",
+    "settling_step",
+    "settling_steps",
+]
 
 
 _SCALES = ("final", "change", None)
@@ -143,3 +157,80 @@ def frame_before_precision(
     a = _settling_step(checkpoint_steps, attention_series, tol, scale, "attention_series", "frame_before_precision")
     v = _settling_step(checkpoint_steps, value_series, value_tol, scale, "value_series", "frame_before_precision")
     return FrameBeforePrecision(attention_step=a, value_step=v, lag=v - a)
+
+
+def _last_run_start(ok: jax.Array) -> jax.Array:
+    """Index of the first entry from which ``ok`` holds to the end (len(ok) if the last entry fails)."""
+    stays = jnp.flip(jnp.cumprod(jnp.flip(ok).astype(jnp.int32))).astype(bool)
+    return jnp.where(stays[-1], jnp.argmax(stays), ok.shape[0])
+
+
+def quiet_step(checkpoint_steps, series, fraction: float = 0.05) -> jax.Array:
+    """An endpoint-free settling step: the first checkpoint after which the change per step of
+    ``series`` stays below ``fraction`` of its peak.
+
+    With c_k = ||s_{k+1} - s_k|| / (t_{k+1} - t_k) (Frobenius over the trailing axes) for the K - 1
+    intervals between the K checkpoints, the answer is t_{k*} for the smallest k* such that
+    c_k <= fraction * max_k c_k for every k >= k*. Unlike :func:`settling_step` it never compares
+    with the last snapshot, so a run stopped early does not settle "by construction" at its end:
+    the answer is NaN when the last interval is still above the threshold (the series is still
+    moving), and NaN for a series with non-finite values.
+
+    Args:
+      checkpoint_steps: (K,) increasing steps of the checkpoints, K >= 2.
+      series: (K, ...) a snapshot per checkpoint.
+      fraction: in (0, 1].
+    Returns:
+      scalar, floating (the dtype of ``checkpoint_steps`` if floating, else JAX's default float).
+      Pure; jit- and vmap-able (``fraction`` static).
+    """
+    steps = jnp.asarray(checkpoint_steps)
+    series = jnp.asarray(series)
+    if steps.ndim != 1 or steps.shape[0] < 2:
+        raise ValueError(f"quiet_step: checkpoint_steps must be 1-D with at least 2 checkpoints, got shape {steps.shape}")
+    if series.ndim < 1 or series.shape[0] != steps.shape[0]:
+        raise ValueError(f"quiet_step: series must have shape (K, ...) with K = {steps.shape[0]}, got shape {series.shape}")
+    check_number("fraction", fraction, "quiet_step", minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
+    rate = change_per_step(steps, series)
+    k = _last_run_start(rate <= fraction * jnp.max(rate))
+    ok = jnp.all(jnp.isfinite(series)) & (k < rate.shape[0])
+    return jnp.where(ok, steps[jnp.minimum(k, rate.shape[0] - 1)].astype(dtype), jnp.nan)
+
+
+def change_per_step(checkpoint_steps, series) -> jax.Array:
+    """(K - 1,) ||s_{k+1} - s_k|| / (t_{k+1} - t_k): how fast ``series`` moves between checkpoints."""
+    steps = jnp.asarray(checkpoint_steps)
+    flat = jnp.asarray(series).reshape(steps.shape[0], -1)
+    return jnp.linalg.norm(jnp.diff(flat, axis=0), axis=-1) / jnp.diff(steps).astype(flat.dtype)
+
+
+def plateau_step(curve, window: int, tol: float) -> jax.Array:
+    """The step from which a loss curve is on its plateau: from there on, the mean loss of each window
+    of ``window`` steps differs from the next window's by less than ``tol`` (relative).
+
+    With m_j the mean of ``curve`` over steps [j w, (j + 1) w) (a trailing partial window is left
+    out) and r_j = |m_{j+1} - m_j| / |m_j|, the answer is j* w for the smallest j* such that
+    r_j < tol for every j >= j*; NaN when the last pair of windows still differs by ``tol`` or more
+    (the run has not reached its plateau) or when the curve has non-finite values.
+
+    Args:
+      curve: (S,) loss per step, S >= 2 * window.
+      window: steps per window (static).
+      tol: relative change per window (static).
+    Returns:
+      scalar float (JAX's default float). Pure; jit- and vmap-able.
+    """
+    curve = jnp.asarray(curve)
+    if curve.ndim != 1:
+        raise ValueError(f"plateau_step: curve must be 1-D (S,), got shape {curve.shape}")
+    window = check_int("window", window, "plateau_step")
+    if curve.shape[0] < 2 * window:
+        raise ValueError(f"plateau_step: curve (shape {curve.shape}) must hold at least two windows of {window} steps")
+    check_number("tol", tol, "plateau_step", minimum=0.0)
+    n = curve.shape[0] // window
+    means = jnp.mean(curve[: n * window].reshape(n, window), axis=-1)
+    rel = jnp.abs(jnp.diff(means)) / jnp.abs(means[:-1])
+    j = _last_run_start(rel < tol)
+    ok = jnp.all(jnp.isfinite(curve)) & (j < rel.shape[0])
+    return jnp.where(ok, (j * window).astype(jnp.result_type(float)), jnp.nan)

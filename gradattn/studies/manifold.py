@@ -1,0 +1,199 @@
+"""The manifold claim, measured where the head cannot memorise its data.
+
+The paper reads the trained values and contexts as lying along a low-dimensional manifold
+parametrised by the posterior entropy. On one training sequence a head memorises it at higher noise,
+so here each arm (SGD, and the EM-like schedule) trains on a fresh sequence of the task at every
+step, and the geometry is measured on ``heldout`` held-out sequences pooled: the R^2 of the
+posterior entropy (the task's ``bayes_filter_entropy``) on the ``n_components`` leading principal
+components of the values v_j and of the contexts g_i (:func:`gradattn.geometry.covariate_r2`), and
+its linear read-out from all of the contexts (:func:`gradattn.geometry.decoding_r2`). Two controls:
+the untrained head (the same initial parameters) and the trained head against the entropy shuffled
+over positions (what R^2 a covariate with no relation to the geometry gets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradattn._checks import option
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
+from gradattn.geometry import covariate_r2, decoding_r2
+from gradattn.head import forward, init_head, token_losses
+from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
+from gradattn.tasks import StickyMarkov, Task
+from gradattn.training import em_like, init_state, make_step, scan_steps, sgd
+
+ARMS = ("sgd", "em")
+HEADS = ("init", "sgd", "em")
+MEASURES = ("values_r2", "contexts_r2", "contexts_decoding_r2", "values_r2_shuffled", "contexts_r2_shuffled")
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifoldConfig:
+    """One manifold study: both arms trained on fresh sequences, measured on held-out ones.
+
+    Attributes:
+      steps: updates per arm, each on a fresh sequence of ``task``.
+      task: the data (the sticky chain at T = 500 by default; its ``noise_std`` sets how uncertain
+        the posterior is).
+      heldout: held-out sequences whose positions are pooled for the geometry.
+      n_components: leading principal components the entropy is regressed on.
+      sgd_lr, value_lr, routing_lr, d_k, d_v, init_scale, grad_source: as in
+        :class:`gradattn.EmVsSgdConfig` (the paper's values).
+    """
+
+    steps: int = option(3000, help="updates per arm, each on a fresh sequence", minimum=1, maximum=10_000_000)
+    task: Task = dataclasses.field(default_factory=lambda: StickyMarkov(seq_len=500))
+    heldout: int = option(4, help="held-out sequences pooled for the geometry", minimum=1, maximum=4096)
+    n_components: int = option(3, help="leading principal components the entropy is regressed on", minimum=1,
+                               maximum=4096)
+    sgd_lr: float = option(0.01, help="SGD's learning rate on all four matrices", minimum=0.0)
+    value_lr: float = option(0.1, help="EM-like learning rate on W_V", minimum=0.0)
+    routing_lr: float = option(0.01, help="EM-like learning rate on W_Q, W_K, W_O", minimum=0.0)
+    d_k: int = option(10, help="query/key size", minimum=1, maximum=4096)
+    d_v: int = option(15, help="value size", minimum=1, maximum=4096)
+    init_scale: float = option(0.1, help="std of the N(0, s^2) initial weights (> 0)", minimum=0.0,
+                               exclusive_minimum=True)
+    grad_source: str = option("auto", help="gradient path", choices=GRAD_SOURCE_NAMES)
+
+    def __post_init__(self):
+        fn = "ManifoldConfig"
+        check_config(self, fn)
+        resolve_grad_source(self.grad_source)
+        if self.n_components > self.d_v:
+            raise ValueError(f"{fn}: n_components={self.n_components} exceeds d_v={self.d_v} (the values' dimension)")
+        if not callable(getattr(self.task, "bayes_filter_entropy", None)):
+            raise TypeError(f"{fn}: task {type(self.task).__name__} has no bayes_filter_entropy(x)")
+
+    def to_dict(self) -> dict:
+        return config_dict(self)
+
+
+def make_manifold_run(config: ManifoldConfig):
+    """``run(key) -> dict`` of one seed (pure, jit/vmap-able): for each head (``init``, ``sgd``,
+    ``em``) on the pooled held-out positions, ``{head}_{measure}`` for the measures
+    :data:`MEASURES`, ``{head}_heldout_loss``; ``{arm}_curve`` (steps,) training losses;
+    ``heldout_bayes_loss``; ``entropy_mean`` and ``uncertain_fraction`` (posterior entropy > 0.1
+    nats) of the held-out positions."""
+    if not isinstance(config, ManifoldConfig):
+        raise TypeError(f"make_manifold_run: config must be a ManifoldConfig, got {type(config).__name__}")
+    return _make_manifold_run(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_manifold_run(config: ManifoldConfig):
+    task = config.task
+    arms = {"sgd": sgd(config.sgd_lr), "em": em_like(config.value_lr, config.routing_lr)}
+    m = config.n_components
+
+    def run(key):
+        data_key, init_key, test_key, shuffle_key = jax.random.split(key, 4)
+        params = init_head(init_key, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
+        steps = {name: make_step(optimizer, config.grad_source) for name, optimizer in arms.items()}
+
+        def step(states, t):  # both arms on the same fresh sequence
+            x, y = task.sample(jax.random.fold_in(data_key, t), jnp.float32)
+            new = {name: steps[name](states[name], x, y) for name in arms}
+            return {name: s for name, (s, _) in new.items()}, {name: mt["loss"] for name, (_, mt) in new.items()}
+
+        start = {name: init_state(params, optimizer) for name, optimizer in arms.items()}
+        final, curves, _ = scan_steps(step, start, config.steps)
+
+        xs, ys = jax.vmap(lambda k: task.sample(k, jnp.float32))(jax.random.split(test_key, config.heldout))
+        entropy = jax.vmap(task.bayes_filter_entropy)(xs).reshape(-1)
+        shuffled = jax.random.permutation(shuffle_key, entropy)
+        out = {f"{name}_curve": curves[name] for name in arms}
+        out["heldout_bayes_loss"] = jnp.mean(jax.vmap(lambda x, y: task.bayes_loss(x, y).mean)(xs, ys))
+        out["entropy_mean"] = jnp.mean(entropy)
+        out["uncertain_fraction"] = jnp.mean(entropy > 0.1)
+        for head, p in (("init", params), *((name, final[name].params) for name in arms)):
+            o = jax.vmap(lambda x, p=p: forward(p, x, causal=True))(xs)
+            values, contexts = o.v.reshape(-1, o.v.shape[-1]), o.context.reshape(-1, o.context.shape[-1])
+            out[f"{head}_heldout_loss"] = jnp.mean(jax.vmap(token_losses)(o.logits, ys))
+            out[f"{head}_values_r2"] = covariate_r2(values, entropy, m)
+            out[f"{head}_contexts_r2"] = covariate_r2(contexts, entropy, m)
+            out[f"{head}_contexts_decoding_r2"] = decoding_r2(contexts, entropy)
+            out[f"{head}_values_r2_shuffled"] = covariate_r2(values, shuffled, m)
+            out[f"{head}_contexts_r2_shuffled"] = covariate_r2(contexts, shuffled, m)
+        return out
+
+    return run
+
+
+def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config: ManifoldConfig) -> dict[str, Any]:
+    """JSON-ready: per head, each measure's mean and std over seeds (ddof=0), and the paired
+    differences trained - untrained and trained - shuffled with their paired t-test p."""
+    from scipy import stats
+
+    out: dict[str, Any] = {
+        "experiment": "manifold",
+        "seeds": [int(s) for s in seeds],
+        "steps": config.steps,
+        "noise_std": getattr(config.task, "noise_std", None),
+        "h_min": getattr(config.task, "h_min", None),
+        "heldout_bayes_loss_mean": json_floats(np.mean(per_seed["heldout_bayes_loss"])),
+        "entropy_mean": json_floats(np.mean(per_seed["entropy_mean"])),
+        "uncertain_fraction_mean": json_floats(np.mean(per_seed["uncertain_fraction"])),
+    }
+    for head in HEADS:
+        res = {"heldout_loss_mean": json_floats(np.mean(per_seed[f"{head}_heldout_loss"])),
+               "heldout_loss_std": json_floats(np.std(per_seed[f"{head}_heldout_loss"]))}
+        for measure in MEASURES:
+            v = np.asarray(per_seed[f"{head}_{measure}"], np.float64)
+            res[measure] = {"mean": json_floats(np.mean(v)), "std": json_floats(np.std(v))}
+        out[head] = res
+    for arm in ARMS:
+        cmp = {}
+        for measure in ("values_r2", "contexts_r2", "contexts_decoding_r2"):
+            trained = np.asarray(per_seed[f"{arm}_{measure}"], np.float64)
+            for label, other in (("vs_init", per_seed[f"init_{measure}"]),
+                                 ("vs_shuffled", per_seed.get(f"{arm}_{measure}_shuffled"))):
+                if other is None:
+                    continue
+                d = trained - np.asarray(other, np.float64)
+                p = stats.ttest_rel(trained, other).pvalue if len(seeds) > 1 and np.any(d != 0) else float("nan")
+                cmp[f"{measure}_{label}"] = {"diff_mean": json_floats(np.mean(d)), "diff_std": json_floats(np.std(d)),
+                                            "p_value": json_floats(p)}
+        out[arm]["compared"] = cmp
+    out["curves"] = {f"{arm}_mean": json_floats(np.mean(per_seed[f"{arm}_curve"], axis=0)) for arm in ARMS}
+    out["per_seed"] = {"seed": [int(s) for s in seeds],
+                       **{f"{h}_{m}": json_floats(per_seed[f"{h}_{m}"]) for h in HEADS for m in MEASURES},
+                       **{f"{h}_heldout_loss": json_floats(per_seed[f"{h}_heldout_loss"]) for h in HEADS}}
+    out["config"] = config.to_dict()
+    return out
+
+
+MANIFOLD = Experiment("manifold_study", ManifoldConfig, make_manifold_run, summarise_manifold)
+
+
+def manifold_study(seeds, config: ManifoldConfig | None = None, *, chunk_size: int | None = None, devices=None,
+                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifold study over ``seeds`` (an int n: seeds 0..n-1): JSON-ready results, by
+    :func:`gradattn.experiments.run_experiment` (wall time, devices, provenance; resumable)."""
+    return run_experiment(MANIFOLD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
+                          checkpoint_dir=checkpoint_dir)
+
+
+def format_manifold(results: dict) -> str:
+    """The command line's summary: R^2 per head against both controls."""
+    cfg = results["config"]
+    lines = [f"manifold: {len(results['seeds'])} seeds, {results['steps']} steps on fresh sequences, "
+             f"T = {cfg['task']['seq_len']}, noise {results['noise_std']}, {cfg['heldout']} held-out sequences; "
+             f"posterior entropy {results['entropy_mean']:.3f} nats, {100 * results['uncertain_fraction_mean']:.1f}% "
+             f"of positions above 0.1 nats; held-out Bayes loss {results['heldout_bayes_loss_mean']:.4f}",
+             f"R^2 of the posterior entropy on the {cfg['n_components']} leading PCs (mean +- std over seeds):",
+             f"{'head':8s} {'held-out loss':>14s} {'values':>14s} {'contexts':>14s} {'read-out':>14s} "
+             f"{'values shuf.':>14s} {'contexts shuf.':>14s}"]
+    for head in HEADS:
+        r = results[head]
+        cells = [f"{r[m]['mean']:.3f} +- {r[m]['std']:.3f}" for m in
+                 ("values_r2", "contexts_r2", "contexts_decoding_r2", "values_r2_shuffled", "contexts_r2_shuffled")]
+        lines.append(f"{head:8s} {r['heldout_loss_mean']:14.4f} " + " ".join(f"{c:>14s}" for c in cells))
+    return "\n".join(lines)
