@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from gradattn._backend import backend_choices
-from gradattn._checks import check_head_inputs, check_int
+from gradattn._checks import check_bool, check_head_inputs, check_int
 from gradattn._rows import RowBlocks, default_block_size, masked_scores, query_blocks
 from gradattn._vmap import grouped_vmap
 from gradattn.head import HeadParams, normalised_weights, token_losses
@@ -172,6 +172,7 @@ def blocked_pass(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
     """
     n, *_ = check_head_inputs(params, x, y, weights, fn="blocked_pass")
     block_size = _check_block_size(block_size, "blocked_pass")
+    causal = check_bool("causal", causal, "blocked_pass")
     return blocked_pass_unchecked(params, x, y, weights, causal, block_size)
 
 
@@ -219,6 +220,7 @@ def blocked_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
     """The loss L alone, by the forward half of the blocked pass (no N x N buffer)."""
     check_head_inputs(params, x, y, weights, fn="blocked_loss")
     block_size = _check_block_size(block_size, "blocked_loss")
+    causal = check_bool("causal", causal, "blocked_loss")
     return blocked_loss_unchecked(params, x, y, weights, causal, block_size)
 
 
@@ -258,6 +260,7 @@ def blocked_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weigh
     """
     check_head_inputs(params, x, y, weights, fn="blocked_loss_and_grads")
     block_size = _check_block_size(block_size, "blocked_loss_and_grads")
+    causal = check_bool("causal", causal, "blocked_loss_and_grads")
     return blocked_loss_and_grads_unchecked(params, x, y, weights, causal, block_size)
 
 
@@ -310,7 +313,7 @@ def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal
     """
     check_head_inputs(params, x, y, weights, fn="loss_fn")
     block_size = _check_block_size(block_size, "loss_fn")
-    return _loss_with_blocked_vjp(params, x, y, weights, bool(causal), block_size)
+    return _loss_with_blocked_vjp(params, x, y, weights, check_bool("causal", causal, "loss_fn"), block_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_head_inputs, check_labels, check_matrix, check_weights
+from gradattn._checks import check_bool, check_head_inputs, check_labels, check_matrix, check_weights
 from gradattn.head import (
     HeadOutputs,
     HeadParams,
@@ -137,7 +137,7 @@ def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights
     Shapes: x (N, d_in), y (N,), weights (N,) or None; returns a scalar and a HeadParams.
     """
     check_head_inputs(params, x, y, weights, fn="dense_loss_and_grads")
-    return dense_loss_and_grads_unchecked(params, x, y, weights, causal)
+    return dense_loss_and_grads_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss_and_grads"))
 
 
 def dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causal: bool = True):
@@ -161,4 +161,5 @@ def dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causa
 def autodiff_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
     """``(loss, grads)`` by XLA's own reverse mode: ``jax.value_and_grad(dense_loss)``. The reference."""
     check_head_inputs(params, x, y, weights, fn="autodiff_loss_and_grads")
+    causal = check_bool("causal", causal, "autodiff_loss_and_grads")
     return jax.value_and_grad(dense_loss_unchecked)(params, x, y, weights, causal)
