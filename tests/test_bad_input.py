@@ -1,15 +1,20 @@
 """Bad input a new user might give, at the command line and to the library.
 
-Command-line cases run the real command in a subprocess (the console script's entry) and must stop
-with exit status 2 and one line on stderr, before any work: nothing on stdout (the summary comes
-only after the run) and no output file. Where a case would let a run start, the run is tiny.
+Command-line cases run the command's entry (``gradattn.cli.main``) in the test's own process,
+with stdout and stderr captured, and must stop with exit status 2 and one line on stderr, before
+any work: nothing on stdout (the summary comes only after the run) and no output file. Where a case
+would let a run start, the run is tiny. One case runs the real console entry in a subprocess
+(``python -m gradattn_launcher``), to show that what reaches a user's terminal is that same line.
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,7 @@ import numpy as np
 import pytest
 
 import gradattn as ga
+from gradattn import cli
 from gradattn.deep import DeepConfig
 from gradattn.tasks import StickyMarkov, embeddings_from_spec
 
@@ -26,7 +32,32 @@ DEEP_TINY = ["--seeds", "1", "--steps", "1", "--seq-len", "16", "--d-model", "8"
              "--n-checkpoints", "0", "--no-progress"]
 
 
-def gradattn(args, cwd, timeout=180):
+class Proc(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def gradattn(args, cwd):
+    """``gradattn ARGS`` in this process, from ``cwd``: its exit status and everything it printed
+    (warnings included: they are shown on the captured stderr, not collected by pytest)."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: err.write(warnings.formatwarning(m, c, f, n, line))
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return Proc(code, out.getvalue(), err.getvalue())
+
+
+def gradattn_process(args, cwd, timeout=180):
     """Run ``python -m gradattn_launcher ARGS`` with this checkout first on the path."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "gradattn_launcher", *args], capture_output=True, text=True,
@@ -42,6 +73,15 @@ def assert_refused(proc, *needles):
     for needle in needles:
         assert needle in err, (needle, err)
     assert proc.stdout == ""
+
+
+def test_console_entry_gives_the_same_one_line_and_exit_2(tmp_path):
+    """The installed command's entry (the launcher, then the CLI) prints the one-line refusal and
+    exits 2, with no traceback, as the in-process runs below see it."""
+    proc = gradattn_process(["em-vs-sgd", "--out", ""] + TINY, tmp_path)
+    assert_refused(proc, "--out", "empty")
+    assert proc.stderr == gradattn(["em-vs-sgd", "--out", ""] + TINY, tmp_path).stderr
+    assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +237,7 @@ def test_library_value_lr_multiplier_needs_two_timescale():
 
 def test_deep_combined_size_is_bounded_before_any_work(tmp_path):
     huge = ["--d-model", "4096", "--n-heads", "256", "--n-layers", "64", "--seq-len", "65537"]  # each within its bound
-    proc = gradattn(["deep", "--out", str(tmp_path / "d.json")] + DEEP_TINY + huge, tmp_path, timeout=120)
+    proc = gradattn(["deep", "--out", str(tmp_path / "d.json")] + DEEP_TINY + huge, tmp_path)
     assert_refused(proc, "GiB", "d_model=4096", "n_layers=64", "n_heads=256", "N=65536", "FLOPs")
     assert os.listdir(tmp_path) == []
 
@@ -228,6 +268,10 @@ def test_causal_must_be_a_bool(causal):
         ga.forward(params, x, causal=causal)
     with pytest.raises(TypeError, match="dense_loss: causal must be a bool"):
         ga.dense_loss(params, x, y, causal=causal)
+    for fn in (ga.blocked_loss_and_grads, ga.loss_fn, ga.dense_loss_and_grads, ga.autodiff_loss_and_grads,
+               ga.blocked.blocked_pass, ga.blocked.blocked_loss):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: causal must be a bool"):
+            fn(params, x, y, causal=causal)
     np.testing.assert_array_equal(ga.forward(params, x, causal=np.bool_(False)).alpha, ga.forward(params, x, causal=False).alpha)
 
 
