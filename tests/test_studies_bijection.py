@@ -166,6 +166,7 @@ def test_json_report_and_plot(runs, tmp_path):
         ({"heldout": -1}, "heldout"),
         ({"init_scale": 0.0}, "init_scale"),
         ({"head_optimizer": "lbfgs"}, "head_optimizer"),
+        ({"head_schedule": "linear"}, "head_schedule"),
         ({"head_lr": -0.1}, "head_lr"),
         ({"head_value_lr": 0.5}, "head_value_lr"),  # ignored with adam
         ({"deep_dropout": 1.0}, "deep_dropout"),
@@ -190,5 +191,5 @@ def test_config_type_errors():
     with pytest.raises(ValueError, match="format_bijection"):
         format_bijection({"seeds": [0]})
     # em_like takes its value rate; its to_dict is JSON
-    cfg = BijectionConfig(head_optimizer="em_like", head_value_lr=0.5)
+    cfg = BijectionConfig(head_optimizer="em_like", head_value_lr=0.5, head_schedule="constant")
     assert json.loads(json.dumps(cfg.to_dict()))["head_value_lr"] == 0.5

@@ -16,7 +16,8 @@ trained) and per position t, over the held-out samples:
   the mean KL.
 
 The single head (:func:`gradattn.head.init_head`, the paper's N(0, s^2) initialisation) trains by
-Adam, SGD or the EM-like two-timescale SGD (:func:`gradattn.training.em_like`); the deep model
+Adam, SGD or the EM-like two-timescale SGD (:func:`gradattn.training.em_like`), its rates constant
+or annealed to 0 along a cosine; the deep model
 (:class:`gradattn.nn.Transformer`) by the deep protocol's clipped AdamW with a cosine rate and
 dropout (:func:`gradattn.deep.config.deep_optimizer`), vmapped over the samples of a batch.
 """
@@ -43,6 +44,7 @@ from gradattn.tasks import BijectionElimination
 from gradattn.training import em_like, scan_steps, sgd
 
 HEAD_OPTIMIZERS = ("adam", "sgd", "em_like")
+HEAD_SCHEDULES = ("cosine", "constant")
 MODELS = ("head_init", "head", "deep_init", "deep")
 """The models measured: the single head before and after training, the deep model before and after."""
 METRICS = ("kl", "entropy", "revealed_mass", "loss")
@@ -66,6 +68,9 @@ class BijectionConfig:
       head_lr: the single head's rate (its routing rate under ``"em_like"``).
       head_value_lr: W_V's rate under ``"em_like"`` (another value with another optimiser is a
         ValueError: it would be ignored).
+      head_schedule: ``"cosine"`` (every rate of the head annealed to 0 along a cosine over
+        ``steps``, as the deep model's) or ``"constant"``. With a constant rate the fresh-sample
+        gradient noise keeps the head's read-out jittering, a floor under its gap.
       d_model, n_layers, n_heads: the deep model's sizes.
       deep_lr, deep_weight_decay, deep_clip, deep_dropout: its AdamW protocol (peak rate annealed
         to 0 along a cosine over ``steps``, decoupled weight decay, global-norm clipping, dropout
@@ -86,6 +91,8 @@ class BijectionConfig:
     head_optimizer: str = option("adam", help="single head: optimiser", choices=HEAD_OPTIMIZERS)
     head_lr: float = option(0.02, help="single head: learning rate (routing rate under em_like)", minimum=0.0)
     head_value_lr: float = option(0.2, help="single head: W_V's rate under em_like", minimum=0.0)
+    head_schedule: str = option("cosine", help="single head: rates annealed to 0 along a cosine over the steps, "
+                                "or constant", choices=HEAD_SCHEDULES)
     d_model: int = option(32, help="deep model: width", minimum=1, maximum=4096)
     n_layers: int = option(2, help="deep model: transformer blocks", minimum=1, maximum=64)
     n_heads: int = option(2, help="deep model: heads per block", minimum=1, maximum=256)
@@ -117,11 +124,15 @@ class BijectionConfig:
 
     def head_tx(self) -> optax.GradientTransformation:
         """The single head's optimiser."""
+
+        def rate(lr):
+            return optax.cosine_decay_schedule(lr, self.steps, alpha=0.0) if self.head_schedule == "cosine" else lr
+
         if self.head_optimizer == "adam":
-            return optax.adam(self.head_lr)
+            return optax.adam(rate(self.head_lr))
         if self.head_optimizer == "sgd":
-            return sgd(self.head_lr)
-        return em_like(self.head_value_lr, self.head_lr)
+            return sgd(rate(self.head_lr))
+        return em_like(rate(self.head_value_lr), rate(self.head_lr))
 
     def to_dict(self) -> dict:
         return config_dict(self)
