@@ -1,0 +1,195 @@
+"""The bijection-elimination study (gradattn.studies.bijection): shapes, the KL gap against a numpy
+reference and against the exact predictive itself, seed independence, training closing the gap,
+config errors, JSON and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradattn._io import write_json
+from gradattn.studies.bijection import (
+    METRICS,
+    MODELS,
+    BijectionConfig,
+    bijection_study,
+    format_bijection,
+    make_bijection_run,
+    plot_bijection,
+    position_metrics,
+)
+from gradattn.tasks import BijectionElimination
+
+TINY = BijectionConfig(task=BijectionElimination(4), steps=100, batch=16, heldout=64, d_k=4, d_v=8, d_model=16,
+                       n_layers=1, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The tiny study over seeds [0, 1] and over [1] alone (one compiled program: chunk size 1)."""
+    return bijection_study([0, 1], TINY, chunk_size=1), bijection_study([1], TINY, chunk_size=1)
+
+
+def test_run_shapes_and_dtypes():
+    out = jax.eval_shape(make_bijection_run(TINY), jax.random.key(0))
+    k = TINY.task.n_symbols
+    assert out["head_curve"].shape == out["deep_curve"].shape == (TINY.steps,)
+    assert out["exact_entropy"].shape == (k,)
+    for m in MODELS:
+        for metric in METRICS:
+            assert out[f"{m}_{metric}"].shape == (k,)
+    assert set(out) == {"head_curve", "deep_curve", "exact_entropy"} | {f"{m}_{x}" for m in MODELS for x in METRICS}
+    assert all(v.dtype == jnp.float32 for v in out.values())
+
+
+def _numpy_kl(log_p, logits):
+    p = np.exp(np.asarray(log_p, np.float64))
+    z = np.asarray(logits, np.float64)
+    log_q = z - z.max(axis=1, keepdims=True)
+    log_q = log_q - np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    kl = np.zeros(len(p))
+    for t in range(len(p)):
+        for c in range(p.shape[1]):
+            if p[t, c] > 0:
+                kl[t] += p[t, c] * (math.log(p[t, c]) - log_q[t, c])
+    return kl, np.exp(log_q)
+
+
+def test_kl_matches_numpy_reference():
+    task = BijectionElimination(5)
+    x, y = task.sample(jax.random.key(3))
+    log_p = task.bayes_log_predictive(x)
+    logits = 2.0 * jax.random.normal(jax.random.key(4), (5, 5))
+    got = position_metrics(log_p, logits, y)
+    kl, q = _numpy_kl(log_p, logits)
+    revealed = ~np.isfinite(np.asarray(log_p))
+    np.testing.assert_allclose(got["kl"], kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["revealed_mass"], np.where(revealed, q, 0).sum(axis=1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got["entropy"], -(q * np.log(q)).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(got["loss"], -np.log(q[np.arange(5), np.asarray(y)]), rtol=1e-5)
+    np.testing.assert_allclose(got["exact_entropy"], task.entropy_profile, atol=1e-6)
+    assert (np.asarray(got["kl"]) > 0).all()  # a random model is off the posterior everywhere
+
+
+def test_kl_is_exactly_zero_for_the_exact_predictive():
+    task = BijectionElimination(6)
+    x, y = task.sample(jax.random.key(7))
+    log_p = task.bayes_log_predictive(x)
+    # The exact predictive as a model: logits 0 on the unrevealed outputs, -inf on the revealed.
+    logits = jnp.where(jnp.isfinite(log_p), 0.0, -jnp.inf).astype(log_p.dtype)
+    for model in (logits, log_p):
+        got = position_metrics(log_p, model, y)
+        np.testing.assert_array_equal(got["kl"], np.zeros(6))
+        np.testing.assert_array_equal(got["revealed_mass"], np.zeros(6))
+        np.testing.assert_allclose(got["entropy"], task.entropy_profile, atol=1e-6)
+        np.testing.assert_allclose(got["loss"], task.entropy_profile, atol=1e-6)
+    # Moving mass onto one revealed output makes the gap positive.
+    off = position_metrics(log_p, jnp.where(jnp.isfinite(log_p), 0.0, -1.0).astype(log_p.dtype), y)
+    assert (np.asarray(off["kl"])[1:] > 0).all() and (np.asarray(off["revealed_mass"])[1:] > 0).all()
+    assert float(off["kl"][0]) == 0.0  # nothing is revealed at t = 1
+
+
+@pytest.mark.slow
+def test_study_results_are_consistent(runs):
+    both, _ = runs
+    k = TINY.task.n_symbols
+    assert both["positions"] == list(range(1, k + 1))
+    np.testing.assert_allclose(both["exact_entropy_measured"], both["exact_entropy"], atol=1e-5)
+    np.testing.assert_allclose(both["exact_entropy"], np.log(np.arange(k, 0, -1)), atol=1e-12)
+    for m in MODELS:
+        entry = both["models"][m]
+        kl = np.asarray(entry["kl"]["mean"])
+        assert kl.shape == (k,) and (kl >= 0).all()
+        assert all(len(entry[x]["mean"]) == len(entry[x]["std"]) == k for x in METRICS)
+        assert np.isclose(entry["gap"]["mean"], kl.mean(), rtol=1e-6)
+        # loss - exact entropy is the KL in expectation; on the same held-out samples it is exactly
+        # the mean of log p(y) - log q(y), which differs from the KL only by sampling noise.
+        mass = np.asarray(entry["revealed_mass"]["mean"])
+        assert ((mass >= 0) & (mass <= 1)).all()
+    assert len(both["curves"]["head"]["mean"]) == len(both["curves"]["deep"]["mean"]) == TINY.steps
+
+
+@pytest.mark.slow
+def test_seed_result_does_not_depend_on_the_other_seeds(runs):
+    both, alone = runs
+    for m in MODELS:
+        assert both["models"][m]["gap"]["per_seed"][1] == alone["models"][m]["gap"]["per_seed"][0]
+    assert alone["seeds"] == [1] and both["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_training_closes_the_gap(runs):
+    both, _ = runs
+    gaps = {m: both["models"][m]["gap"]["per_seed"] for m in MODELS}
+    for trained, untrained in (("head", "head_init"), ("deep", "deep_init")):
+        assert all(a < 0.5 * b for a, b in zip(gaps[trained], gaps[untrained])), (trained, gaps)
+    # The untrained head's gap grows along the sequence (it ignores what was revealed).
+    kl0 = np.asarray(both["models"]["head_init"]["kl"]["mean"])
+    assert kl0[-1] > kl0[0]
+
+
+@pytest.mark.slow
+def test_json_report_and_plot(runs, tmp_path):
+    both, _ = runs
+    text = json.dumps(both, allow_nan=False)
+    back = json.loads(text)
+
+    def finite(v):
+        if isinstance(v, dict):
+            return all(finite(u) for u in v.values())
+        if isinstance(v, list):
+            return all(finite(u) for u in v)
+        return v is not None and (not isinstance(v, float) or math.isfinite(v))
+
+    assert finite(back["models"]) and finite(back["curves"]) and finite(back["exact_entropy"])
+    write_json(both, tmp_path / "b.json")
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["models"] == back["models"]
+    table = format_bijection(again)
+    assert "head (trained)" in table and "deep (trained)" in table
+    assert len(table.splitlines()) == 2 + TINY.task.n_symbols + 2
+    plot_bijection(again, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert again["config"]["task"]["n_symbols"] == 4 and again["config"]["steps"] == TINY.steps
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"steps": 0}, "steps"),
+        ({"batch": 0}, "batch"),
+        ({"heldout": -1}, "heldout"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"head_optimizer": "lbfgs"}, "head_optimizer"),
+        ({"head_schedule": "linear"}, "head_schedule"),
+        ({"head_lr": -0.1}, "head_lr"),
+        ({"head_value_lr": 0.5}, "head_value_lr"),  # ignored with adam
+        ({"deep_dropout": 1.0}, "deep_dropout"),
+        ({"d_model": 10, "n_heads": 3}, "d_model"),
+        ({"d_v": 0}, "d_v"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BijectionConfig(**kwargs)
+
+
+def test_config_type_errors():
+    with pytest.raises(TypeError, match="BijectionElimination"):
+        BijectionConfig(task="k=8")
+    with pytest.raises(TypeError, match="steps"):
+        BijectionConfig(steps=2.5)
+    with pytest.raises(TypeError, match="BijectionConfig"):
+        make_bijection_run({"steps": 3})
+    with pytest.raises(TypeError, match="BijectionConfig"):
+        bijection_study(1, object())
+    with pytest.raises(ValueError, match="format_bijection"):
+        format_bijection({"seeds": [0]})
+    # em_like takes its value rate; its to_dict is JSON
+    cfg = BijectionConfig(head_optimizer="em_like", head_value_lr=0.5, head_schedule="constant")
+    assert json.loads(json.dumps(cfg.to_dict()))["head_value_lr"] == 0.5
