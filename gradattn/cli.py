@@ -11,6 +11,7 @@
                   [--chunk-size K] [--no-progress] [--checkpoint-dir DIR] [cluster flags as above]
     gradattn plateau --seeds N --out plateau.json [every field of PlateauConfig and of the task]
     gradattn manifold --seeds N --out manifold.json [every field of ManifoldConfig and of the task]
+    gradattn bijection --seeds N --out bijection.json [--plot gap.png] [every field of BijectionConfig and of the task]
     gradattn laws-check [--n N] [--seed S]
 
 The flags of an experiment are made from its config's fields and the task's (each field declares
@@ -429,6 +430,9 @@ COMMANDS = (
     _Command("manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
              studies.manifold.ManifoldConfig, lambda *a, **k: studies.manifold.manifold_study(*a, **k),
              studies.manifold.format_manifold, None, 2),
+    _Command("bijection", "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
+             studies.bijection.BijectionConfig, lambda *a, **k: studies.bijection.bijection_study(*a, **k),
+             studies.bijection.format_bijection, studies.bijection.plot_bijection, 2),
 )
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from gradattn._checks import check_int, check_labels, check_weights, concrete
+from gradattn._checks import check_int, check_labels, check_weights, concrete, option
 from gradattn.bayes import loss_from_log_predictive
 
 MAX_SYMBOLS = 1024
@@ -66,7 +66,7 @@ class BijectionElimination:
         N = k positions, d_in = 3k inputs and k classes.
     """
 
-    n_symbols: int = 8
+    n_symbols: int = option(8, help="number of symbols k (N = k positions, d_in = 3k)", minimum=2, maximum=MAX_SYMBOLS)
 
     def __post_init__(self):
         object.__setattr__(
