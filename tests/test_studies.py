@@ -15,7 +15,7 @@ import pytest
 from gradattn import em_vs_sgd, EmVsSgdConfig, forward, init_head
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step
 from gradattn.geometry import covariate_r2
-from gradattn.studies.manifold import ManifoldConfig, format_manifold, make_manifold_run, manifold_study
+from gradattn.studies.manifold import ManifoldConfig, format_manifold, manifold_study
 from gradattn.studies.plateau import PlateauConfig, format_plateau, make_plateau_run, plateau_study
 from gradattn.tasks import StickyMarkov
 
