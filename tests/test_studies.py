@@ -122,6 +122,7 @@ def test_plateau_study_contents(plateau):
     assert "frame before precision" in format_plateau(r)
 
 
+@pytest.mark.slow
 def test_plateau_study_settling_equals_the_criterion_on_the_snapshots(plateau):
     """The study's settling steps are settling_step / quiet_step of attention rows and values that
     are recomputed here from a run of the same seed."""
@@ -193,6 +194,7 @@ def test_manifold_study_contents(manifold):
     assert "R^2" in format_manifold(r)
 
 
+@pytest.mark.slow
 def test_manifold_untrained_r2_recomputed_independently(manifold):
     """The untrained head's R^2 on the pooled held-out positions, rebuilt from the documented key
     split: (data, init, test, shuffle) = split(key, 4)."""

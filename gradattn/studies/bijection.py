@@ -34,12 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from matplotlib.figure import Figure
 
 from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
 from gradattn.head import dense_loss_unchecked, forward_unchecked, init_head
+from gradattn.plotting import atomic_savefig
 from gradattn.tasks import BijectionElimination
 from gradattn.training import em_like, scan_steps, sgd
 
@@ -331,10 +333,6 @@ def format_bijection(results: dict) -> str:
 def plot_bijection(results: dict, path: str | os.PathLike | None = None, *, dpi: int = 150):
     """Per-position KL gap (log scale) and model entropy against the exact entropy, one line per
     model, +-1 std over seeds. Saved atomically when ``path`` is given; returns the Figure."""
-    from matplotlib.figure import Figure
-
-    from gradattn.plotting import atomic_savefig
-
     models, positions, exact, n_seeds = _check_results(results, "plot_bijection")
     t = np.asarray(positions)
     fig = Figure(figsize=(12, 4.2))
