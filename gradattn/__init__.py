@@ -45,7 +45,7 @@ from gradattn.laws import (
 )
 from gradattn.sweeps import seed_keys, sweep
 from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, Task
-from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train
+from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train, train_arms
 from gradattn.verify import laws_check_errors
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "init_state",
     "make_step",
     "train",
+    "train_arms",
     # tasks, seeds, experiments
     "Task",
     "StickyMarkov",

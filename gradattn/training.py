@@ -280,3 +280,48 @@ def scan_steps(step, carry, steps: int, every: int | None = None, probe=None):
 
     final, (outs, records) = jax.lax.scan(segment, carry, jnp.arange(0, steps, every))
     return final, jax.tree.map(lambda a: a.reshape((steps,) + a.shape[2:]), outs), records
+
+
+def train_arms(params: HeadParams, optimizers: dict, data: Callable[[jax.Array], tuple], steps: int, *,
+               grad_source="auto", checkpoint_every: int | None = None):
+    """Several arms trained from the same ``params`` in one ``lax.scan``, paired step by step.
+
+    Every arm (``name -> optax transformation``) takes its step t on the same ``data(t) -> (x, y)``,
+    which is called once per step: with a fresh sequence per step (``data`` sampling from a key
+    folded with t) the arms still see the same sequences, as they would on one fixed sequence.
+    Pure and jit/vmap-able (``optimizers``, ``data``, ``steps``, ``grad_source`` and
+    ``checkpoint_every`` are static).
+
+    Args:
+      params: HeadParams at step 0, shared by every arm.
+      optimizers: a non-empty dict of optax GradientTransformations, by arm name.
+      data: ``t -> (x (N, d_in), y (N,))``, the batch of step t (an int32 scalar).
+      steps: number of updates per arm.
+      grad_source: as in :func:`make_step`.
+      checkpoint_every: ``k`` dividing ``steps``: the parameters of every arm before steps 0, k, 2k, ...
+    Returns:
+      ``(final, losses, checkpoints)``: ``{name: TrainState}``, ``{name: (steps,)}`` the loss before
+      every update, and ``{name: HeadParams}`` with a leading axis of ``steps // k`` (``None``
+      without ``checkpoint_every``).
+    """
+    steps = check_int("steps", steps, "train_arms")
+    if not isinstance(optimizers, dict) or not optimizers:
+        raise TypeError(f"train_arms: optimizers must be a non-empty dict of optax transformations by arm name, got {optimizers!r}")
+    for optimizer in optimizers.values():
+        _check_optimizer(optimizer, "train_arms")
+    if not callable(data):
+        raise TypeError(f"train_arms: data must be a callable t -> (x, y), got {data!r}")
+    if checkpoint_every is not None:
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every, "train_arms")
+        if steps % checkpoint_every:
+            raise ValueError(f"train_arms: checkpoint_every={checkpoint_every} must divide steps={steps}")
+    step_of = {name: make_step(optimizer, grad_source) for name, optimizer in optimizers.items()}
+
+    def step(states, t):
+        x, y = data(t)
+        new = {name: step_of[name](states[name], x, y) for name in optimizers}
+        return {name: s for name, (s, _) in new.items()}, {name: m["loss"] for name, (_, m) in new.items()}
+
+    start = {name: init_state(params, optimizer) for name, optimizer in optimizers.items()}
+    return scan_steps(step, start, steps, checkpoint_every,
+                      lambda before, after, t: {name: s.params for name, s in before.items()})

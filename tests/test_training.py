@@ -296,3 +296,30 @@ def test_scan_steps_passes_the_step_index_and_probes_segment_starts():
     assert int(final2) == 15
     np.testing.assert_array_equal(outs2, outs)
     np.testing.assert_array_equal(rec, [[0, 0, 0], [3, 6, 3]])
+
+
+def test_train_arms_equals_each_arm_trained_alone():
+    """train_arms on one fixed sequence is train of each arm alone: same losses, same final
+    parameters, same checkpoints (to float32 rounding); a fresh sequence per step is the same data
+    for every arm. Bad arguments are refused naming them."""
+    from gradattn.training import train_arms
+
+    x = jax.random.normal(jax.random.key(1), (12, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (12,), 0, 4)
+    params = ga.init_head(jax.random.key(0), 5, 3, 3, 4, dtype=jnp.float32)
+    arms = {"sgd": ga.sgd(0.05), "em": ga.em_like(0.2, 0.05)}
+    final, losses, ck = jax.jit(lambda p: train_arms(p, arms, lambda t: (x, y), 6, checkpoint_every=3))(params)
+    for name, opt in arms.items():
+        alone, hist = ga.train(params, x, y, opt, 6, checkpoint_every=3)
+        np.testing.assert_allclose(losses[name], hist["loss"], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves((final[name].params, ck[name])), jax.tree.leaves((alone.params, hist["checkpoints"]))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    seen = []
+    train_arms(params, arms, lambda t: seen.append(t) or (x, y), 4)
+    assert len(seen) == 1  # traced once per step of the scan body, shared by both arms
+    with pytest.raises(TypeError, match="optimizers"):
+        train_arms(params, {}, lambda t: (x, y), 4)
+    with pytest.raises(ValueError, match="must divide"):
+        train_arms(params, arms, lambda t: (x, y), 4, checkpoint_every=3)
+    with pytest.raises(TypeError, match="data"):
+        train_arms(params, arms, (x, y), 4)

@@ -28,7 +28,7 @@ from gradattn.geometry import covariate_r2, decoding_r2
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.tasks import StickyMarkov, Task
-from gradattn.training import em_like, init_state, make_step, scan_steps, sgd
+from gradattn.training import em_like, sgd, train_arms
 
 ARMS = ("sgd", "em")
 HEADS = ("init", "sgd", "em")
@@ -96,15 +96,9 @@ def _make_manifold_run(config: ManifoldConfig):
     def run(key):
         data_key, init_key, test_key, shuffle_key = jax.random.split(key, 4)
         params = init_head(init_key, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
-        steps = {name: make_step(optimizer, config.grad_source) for name, optimizer in arms.items()}
-
-        def step(states, t):  # both arms on the same fresh sequence
-            x, y = task.sample(jax.random.fold_in(data_key, t), jnp.float32)
-            new = {name: steps[name](states[name], x, y) for name in arms}
-            return {name: s for name, (s, _) in new.items()}, {name: mt["loss"] for name, (_, mt) in new.items()}
-
-        start = {name: init_state(params, optimizer) for name, optimizer in arms.items()}
-        final, curves, _ = scan_steps(step, start, config.steps)
+        final, curves, _ = train_arms(  # both arms on the same fresh sequence at every step
+            params, arms, lambda t: task.sample(jax.random.fold_in(data_key, t), jnp.float32), config.steps,
+            grad_source=config.grad_source)
 
         xs, ys = jax.vmap(lambda k: task.sample(k, jnp.float32))(jax.random.split(test_key, config.heldout))
         entropy = jax.vmap(task.bayes_filter_entropy)(xs).reshape(-1)

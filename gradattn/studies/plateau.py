@@ -34,7 +34,7 @@ from gradattn.experiments import Experiment, check_config, config_dict, json_flo
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.tasks import StickyMarkov, Task
-from gradattn.training import em_like, init_state, make_step, scan_steps, sgd
+from gradattn.training import em_like, sgd, train_arms
 
 ARMS = ("sgd", "em")
 TOLERANCES = (0.05, 0.1, 0.2)
@@ -152,18 +152,9 @@ def _make_plateau_run(config: PlateauConfig):
                 return task.sample(jax.random.fold_in(data_key, t), jnp.float32)
             return x, y
 
-        # Both arms in one scan, so that with fresh data they see the same sequence at every step
-        # (sampled once) and stay paired, as they are on one sequence.
-        steps = {name: make_step(optimizer, config.grad_source) for name, optimizer in arms.items()}
-
-        def step(states, t):
-            xt, yt = data(t)
-            new = {name: steps[name](states[name], xt, yt) for name in arms}
-            return {name: s for name, (s, _) in new.items()}, {name: m["loss"] for name, (_, m) in new.items()}
-
-        start = {name: init_state(params, optimizer) for name, optimizer in arms.items()}
-        final, losses, checkpoints = scan_steps(step, start, config.steps, k,
-                                                lambda before, after, t: {n: s.params for n, s in before.items()})
+        # Both arms in one scan: with fresh data they see the same sequence at every step.
+        final, losses, checkpoints = train_arms(params, arms, data, config.steps, grad_source=config.grad_source,
+                                                checkpoint_every=k)
         out = {"bayes_loss": task.bayes_loss(x, y).mean}
         for name in arms:
             series = jax.tree.map(lambda s, f: jnp.concatenate([s, f[None]]), checkpoints[name], final[name].params)
