@@ -88,6 +88,10 @@ def test_criteria_edge_cases_and_errors():
         quiet_step(steps, jnp.zeros(4), 0.0)
     with pytest.raises(ValueError, match="K = 4"):
         quiet_step(steps, jnp.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="change_per_step: series must have shape"):
+        change_per_step(steps, jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="change_per_step: checkpoint_steps"):
+        change_per_step(jnp.zeros(1), jnp.zeros(1))
     with pytest.raises(ValueError, match="two windows"):
         plateau_step(jnp.ones(15), 10, 1e-3)
     # Vmapped over seeds under jit.

@@ -184,24 +184,38 @@ def quiet_step(checkpoint_steps, series, fraction: float = 0.05) -> jax.Array:
       scalar, floating (the dtype of ``checkpoint_steps`` if floating, else JAX's default float).
       Pure; jit- and vmap-able (``fraction`` static).
     """
-    steps = jnp.asarray(checkpoint_steps)
-    series = jnp.asarray(series)
-    if steps.ndim != 1 or steps.shape[0] < 2:
-        raise ValueError(f"quiet_step: checkpoint_steps must be 1-D with at least 2 checkpoints, got shape {steps.shape}")
-    if series.ndim < 1 or series.shape[0] != steps.shape[0]:
-        raise ValueError(f"quiet_step: series must have shape (K, ...) with K = {steps.shape[0]}, got shape {series.shape}")
+    steps, series = _check_series(checkpoint_steps, series, "quiet_step")
     check_number("fraction", fraction, "quiet_step", minimum=0.0, exclusive_minimum=True, maximum=1.0)
     dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
-    rate = change_per_step(steps, series)
+    rate = _rate(steps, series)
     k = _last_run_start(rate <= fraction * jnp.max(rate))
     ok = jnp.all(jnp.isfinite(series)) & (k < rate.shape[0])
     return jnp.where(ok, steps[jnp.minimum(k, rate.shape[0] - 1)].astype(dtype), jnp.nan)
 
 
 def change_per_step(checkpoint_steps, series) -> jax.Array:
-    """(K - 1,) ||s_{k+1} - s_k|| / (t_{k+1} - t_k): how fast ``series`` moves between checkpoints."""
+    """(K - 1,) c_k = ||s_{k+1} - s_k|| / (t_{k+1} - t_k): how fast ``series`` moves between checkpoints.
+
+    Args:
+      checkpoint_steps: (K,) increasing steps t_k, K >= 2.
+      series: (K, ...) a snapshot per checkpoint (Frobenius norm over the trailing axes).
+    """
+    steps, series = _check_series(checkpoint_steps, series, "change_per_step")
+    return _rate(steps, series)
+
+
+def _check_series(checkpoint_steps, series, fn: str):
     steps = jnp.asarray(checkpoint_steps)
-    flat = jnp.asarray(series).reshape(steps.shape[0], -1)
+    series = jnp.asarray(series)
+    if steps.ndim != 1 or steps.shape[0] < 2:
+        raise ValueError(f"{fn}: checkpoint_steps must be 1-D with at least 2 checkpoints, got shape {steps.shape}")
+    if series.ndim < 1 or series.shape[0] != steps.shape[0]:
+        raise ValueError(f"{fn}: series must have shape (K, ...) with K = {steps.shape[0]}, got shape {series.shape}")
+    return steps, series
+
+
+def _rate(steps, series):
+    flat = series.reshape(steps.shape[0], -1)
     return jnp.linalg.norm(jnp.diff(flat, axis=0), axis=-1) / jnp.diff(steps).astype(flat.dtype)
 
 
