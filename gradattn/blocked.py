@@ -26,7 +26,21 @@ a second reduction over the block. (2) The key and value accumulators are kept t
 so both products contract the block's rows as the inner index of a plain matrix product (the
 untransposed form makes XLA:CPU contract the leading axis of the large operand, a slower path), and
 alpha_R is never stored: every law uses it linearly, so 1/l goes onto the small (|R|, d) factors.
-``tests/test_blocked.py`` checks each blocked form against its named law on a block.
+
+(3) When the head has fewer classes than value dimensions (C < d_v; the paper's head has C = 8,
+d_v = 15), the pass attends over M = V W_O (N, C) instead of V, which gives the logits directly,
+Z_R = P_R M / l. The laws are the same products re-associated (:func:`attends_through_output`)::
+
+    b_R = U_R V^T = E_R M^T                           compatibility(U_R, V)            associativity
+    sum_k alpha_ik b_ik = e_i . z_i                   (identity (1) in M's coordinates)
+    A^T += output_value_grad_block_t(E_R, 1/l, P_R)   A = alpha^T E (N, C)
+    dV = A W_O^T                                      value_grad(alpha, U)             associativity
+    dW_O = V^T A                                      output_weight_grad(G, E)         associativity
+
+so three of the six products over each (|R| x keys) block are C wide instead of d_v wide (the
+step does 28% less arithmetic at the paper's sizes). Otherwise it attends over V as in the table.
+``tests/test_blocked.py`` checks each blocked form against its named law on a block, and the pass
+in both forms against autodiff.
 
 :func:`loss_fn` is the loss with a ``jax.custom_vjp`` whose forward rule runs the fused pass once
 and keeps dQ, dK, dV, dW_O and the per-token losses as residuals, so ``jax.value_and_grad(loss_fn)``
@@ -55,6 +69,7 @@ from gradattn.laws import compatibility, output_error_rows, output_weight_grad, 
 
 __all__ = [
     "BlockedPass",
+    "attends_through_output",
     "blocked_loss",
     "blocked_loss_and_grads",
     "blocked_pass",
@@ -62,6 +77,7 @@ __all__ = [
     "input_grad",
     "key_grad_block_t",
     "loss_fn",
+    "output_value_grad_block_t",
     "query_blocks",
     "routing_grad_block",
     "seed_group",
@@ -119,6 +135,13 @@ def value_grad_block_t(w_o, e, inv_rowsum, exp_scores):
     return (w_o @ e.T) * inv_rowsum.T @ exp_scores
 
 
+def output_value_grad_block_t(e, inv_rowsum, exp_scores):
+    """(C, keys) = (E_R / l)^T P_R = (alpha_R^T E_R)^T: the value law before its factor W_O^T, since
+    ``laws.value_grad(alpha_R, E_R W_O^T) = (alpha_R^T E_R) W_O^T`` (used when C < d_v; see
+    :func:`attends_through_output`)."""
+    return (e * inv_rowsum).T @ exp_scores
+
+
 # ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +192,8 @@ def blocked_pass(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
         dQ_R = dS_R K / sqrt(d_k)                                            (laws.query_grad)
         dK^T[:, :keys] += (Q_R / sqrt(d_k))^T dS_R  (key law, transposed)
         dV^T[:, :keys] += (U_R / l)^T P_R           (value law, transposed)
+
+    with V replaced by V W_O and U_R by E_R when C < d_v (:func:`attends_through_output`).
     """
     n, *_ = check_head_inputs(params, x, y, weights, fn="blocked_pass")
     block_size = _check_block_size(block_size, "blocked_pass")
@@ -181,37 +206,63 @@ def blocked_pass_unchecked(params, x, y, weights=None, causal=True, block_size=N
     return _in_seed_groups(_blocked_pass, causal, block_size, x.shape[0])(params, x, y, weights)
 
 
+def attends_through_output(params: HeadParams) -> bool:
+    """Whether the blocked pass attends over V W_O (N, C) instead of V (N, d_v): when C < d_v.
+
+    z_i = g_i W_O = sum_j alpha_ij (v_j W_O), so the pass may carry the values already mapped to
+    the logits. Every law is then the same product re-associated: b_ij = u_i . v_j = e_i . (v_j W_O),
+    sum_k alpha_ik b_ik = e_i . z_i, dL/dV = (alpha^T E) W_O^T and dL/dW_O = V^T (alpha^T E). The
+    three products of width d_v over the (|R|, keys) blocks become products of width C (the head
+    of the paper: 8 instead of 15), and the value accumulator holds alpha^T E (N, C).
+    """
+    return params.w_o.shape[1] < params.w_v.shape[1]
+
+
 def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
     n = x.shape[0]
     q, q_t, k, v, w = _projections(params, x, weights)
-    d_k, d_v = k.shape[1], v.shape[1]
-    v_and_ones = jnp.concatenate([v, jnp.ones((n, 1), v.dtype)], axis=1)  # P [V, 1] = [P V, rowsum P]: one pass over P
+    d_k = k.shape[1]
+    through_output = attends_through_output(params)
+    # M, what the queries attend over: V W_O (N, C) or V (N, d_v); [M, 1] so that one product over
+    # P gives both P M and l = rowsum P.
+    m = v @ params.w_o if through_output else v
+    width = m.shape[1]
+    m_and_ones = jnp.concatenate([m, jnp.ones((n, 1), m.dtype)], axis=1)
     dk_t = jnp.zeros((d_k, n), x.dtype)
-    dv_t = jnp.zeros((d_v, n), x.dtype)
+    dm_t = jnp.zeros((width, n), x.dtype)  # alpha^T E (through the output) or alpha^T U = dL/dV, transposed
     dw_o = jnp.zeros_like(params.w_o)
     ce_blocks, dq_blocks = [], []
     blocks = RowBlocks(n, block_size, causal)
     for blk in blocks:
         r0, r1, keys = blk.start, blk.stop, blk.keys
-        q, k, v = blocks.gate(blk, (q, k, v))
-        k_r, v_r = k[:keys], v[:keys]
+        q, k, m = blocks.gate(blk, (q, k, m))
+        k_r, m_r = k[:keys], m[:keys]
         s_r = masked_scores(q[r0:r1], k_r, r0, causal)
         exp_s = jnp.exp(s_r - jnp.max(s_r, axis=-1, keepdims=True))
-        context_and_rowsum = exp_s @ v_and_ones[:keys]
-        inv_rowsum = 1.0 / context_and_rowsum[:, d_v:]
-        g = context_and_rowsum[:, :d_v] * inv_rowsum
-        z = g @ params.w_o
+        attended_and_rowsum = exp_s @ m_and_ones[:keys]
+        inv_rowsum = 1.0 / attended_and_rowsum[:, width:]
+        attended = attended_and_rowsum[:, :width] * inv_rowsum  # z_R (through the output) or G_R
+        z = attended if through_output else attended @ params.w_o
         ce_blocks.append(token_losses(z, y[r0:r1]))
         e = output_error_rows(z, y[r0:r1], w[r0:r1])
-        u = e @ params.w_o.T
-        ds = routing_grad_block(exp_s, inv_rowsum, compatibility(u, v_r), u, g)
+        # The error in M's coordinates: E_R itself, or U_R = E_R W_O^T. Then b_R = F_R M^T and
+        # sum_k alpha_ik b_ik = f_i . (attended)_i either way.
+        f = e if through_output else e @ params.w_o.T
+        ds = routing_grad_block(exp_s, inv_rowsum, compatibility(f, m_r), f, attended)
         dq_blocks.append(query_grad(ds, k_r))
         dk_t = dk_t.at[:, :keys].add(key_grad_block_t(q_t[:, r0:r1], ds))
-        dv_t = dv_t.at[:, :keys].add(value_grad_block_t(params.w_o, e, inv_rowsum, exp_s))
-        dw_o = dw_o + output_weight_grad(g, e)
-        blocks.finish(blk, dk_t[0, 0], dv_t[0, 0], dw_o[0, 0], dq_blocks[-1][0, 0], ce_blocks[-1][0])
+        if through_output:
+            dm_t = dm_t.at[:, :keys].add(output_value_grad_block_t(e, inv_rowsum, exp_s))
+        else:
+            dm_t = dm_t.at[:, :keys].add(value_grad_block_t(params.w_o, e, inv_rowsum, exp_s))
+            dw_o = dw_o + output_weight_grad(attended, e)
+        blocks.finish(blk, dk_t[0, 0], dm_t[0, 0], dw_o[0, 0], dq_blocks[-1][0, 0], ce_blocks[-1][0])
     ce = jnp.concatenate(ce_blocks)
-    return BlockedPass(loss=jnp.sum(w * ce), token_losses=ce, dq=jnp.concatenate(dq_blocks), dk=dk_t.T, dv=dv_t.T,
+    if through_output:  # dL/dV = (alpha^T E) W_O^T and dL/dW_O = V^T (alpha^T E)
+        dv, dw_o = (params.w_o @ dm_t).T, (dm_t @ v).T
+    else:
+        dv = dm_t.T
+    return BlockedPass(loss=jnp.sum(w * ce), token_losses=ce, dq=jnp.concatenate(dq_blocks), dk=dk_t.T, dv=dv,
                        dw_o=dw_o)
 
 
@@ -232,15 +283,17 @@ def blocked_loss_unchecked(params, x, y, weights=None, causal=True, block_size=N
 def _blocked_loss(params, x, y, weights, causal, block_size) -> jax.Array:
     n = x.shape[0]
     q, _, k, v, w = _projections(params, x, weights)
+    through_output = attends_through_output(params)
+    m = v @ params.w_o if through_output else v  # as in the pass: z_R = P_R (V W_O) / l when C < d_v
     ce_blocks = []
     blocks = RowBlocks(n, block_size, causal)
     for blk in blocks:
         r0, r1, keys = blk.start, blk.stop, blk.keys
-        q, k, v = blocks.gate(blk, (q, k, v))
+        q, k, m = blocks.gate(blk, (q, k, m))
         s_r = masked_scores(q[r0:r1], k[:keys], r0, causal)
         exp_s = jnp.exp(s_r - jnp.max(s_r, axis=-1, keepdims=True))
-        g = (exp_s @ v[:keys]) * (1.0 / jnp.sum(exp_s, axis=-1, keepdims=True))
-        ce_blocks.append(token_losses(g @ params.w_o, y[r0:r1]))
+        attended = (exp_s @ m[:keys]) * (1.0 / jnp.sum(exp_s, axis=-1, keepdims=True))
+        ce_blocks.append(token_losses(attended if through_output else attended @ params.w_o, y[r0:r1]))
         blocks.finish(blk, ce_blocks[-1][0])
     return jnp.sum(w * jnp.concatenate(ce_blocks))
 

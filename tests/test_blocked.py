@@ -46,18 +46,24 @@ def _blocked_dense_and_autodiff(params, x, y, w, causal, block_size):
 # (N, block): N = 1; N below one block; several whole blocks; several blocks with a ragged last
 # one. Each compiles the unrolled blocks again, so these few pairs are reused across examples.
 LAYOUTS = [(1, 8), (7, 8), (16, 8), (23, 8)]
-# Each layout causal and not, and across layouts every (causal, weighted) combination.
-CASES = [(n, b, causal, causal == (i % 2 == 0)) for i, (n, b) in enumerate(LAYOUTS) for causal in (True, False)]
+# Each layout causal and not, and across the eight cases every combination of causal, weighted
+# and the pass's two forms: over V (C >= d_v: 6 classes, d_v = 4) and over V W_O (C < d_v: 3
+# classes, d_v = 7; see gradattn.blocked.attends_through_output).
+CASES = [(n, b, causal, causal == (i % 2 == 0), causal == (i < 2)) for i, (n, b) in enumerate(LAYOUTS)
+         for causal in (True, False)]
 
 
-@pytest.mark.parametrize("n, block_size, causal, weighted", CASES)
+@pytest.mark.parametrize("n, block_size, causal, weighted, through_output", CASES)
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**16))
-def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted, seed):
+def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted, through_output, seed):
     """Blocked loss and gradients = dense laws = autodiff, and blocked_loss = autodiff's loss, on
     each layout (N = 1, N below a block, whole blocks, a ragged last block), causal and not,
-    weighted and not; three random draws of parameters and data per case (one compile per case)."""
-    params, x, y, w = problem(n, seed=seed, weighted=weighted)
+    weighted and not, attending over V and over V W_O; three random draws of parameters and data
+    per case (one compile per case)."""
+    shape = dict(d_v=7, n_classes=3) if through_output else {}
+    params, x, y, w = problem(n, seed=seed, weighted=weighted, **shape)
+    assert ga.blocked.attends_through_output(params) == through_output
     (loss, grads), loss_only, (dense_l, dense_g), (auto_l, auto_g) = _blocked_dense_and_autodiff(params, x, y, w, causal, block_size)
     assert_close(loss, auto_l, 1e-12)
     assert_close(dense_l, auto_l, 1e-12)
@@ -77,9 +83,9 @@ def _loss_fn_and_dense_grads(params, x, y, w, causal, block_size):
 @pytest.mark.parametrize("causal", [True, False])
 def test_loss_fn_grad_matches_autodiff_of_dense_loss(n, block_size, causal):
     """jax.grad through loss_fn's custom VJP, w.r.t. params, x and weights, at N = 1, N below a
-    block and several blocks with a ragged last one, causal and not; and the eager (unjitted)
-    loss_fn equals it on the several-block layout."""
-    params, x, y, w = problem(n, seed=n, weighted=True)
+    block and several blocks with a ragged last one, causal (attending over V W_O, C < d_v) and
+    not (over V); and the eager (unjitted) loss_fn equals it on the several-block layout."""
+    params, x, y, w = problem(n, seed=n, weighted=True, **(dict(d_v=7, n_classes=3) if causal else {}))
     (got_l, got), (want_l, want) = _loss_fn_and_dense_grads(params, x, y, w, causal, block_size)
     assert_close(got_l, want_l, 1e-12)
     assert_close(got, want, 1e-9)
@@ -208,8 +214,9 @@ def test_vmap_over_many_seeds_runs_in_groups_with_identical_values(monkeypatch):
 
 
 def test_blocked_forms_are_the_named_laws_on_a_block():
-    """The routing, key and value laws as the blocked pass writes them equal the named laws."""
-    from gradattn.blocked import key_grad_block_t, routing_grad_block, value_grad_block_t
+    """The routing, key and value laws as the blocked pass writes them equal the named laws, over V
+    and over V W_O (the logits' coordinates)."""
+    from gradattn.blocked import key_grad_block_t, output_value_grad_block_t, routing_grad_block, value_grad_block_t
     from gradattn.laws import key_grad, value_grad
 
     params, x, y, _ = problem(11, weighted=True)
@@ -228,6 +235,12 @@ def test_blocked_forms_are_the_named_laws_on_a_block():
     q_t = out.q[r0:r1].T / jnp.sqrt(3.0)
     assert_close(key_grad_block_t(q_t, ds), key_grad(ds, out.q[r0:r1]).T, 1e-12)
     assert_close(value_grad_block_t(params.w_o, e[r0:r1], inv_l, exp_s), value_grad(alpha_r, u[r0:r1]).T, 1e-12)
+    # attending over M = V W_O: the value law before W_O^T, b and the routing law in M's coordinates
+    m, z = out.v @ params.w_o, out.context @ params.w_o
+    assert_close(output_value_grad_block_t(e[r0:r1], inv_l, exp_s).T @ params.w_o.T, value_grad(alpha_r, u[r0:r1]), 1e-12)
+    assert_close(compatibility(e[r0:r1], m[:r1]), b_r, 1e-12)
+    assert_close(routing_grad_block(exp_s, inv_l, compatibility(e[r0:r1], m[:r1]), e[r0:r1], z[r0:r1]),
+                 routing_grad(alpha_r, b_r), 1e-12)
 
 
 def test_one_validation_per_eager_call(monkeypatch):
