@@ -24,11 +24,14 @@ from gradattn.deep import (
 from gradattn.dynamics import feedback_stats, step_feedback
 from gradattn.plotting import format_deep, plot_deep
 from gradattn.head import forward, init_head, token_losses
-from gradattn.sweeps import sweep
+from gradattn.sweeps import seed_key, sweep
 from gradattn.tasks import DirichletHMM, StickyMarkov
 
 TASK = StickyMarkov(seq_len=16)
-CFG = DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)
+# The experiment's config; its task is noisier than the default so that its Bayes losses tell the
+# task's own filter from the filter at noise 1.
+CFG = DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=StickyMarkov(seq_len=16, noise_std=2.0),
+                 n_checkpoints=2, settle_rows=4)
 
 
 def test_every_head_obeys_the_laws_float64():
@@ -87,18 +90,20 @@ def test_dense_feedback_core_equals_the_blocked_statistics():
 
 def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
     """At noise_std = 2 the run's Bayes losses are task.bayes_loss of its own sequences, not the
-    filter at noise 1."""
-    task = StickyMarkov(seq_len=16, noise_std=2.0)
-    key = jax.random.key(11)
-    out = jax.jit(make_deep_run(DeepConfig(steps=2, d_model=8, n_layers=1, n_heads=2, task=task, n_checkpoints=0)))(key)
-    k_data, _, _, k_test = jax.random.split(key, 4)
-    for name, k in (("train_bayes_loss", k_data), ("heldout_bayes_loss", k_test)):
-        x, y = task.sample(k, jnp.float32)
-        own = task.bayes_loss(x, y).mean
-        at_noise_1 = bayes.bayes_loss(jnp.asarray(task.transition_matrix, jnp.float32),
-                                      jnp.asarray(task.embeddings, jnp.float32), x, y).mean
-        np.testing.assert_allclose(out[name], own, rtol=1e-6)
-        assert abs(float(at_noise_1) - float(own)) > 1e-4, name  # far outside the rtol above
+    filter at noise 1. The run is the deep experiment's own (same config, seeds and chunk), so its
+    compiled sweep is shared with the experiment test below."""
+    task = CFG.task
+    assert task.noise_std == 2.0
+    out = sweep(make_deep_run(CFG), [0, 1], chunk_size=2)
+    for i, seed in enumerate((0, 1)):
+        k_data, _, _, k_test = jax.random.split(seed_key(seed), 4)
+        for name, k in (("train_bayes_loss", k_data), ("heldout_bayes_loss", k_test)):
+            x, y = task.sample(k, jnp.float32)
+            own = task.bayes_loss(x, y).mean
+            at_noise_1 = bayes.bayes_loss(jnp.asarray(task.transition_matrix, jnp.float32),
+                                          jnp.asarray(task.embeddings, jnp.float32), x, y).mean
+            np.testing.assert_allclose(out[name][i], own, rtol=1e-6)
+            assert abs(float(at_noise_1) - float(own)) > 1e-4, name  # far outside the rtol above
 
 
 def test_any_task_through_the_protocol():
@@ -111,7 +116,8 @@ def test_any_task_through_the_protocol():
 
 def test_one_seed_one_result_and_run_contents():
     run = make_deep_run(CFG)
-    assert make_deep_run(DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=TASK, n_checkpoints=2, settle_rows=4)) is run
+    assert make_deep_run(DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=StickyMarkov(seq_len=16, noise_std=2.0),
+                                    n_checkpoints=2, settle_rows=4)) is run
     many = sweep(run, [1, 3, 5], chunk_size=2)
     alone = sweep(run, [3], chunk_size=2)
     for name in many:
@@ -204,7 +210,7 @@ def test_deep_experiment_json_text_and_plot(tmp_path):
     res = deep_experiment([0, 1], CFG, chunk_size=2)
     text = json.dumps(res, allow_nan=False)
     back = json.loads(text)
-    assert back["steps"] == 4 and back["seeds"] == [0, 1] and back["h_min"] == pytest.approx(TASK.h_min)
+    assert back["steps"] == 4 and back["seeds"] == [0, 1] and back["h_min"] == pytest.approx(CFG.task.h_min)
     ho = back["heldout"]
     for key in ("loss_mean", "loss_std", "entropy_mean", "accuracy_mean", "bayes_loss_mean", "gap_to_bayes_mean"):
         assert isinstance(ho[key], float), key

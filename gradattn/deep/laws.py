@@ -14,6 +14,7 @@ hold unchanged (:func:`head_laws`; :func:`deep_law_errors` checks them against a
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -116,6 +117,24 @@ def head_laws(model: Transformer, x: jax.Array, y: jax.Array, weights=None) -> H
     return laws_of(pure_apply(graphdef), params, jnp.asarray(x), jnp.asarray(y), weights, shape)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _laws_and_autodiff(graphdef, params, x, y, w, shape):
+    """The laws of every head and autodiff's gradients with respect to every head's scores,
+    attention weights and values (zero perturbations of the taps), in one compiled program; jitted
+    at module level so that a second check of the same model shape reuses it."""
+    apply = pure_apply(graphdef)
+    lw = laws_of(apply, params, x, y, w, shape)
+    n_layers, n_heads, n, hd = shape
+
+    def loss_at(**perturb):
+        return mean_loss(apply(params, x, perturb=HeadTaps(**perturb)), y, w)
+
+    ds = jax.grad(lambda p: loss_at(scores=p))(jnp.zeros((n_layers, n_heads, n, n), x.dtype))
+    da = jax.grad(lambda p: loss_at(alpha=p))(jnp.zeros((n_layers, n_heads, n, n), x.dtype))
+    dv = jax.grad(lambda p: loss_at(values=p))(jnp.zeros((n_layers, n_heads, n, hd), x.dtype))
+    return lw, ds, da, dv
+
+
 def deep_law_errors(key=None, *, n: int = 13, d_in: int = 5, d_model: int = 8, n_layers: int = 2, n_heads: int = 2,
                     n_classes: int = 3) -> dict[str, float]:
     """Every head's laws against autodiff of the whole model, in float64, on a random small instance.
@@ -142,22 +161,7 @@ def deep_law_errors(key=None, *, n: int = 13, d_in: int = 5, d_model: int = 8, n
         y = jax.random.randint(k_y, (n,), 0, n_classes)
         w = jax.random.uniform(k_w, (n,), f64, 0.1, 1.0)
         graphdef, params = nnx.split(model, nnx.Param)
-        apply = pure_apply(graphdef)
-        hd = d_model // n_heads
-
-        @jax.jit
-        def pairs(params, x, y, w):
-            lw = laws_of(apply, params, x, y, w, (n_layers, n_heads, n, hd))
-
-            def loss_at(**perturb):
-                return mean_loss(apply(params, x, perturb=HeadTaps(**perturb)), y, w)
-
-            ds = jax.grad(lambda p: loss_at(scores=p))(jnp.zeros((n_layers, n_heads, n, n), f64))
-            da = jax.grad(lambda p: loss_at(alpha=p))(jnp.zeros((n_layers, n_heads, n, n), f64))
-            dv = jax.grad(lambda p: loss_at(values=p))(jnp.zeros((n_layers, n_heads, n, hd), f64))
-            return lw, ds, da, dv
-
-        lw, ds, da, dv = pairs(params, x, y, w)
+        lw, ds, da, dv = _laws_and_autodiff(graphdef, params, x, y, w, (n_layers, n_heads, n, d_model // n_heads))
         scale = jnp.max(jnp.abs(lw.routing_grad))
         errors = {
             "routing": relative_error(lw.routing_grad, ds),
