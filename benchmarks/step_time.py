@@ -365,6 +365,15 @@ def main(argv=None):
           f"f32 matmul rate ({floor['step_flops'] / floor_parts['matmul_s'] / 1e9:.0f} GFLOP/s: "
           f"{1e3 * floor_parts['matmul_s']:.2f} ms) + exp of {floor['exp_count'] / 1e6:.1f} M numbers "
           f"({floor['exp_count'] / floor_parts['exp_s'] / 1e9:.2f} G/s: {1e3 * floor_parts['exp_s']:.2f} ms)")
+    # The floor counts the six products at the model's widths; the blocked pass attends over V W_O
+    # when C < d_v, so three of them are C wide (plus 1 for the row sums): its own arithmetic is less.
+    dk, dv, c = CONFIG["d_k"], CONFIG["d_v"], CONFIG["n_classes"]
+    width = min(dv, c)
+    pass_flops = n * n * (3 * dk + 3 * width + 1)
+    pass_floor_ms = 1e3 * (floor_parts["matmul_s"] * pass_flops / floor["step_flops"] + floor_parts["exp_s"])
+    print(f"the blocked pass's own arithmetic ({'over V W_O, ' if c < dv else ''}widths 3 x {dk} + 3 x {width} + 1): "
+          f"{pass_flops / 1e6:.0f} MFLOP, floor {pass_floor_ms:.2f} ms at the same rates; scan at "
+          f"{pass_floor_ms / scan_ms:.2f} of it")
     targets = None
     if base:
         fastest_jax = min(JAX_VARIANTS, key=ms.get)
@@ -394,6 +403,7 @@ def main(argv=None):
                   "matmul_gflops": floor["step_flops"] / floor_parts["matmul_s"] / 1e9,
                   "exp_per_s": floor["exp_count"] / floor_parts["exp_s"]},
         "fraction_of_floor": {**{k: floor_ms / t for k, t in ms.items()}, "scan": floor_ms / scan_ms},
+        "pass_floor": {"flops": pass_flops, "measured_ms": pass_floor_ms, "scan_fraction": pass_floor_ms / scan_ms},
         "targets": targets,
         "workers": {k: {kk: vv for kk, vv in w.ready.items() if kk != "check"} for k, w in workers.items()},
         "machine": m,
