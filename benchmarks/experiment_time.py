@@ -19,8 +19,8 @@ time into start-up (interpreter and imports), tracing, compiling (or loading fro
 running. Each run's results file is read back: the final
 losses of the two arms are printed beside each other, so a reader can see the same experiment ran.
 
-    python benchmarks/experiment_time.py            # 5 seeds, 1000 steps, T = 2000: ~6 minutes on a
-                                                    # quiet 2-core CPU (PyTorch eager alone ~4.5 minutes)
+    python benchmarks/experiment_time.py            # 5 seeds, 1000 steps, T = 2000: ~13 minutes on a
+                                                    # quiet 2-core CPU (PyTorch eager alone ~7.5 minutes)
     python benchmarks/experiment_time.py --quick    # 1 seed, 20 steps, T = 200
 
 Writes <out-dir>/experiment_time.json (and each implementation's own results file beside it, under

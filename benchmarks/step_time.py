@@ -128,7 +128,8 @@ def jax_worker(spec):
         s1, _ = compiled(s0, x, y)
         jax.block_until_ready(s1)
         state.update(f=compiled, s=s1)
-        return {"compile_s": compile_s, "check": check, "device": str(jax.devices()[0])}
+        return {"compile_s": compile_s, "check": check, "device": str(jax.devices()[0]),
+                "attends_through_output": ga.blocked.attends_through_output(params)}
 
     def timed(steps):
         f = state["f"]
@@ -365,13 +366,15 @@ def main(argv=None):
           f"f32 matmul rate ({floor['step_flops'] / floor_parts['matmul_s'] / 1e9:.0f} GFLOP/s: "
           f"{1e3 * floor_parts['matmul_s']:.2f} ms) + exp of {floor['exp_count'] / 1e6:.1f} M numbers "
           f"({floor['exp_count'] / floor_parts['exp_s'] / 1e9:.2f} G/s: {1e3 * floor_parts['exp_s']:.2f} ms)")
-    # The floor counts the six products at the model's widths; the blocked pass attends over V W_O
-    # when C < d_v, so three of them are C wide (plus 1 for the row sums): its own arithmetic is less.
-    dk, dv, c = CONFIG["d_k"], CONFIG["d_v"], CONFIG["n_classes"]
-    width = min(dv, c)
+    # The floor counts the six products at the model's widths; where the blocked pass attends over
+    # V W_O (the library's rule, reported by its worker), three of them are C wide instead of d_v
+    # (plus 1 for the row sums): its own arithmetic is less.
+    through_output = workers["blocked"].ready["attends_through_output"]
+    dk = CONFIG["d_k"]
+    width = CONFIG["n_classes"] if through_output else CONFIG["d_v"]
     pass_flops = n * n * (3 * dk + 3 * width + 1)
     pass_floor_ms = 1e3 * (floor_parts["matmul_s"] * pass_flops / floor["step_flops"] + floor_parts["exp_s"])
-    print(f"the blocked pass's own arithmetic ({'over V W_O, ' if c < dv else ''}widths 3 x {dk} + 3 x {width} + 1): "
+    print(f"the blocked pass's own arithmetic ({'over V W_O, ' if through_output else ''}widths 3 x {dk} + 3 x {width} + 1): "
           f"{pass_flops / 1e6:.0f} MFLOP, floor {pass_floor_ms:.2f} ms at the same rates; scan at "
           f"{pass_floor_ms / scan_ms:.2f} of it")
     targets = None

@@ -94,8 +94,9 @@ def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
     compiled sweep is shared with the experiment test below."""
     task = CFG.task
     assert task.noise_std == 2.0
-    out = sweep(make_deep_run(CFG), [0, 1], chunk_size=2)
-    for i, seed in enumerate((0, 1)):
+    seeds = [0, 1]
+    out = sweep(make_deep_run(CFG), seeds, chunk_size=2)
+    for i, seed in enumerate(seeds):
         k_data, _, _, k_test = jax.random.split(seed_key(seed), 4)
         for name, k in (("train_bayes_loss", k_data), ("heldout_bayes_loss", k_test)):
             x, y = task.sample(k, jnp.float32)
