@@ -91,20 +91,27 @@ def test_dense_feedback_core_equals_the_blocked_statistics():
 def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
     """At noise_std = 2 the run's Bayes losses are task.bayes_loss of its own sequences, not the
     filter at noise 1. The run is the deep experiment's own (same config, seeds and chunk), so its
-    compiled sweep is shared with the experiment test below."""
+    compiled sweep is shared with the experiment test below; the sequences and both filters are
+    recomputed for all four (seed, split) keys in one compiled program."""
     task = CFG.task
     assert task.noise_std == 2.0
     seeds = [0, 1]
     out = sweep(make_deep_run(CFG), seeds, chunk_size=2)
-    for i, seed in enumerate(seeds):
-        k_data, _, _, k_test = jax.random.split(seed_key(seed), 4)
-        for name, k in (("train_bayes_loss", k_data), ("heldout_bayes_loss", k_test)):
-            x, y = task.sample(k, jnp.float32)
-            own = task.bayes_loss(x, y).mean
-            at_noise_1 = bayes.bayes_loss(jnp.asarray(task.transition_matrix, jnp.float32),
-                                          jnp.asarray(task.embeddings, jnp.float32), x, y).mean
-            np.testing.assert_allclose(out[name][i], own, rtol=1e-6)
-            assert abs(float(at_noise_1) - float(own)) > 1e-4, name  # far outside the rtol above
+    # keys in the run's order: k_data, k_init, k_dropout, k_test = split(seed_key(seed), 4)
+    keys = jnp.stack([jax.random.split(seed_key(s), 4)[jnp.array([0, 3])] for s in seeds]).reshape(-1)
+    transition = jnp.asarray(task.transition_matrix, jnp.float32)
+    embeddings = jnp.asarray(task.embeddings, jnp.float32)
+
+    @jax.jit
+    @jax.vmap
+    def both(k):
+        x, y = task.sample(k, jnp.float32)
+        return task.bayes_loss(x, y).mean, bayes.bayes_loss(transition, embeddings, x, y).mean
+
+    own, at_noise_1 = (np.asarray(a).reshape(len(seeds), 2) for a in both(keys))
+    for j, name in enumerate(("train_bayes_loss", "heldout_bayes_loss")):
+        np.testing.assert_allclose(out[name], own[:, j], rtol=1e-6, err_msg=name)
+        assert (np.abs(at_noise_1[:, j] - own[:, j]) > 1e-4).all(), name  # far outside the rtol above
 
 
 def test_any_task_through_the_protocol():
