@@ -19,15 +19,20 @@ as P_R / l (P_R = exp(S_R - rowmax), l = rowsum P_R)::
     dK^T += key_grad_block_t(Q_R^T / sqrt(d_k), dS_R)  key_grad(dS_R, Q_R)^T           transposed (2)
     dV^T += value_grad_block_t(W_O, E_R, 1/l, P_R)     value_grad(alpha_R, U_R)^T      transposed (2)
     dW_O += output_weight_grad(G_R, E_R)              output_weight_grad               called
-    dW_Q, dW_K, dW_V = projection_grads(...)          projection_grads                 called
+    dW_Q, dW_K, dW_V = X^T [dQ, dK, dV]               projection_grads                 same products (3)
 
 (1) sum_k alpha_ik b_ik = u_i . sum_k alpha_ik v_k = u_i . g_i: a dot of two d_v-vectors instead of
 a second reduction over the block. (2) The key and value accumulators are kept transposed, (d, N),
 so both products contract the block's rows as the inner index of a plain matrix product (the
 untransposed form makes XLA:CPU contract the leading axis of the large operand, a slower path), and
 alpha_R is never stored: every law uses it linearly, so 1/l goes onto the small (|R|, d) factors.
+(3) X^T is built once as its own (d_in, N) array (:func:`materialised_transpose`, as are Q^T and
+the value law's (C, |R|) factor), so that every product has a plain left operand: written as
+``x.T @ dq``, XLA:CPU folds the transpose into the product and runs it on its general dot path,
+several times slower for these thin shapes, and the weight products lie on the serial tail of
+every training step.
 
-(3) When the head has fewer classes than value dimensions (C < d_v; the paper's head has C = 8,
+(4) When the head has fewer classes than value dimensions (C < d_v; the paper's head has C = 8,
 d_v = 15), the pass attends over M = V W_O (N, C) instead of V, which gives the logits directly,
 Z_R = P_R M / l. The laws are the same products re-associated (:func:`attends_through_output`)::
 
@@ -35,7 +40,8 @@ Z_R = P_R M / l. The laws are the same products re-associated (:func:`attends_th
     sum_k alpha_ik b_ik = e_i . z_i                   (identity (1) in M's coordinates)
     A^T += output_value_grad_block_t(E_R, 1/l, P_R)   A = alpha^T E (N, C)
     dV = A W_O^T                                      value_grad(alpha, U)             associativity
-    dW_O = V^T A                                      output_weight_grad(G, E)         associativity
+    dW_O = V^T A = W_V^T (X^T A)                      output_weight_grad(G, E)         associativity
+    dW_V = X^T dV = (X^T A) W_O^T                     projection_grads                 associativity
 
 so three of the six products over each (|R| x keys) block are C wide instead of d_v wide (the
 step does 28% less arithmetic at the paper's sizes). Otherwise it attends over V as in the table.
@@ -65,7 +71,7 @@ from gradattn._checks import check_bool, check_head_inputs, check_int
 from gradattn._rows import RowBlocks, default_block_size, masked_scores, query_blocks
 from gradattn._vmap import grouped_vmap
 from gradattn.head import HeadParams, normalised_weights, token_losses
-from gradattn.laws import compatibility, output_error_rows, output_weight_grad, projection_grads, query_grad
+from gradattn.laws import compatibility, output_error_rows, output_weight_grad, query_grad
 
 __all__ = [
     "BlockedPass",
@@ -77,6 +83,7 @@ __all__ = [
     "input_grad",
     "key_grad_block_t",
     "loss_fn",
+    "materialised_transpose",
     "output_value_grad_block_t",
     "query_blocks",
     "routing_grad_block",
@@ -138,8 +145,21 @@ def value_grad_block_t(w_o, e, inv_rowsum, exp_scores):
 def output_value_grad_block_t(e, inv_rowsum, exp_scores):
     """(C, keys) = (E_R / l)^T P_R = (alpha_R^T E_R)^T: the value law before its factor W_O^T, since
     ``laws.value_grad(alpha_R, E_R W_O^T) = (alpha_R^T E_R) W_O^T`` (used when C < d_v; see
-    :func:`attends_through_output`)."""
-    return (e * inv_rowsum).T @ exp_scores
+    :func:`attends_through_output`). The (C, |R|) factor is its own array
+    (:func:`materialised_transpose`), so that the block product is a plain one."""
+    return materialised_transpose(e * inv_rowsum) @ exp_scores
+
+
+def materialised_transpose(a: jax.Array) -> jax.Array:
+    """``a.T`` (n, m) for a (m, n) array, computed as the product I_n a^T so that XLA keeps it as an array.
+
+    A plain ``a.T`` feeding a matrix product is folded by XLA into that product as a contraction
+    over the leading axis of its left operand, which XLA:CPU runs on its general dot path (for the
+    thin products of this module, 3-8x slower than the path it takes for a plain left operand). The
+    identity product is exact for finite ``a`` (each entry is 1 * a_ji plus zeros) and costs n^2 m
+    multiply-adds, small for the widths it is used at (n <= d_in).
+    """
+    return jnp.eye(a.shape[1], dtype=a.dtype) @ a.T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +168,11 @@ def output_value_grad_block_t(e, inv_rowsum, exp_scores):
 
 
 def _projections(params: HeadParams, x: jax.Array, weights):
-    """Q / sqrt(d_k), K, V (N, d), the same scaled Q as a (d_k, N) array, and w_i / sum w (N,)."""
+    """Q / sqrt(d_k), K, V (N, d), the same scaled Q as a (d_k, N) array (the key law needs Q_R^T
+    as a left operand), and w_i / sum w (N,)."""
     scale = 1.0 / jnp.sqrt(jnp.asarray(params.w_q.shape[1], x.dtype))
     q = (x @ params.w_q) * scale
-    # Q^T as its own product W_Q^T X^T (not a transpose of q, which XLA would fold back into the
-    # dot below and then run that dot on its slow path): the key law needs Q_R^T as a left operand.
-    q_t = (params.w_q.T @ x.T) * scale
-    return q, q_t, x @ params.w_k, x @ params.w_v, normalised_weights(weights, x.shape[0], x.dtype)
+    return q, materialised_transpose(q), x @ params.w_k, x @ params.w_v, normalised_weights(weights, x.shape[0], x.dtype)
 
 
 def seed_group(n: int, block_size: int | None = None) -> int | None:
@@ -218,7 +236,28 @@ def attends_through_output(params: HeadParams) -> bool:
     return params.w_o.shape[1] < params.w_v.shape[1]
 
 
+class _Sums(NamedTuple):
+    """What the loop over query blocks accumulates (see :func:`_pass_sums`)."""
+
+    loss: jax.Array
+    token_losses: jax.Array
+    dq: jax.Array  # (N, d_k)
+    dk_t: jax.Array  # (d_k, N)
+    dm_t: jax.Array  # (C, N) alpha^T E through the output, else (d_v, N) dL/dV; transposed
+    dw_o: jax.Array  # accumulated over blocks when attending over V; zero (unused) through the output
+    v: jax.Array
+
+
 def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
+    sums = _pass_sums(params, x, y, weights, causal, block_size)
+    if attends_through_output(params):  # dL/dV = (alpha^T E) W_O^T and dL/dW_O = V^T (alpha^T E)
+        dv, dw_o = (params.w_o @ sums.dm_t).T, (sums.dm_t @ sums.v).T
+    else:
+        dv, dw_o = sums.dm_t.T, sums.dw_o
+    return BlockedPass(loss=sums.loss, token_losses=sums.token_losses, dq=sums.dq, dk=sums.dk_t.T, dv=dv, dw_o=dw_o)
+
+
+def _pass_sums(params, x, y, weights, causal, block_size) -> _Sums:
     n = x.shape[0]
     q, q_t, k, v, w = _projections(params, x, weights)
     d_k = k.shape[1]
@@ -258,12 +297,8 @@ def _blocked_pass(params, x, y, weights, causal, block_size) -> BlockedPass:
             dw_o = dw_o + output_weight_grad(attended, e)
         blocks.finish(blk, dk_t[0, 0], dm_t[0, 0], dw_o[0, 0], dq_blocks[-1][0, 0], ce_blocks[-1][0])
     ce = jnp.concatenate(ce_blocks)
-    if through_output:  # dL/dV = (alpha^T E) W_O^T and dL/dW_O = V^T (alpha^T E)
-        dv, dw_o = (params.w_o @ dm_t).T, (dm_t @ v).T
-    else:
-        dv = dm_t.T
-    return BlockedPass(loss=jnp.sum(w * ce), token_losses=ce, dq=jnp.concatenate(dq_blocks), dk=dk_t.T, dv=dv,
-                       dw_o=dw_o)
+    return _Sums(loss=jnp.sum(w * ce), token_losses=ce, dq=jnp.concatenate(dq_blocks), dk_t=dk_t, dm_t=dm_t, dw_o=dw_o,
+                 v=v)
 
 
 def blocked_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True,
@@ -323,8 +358,15 @@ def blocked_loss_and_grads_unchecked(params, x, y, weights=None, causal=True, bl
 
 
 def _blocked_loss_and_grads(params, x, y, weights, causal, block_size):
-    fused = _blocked_pass(params, x, y, weights, causal, block_size)
-    return fused.loss, projection_grads(x, fused.dq, fused.dk, fused.dv, fused.dw_o)
+    """The pass, then ``laws.projection_grads`` with X^T as a left operand (note (3) of the module
+    docstring), and through the output dL/dW_V = (X^T A) W_O^T, dL/dW_O = W_V^T (X^T A)."""
+    sums = _pass_sums(params, x, y, weights, causal, block_size)
+    x_t = materialised_transpose(x)
+    grad_q, grad_k = x_t @ sums.dq, x_t @ sums.dk_t.T
+    if attends_through_output(params):
+        x_t_a = x_t @ sums.dm_t.T  # X^T alpha^T E (d_in, C)
+        return sums.loss, HeadParams(w_q=grad_q, w_k=grad_k, w_v=x_t_a @ params.w_o.T, w_o=params.w_v.T @ x_t_a)
+    return sums.loss, HeadParams(w_q=grad_q, w_k=grad_k, w_v=x_t @ sums.dm_t.T, w_o=sums.dw_o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +428,9 @@ def _cotangent_like(a, ct):
 
 def _vjp_backward(causal, block_size, residuals, ct):
     params, x, weights, fused = residuals
-    d_params = jax.tree.map(lambda a: ct * a, projection_grads(x, fused.dq, fused.dk, fused.dv, fused.dw_o))
+    x_t = materialised_transpose(x)  # note (3) of the module docstring
+    grads = HeadParams(w_q=x_t @ fused.dq, w_k=x_t @ fused.dk, w_v=x_t @ fused.dv, w_o=fused.dw_o)
+    d_params = jax.tree.map(lambda a: ct * a, grads)
     d_x = ct * input_grad(params, fused.dq, fused.dk, fused.dv)
     d_weights = None if weights is None else _cotangent_like(weights, ct * weight_grad(fused.token_losses, fused.loss, weights))
     return d_params, d_x, None, d_weights

@@ -318,3 +318,17 @@ def test_backend_choices_table():
     assert _backend.backend_choices("gpu").grad_source == "dense" and _backend.backend_choices("tpu").grad_source == "dense"
     assert _backend.backend_choices("gpu").seed_group_bytes is None
     assert _backend.backend_choices() == _backend.backend_choices(jax.default_backend())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_materialised_transpose_is_the_exact_transpose(dtype):
+    """The identity-product transpose the pass uses for X^T, Q^T and the value law's factor equals
+    ``a.T`` bit for bit, in float32 and float64, for square and non-square arrays."""
+    from gradattn.blocked import materialised_transpose
+
+    with jax.enable_x64(dtype == jnp.float64):
+        for shape in [(7, 3), (3, 7), (5, 5), (1, 4)]:
+            a = jax.random.normal(jax.random.PRNGKey(sum(shape)), shape, dtype) * 1e3
+            got = jax.jit(materialised_transpose)(a)
+            assert got.shape == shape[::-1] and got.dtype == a.dtype
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(a).T)
