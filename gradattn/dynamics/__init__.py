@@ -3,7 +3,8 @@
 Three subjects, one module each, every public name re-exported here:
 
 * :mod:`~gradattn.dynamics.first_order`: :func:`first_order_report`, one gradient step of size eta
-  against the first-order predictions of the laws.
+  against the first-order predictions of the laws; :func:`routing_feedback_identity`, the routing
+  half of the feedback loop in aggregate (sum_ij a_ij Delta alpha_ij = eta ||dL/d(W_Q, W_K)||^2).
 * :mod:`~gradattn.dynamics.feedback`: :func:`feedback_stats` / :func:`feedback_probe`, the positive
   feedback loop along training (advantage sign vs attention change, value moves vs the
   responsibility-weighted error), and :func:`snapshots` of attention, values and contexts.
@@ -22,7 +23,7 @@ from gradattn.dynamics.feedback import (
     snapshots,
     step_feedback,
 )
-from gradattn.dynamics.first_order import FirstOrderReport, first_order_report
+from gradattn.dynamics.first_order import FirstOrderReport, RoutingFeedback, first_order_report, routing_feedback_identity
 from gradattn.dynamics.settling import (
     FrameBeforePrecision,
     change_per_step,
@@ -39,6 +40,7 @@ __all__ = [
     "FeedbackStats",
     "FirstOrderReport",
     "FrameBeforePrecision",
+    "RoutingFeedback",
     "Snapshots",
     "StepFeedback",
     "change_per_step",
@@ -50,6 +52,7 @@ __all__ = [
     "make_feedback_probe",
     "plateau_step",
     "quiet_step",
+    "routing_feedback_identity",
     "settling_step",
     "settling_steps",
     "snapshots",

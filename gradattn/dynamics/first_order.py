@@ -3,6 +3,12 @@
 The loss changes by -eta ||dL/dtheta||^2 + O(eta^2); a value-only step (alpha fixed) changes the
 compatibility, with u held fixed, by Delta b_ij = -eta u_i . sum_k alpha_kj u_k. Measured/predicted
 ratios -> 1 as eta -> 0 (docs/theory.md).
+
+The routing half of the feedback loop in aggregate: a gradient step of size eta on W_Q, W_K alone
+gives sum_ij a_ij Delta alpha_ij = eta ||dL/d(W_Q, W_K)||^2 + O(eta^2), because each row of Delta alpha
+sums to zero, so sum_ij a_ij Delta alpha_ij = -sum_ij b_ij Delta alpha_ij, the first-order loss
+change of the step with its sign turned. "Routing rises where the advantage is positive" therefore
+holds in aggregate for any small gradient step (:func:`routing_feedback_identity`).
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from gradattn._checks import check_head_inputs, check_number
 from gradattn._math import tree_norm
 from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
 from gradattn.head import HeadOutputs, HeadParams, causal_mask, dense_loss_unchecked, forward_unchecked, normalised_weights, token_losses
-from gradattn.laws import compatibility, output_error_rows, value_grad
+from gradattn.laws import advantage, compatibility, output_error_rows, value_grad
 
-__all__ = ["FirstOrderReport", "first_order_report"]
+__all__ = ["FirstOrderReport", "RoutingFeedback", "first_order_report", "routing_feedback_identity"]
 
 
 class FirstOrderReport(NamedTuple):
@@ -61,6 +67,15 @@ class FirstOrderReport(NamedTuple):
     dcompat_full_ratio: jax.Array
 
 
+def _checked_lr(lr, x, fn: str) -> jax.Array:
+    """``lr`` as a scalar of ``x``'s dtype: a positive number, or a traced scalar."""
+    if not isinstance(lr, jax.core.Tracer):
+        check_number("lr", lr, fn, minimum=0.0, exclusive_minimum=True)
+    elif np.ndim(lr) != 0:
+        raise ValueError(f"{fn}: lr must be a scalar, got shape {np.shape(lr)}")
+    return jnp.asarray(lr, x.dtype)
+
+
 def _outputs_with_values(params: HeadParams, out: HeadOutputs, v: jax.Array) -> HeadOutputs:
     """The forward pass with the values replaced by ``v`` (alpha does not depend on the values)."""
     context = out.alpha @ v
@@ -93,11 +108,7 @@ def first_order_report(
     n, *_ = check_head_inputs(params, x, y, weights, fn="first_order_report")
     if value_param not in ("values", "w_v"):
         raise ValueError(f"first_order_report: value_param must be 'values' or 'w_v', got {value_param!r}")
-    if not isinstance(lr, jax.core.Tracer):
-        check_number("lr", lr, "first_order_report", minimum=0.0, exclusive_minimum=True)
-    elif np.ndim(lr) != 0:
-        raise ValueError(f"first_order_report: lr must be a scalar, got shape {np.shape(lr)}")
-    lr = jnp.asarray(lr, x.dtype)
+    lr = _checked_lr(lr, x, "first_order_report")
 
     loss, g = blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
     stepped = jax.tree.map(lambda p, d: p - lr * d, params, g)
@@ -146,3 +157,52 @@ def first_order_report(
         dcompat_full=dcompat_full,
         dcompat_full_ratio=jnp.sum(dcompat_full * dcompat_pred) / denom,
     )
+
+
+class RoutingFeedback(NamedTuple):
+    """What :func:`routing_feedback_identity` measures (a pytree of scalars).
+
+    Attributes:
+      aggregate: sum_ij a_ij Delta alpha_ij, with a the advantage before the step and Delta alpha the
+        measured change of attention after the routing step W_Q, W_K -= eta dL/d(W_Q, W_K).
+      predicted: eta ||dL/d(W_Q, W_K)||^2, its first-order value.
+      ratio: aggregate / predicted (-> 1 as eta -> 0; the error is O(eta)).
+      loss_change: the measured loss change of the routing step (-predicted to first order).
+    """
+
+    aggregate: jax.Array
+    predicted: jax.Array
+    ratio: jax.Array
+    loss_change: jax.Array
+
+
+def routing_feedback_identity(params: HeadParams, x: jax.Array, y: jax.Array, lr, weights=None,
+                              causal: bool = True) -> RoutingFeedback:
+    """The feedback loop's routing half in aggregate, for one gradient step of size ``lr`` on W_Q, W_K.
+
+    With a_ij = sum_k alpha_ik b_ik - b_ij the advantage and Delta alpha the change of attention
+    after the step, sum_ij a_ij Delta alpha_ij = eta ||dL/d(W_Q, W_K)||^2 + O(eta^2): the rows of
+    Delta alpha sum to zero (equivalently sum_j alpha_ij a_ij = 0), so the sum is minus the
+    first-order loss change through attention, which a gradient step makes -eta ||g||^2. Routing mass
+    therefore moves towards positive advantage in aggregate for any small gradient step, whatever
+    the entrywise sign agreement (:func:`gradattn.dynamics.feedback_stats`) says.
+
+    Args:
+      params: HeadParams.   x: (N, d_in).   y: (N,) int targets.
+      lr: the step size eta (a positive scalar; may be traced).
+      weights, causal: as in :func:`gradattn.blocked.loss_fn`.
+    Returns:
+      a :class:`RoutingFeedback`. Builds (N, N) attention: for diagnostics at moderate N.
+    """
+    n, *_ = check_head_inputs(params, x, y, weights, fn="routing_feedback_identity")
+    lr = _checked_lr(lr, x, "routing_feedback_identity")
+    loss, g = blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
+    stepped = params._replace(w_q=params.w_q - lr * g.w_q, w_k=params.w_k - lr * g.w_k)
+    out = forward_unchecked(params, x, causal)
+    wn = normalised_weights(weights, n, out.logits.dtype)
+    u = output_error_rows(out.logits, y, wn) @ params.w_o.T
+    a = advantage(out.alpha, compatibility(u, out.v))
+    aggregate = jnp.sum(a * (forward_unchecked(stepped, x, causal).alpha - out.alpha))
+    predicted = lr * (jnp.sum(g.w_q * g.w_q) + jnp.sum(g.w_k * g.w_k))
+    return RoutingFeedback(aggregate=aggregate, predicted=predicted, ratio=aggregate / predicted,
+                           loss_change=blocked_loss_unchecked(stepped, x, y, weights, causal) - loss)

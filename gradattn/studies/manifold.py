@@ -9,6 +9,12 @@ components of the values v_j and of the contexts g_i (:func:`gradattn.geometry.c
 its linear read-out from all of the contexts (:func:`gradattn.geometry.decoding_r2`). Two controls:
 the untrained head (the same initial parameters) and the trained head against the entropy shuffled
 over positions (what R^2 a covariate with no relation to the geometry gets).
+
+A ceiling beside them: the values are linear in the inputs, v_j = x_j W_V, so the R^2 of the
+entropy on any linear read-out of the values (their leading components included) is at most its
+R^2 on x itself, whatever training does. :func:`linear_readout_ceiling` reports that R^2 on x_t,
+and on [x_t, x_{t-1}], on the same pooled held-out positions: a value R^2 near it is all the single
+head can show.
 """
 
 from __future__ import annotations
@@ -33,6 +39,30 @@ from gradattn.training import em_like, sgd, train_arms
 ARMS = ("sgd", "em")
 HEADS = ("init", "sgd", "em")
 MEASURES = ("values_r2", "contexts_r2", "contexts_decoding_r2", "values_r2_shuffled", "contexts_r2_shuffled")
+CEILINGS = ("x", "x_and_previous")
+"""The linear read-outs of :func:`linear_readout_ceiling`: from x_t, and from [x_t, x_{t-1}]."""
+
+
+def linear_readout_ceiling(xs: jax.Array, entropy: jax.Array) -> dict[str, jax.Array]:
+    """The R^2 of the posterior entropy on the inputs themselves, pooled over sequences and positions.
+
+    ``x``: the least-squares read-out (with intercept) of H_t from x_t; ``x_and_previous``: from
+    [x_t, x_{t-1}] (zeros stand for x_{-1} at each sequence's first position). Since a head's values
+    are v_t = x_t W_V, the R^2 of H on any linear function of the values is at most ``x``.
+
+    Args:
+      xs: (S, N, d_in) sequences.   entropy: (S, N) the posterior entropy at each position.
+    Returns:
+      ``{"x": R^2, "x_and_previous": R^2}``, scalars (:func:`gradattn.geometry.decoding_r2`).
+    """
+    if np.ndim(xs) != 3 or np.shape(entropy) != np.shape(xs)[:2]:
+        raise ValueError(f"linear_readout_ceiling: xs must be (S, N, d_in) and entropy (S, N), got shapes "
+                         f"{tuple(np.shape(xs))} and {tuple(np.shape(entropy))}")
+    xs = jnp.asarray(xs)
+    previous = jnp.concatenate([jnp.zeros_like(xs[:, :1]), xs[:, :-1]], axis=1)
+    h = jnp.reshape(entropy, -1)
+    return {"x": decoding_r2(xs.reshape(-1, xs.shape[-1]), h),
+            "x_and_previous": decoding_r2(jnp.concatenate([xs, previous], -1).reshape(-1, 2 * xs.shape[-1]), h)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +111,8 @@ def make_manifold_run(config: ManifoldConfig):
     ``em``) on the pooled held-out positions, ``{head}_{measure}`` for the measures
     :data:`MEASURES`, ``{head}_heldout_loss``; ``{arm}_curve`` (steps,) training losses;
     ``heldout_bayes_loss``; ``entropy_mean`` and ``uncertain_fraction`` (posterior entropy > 0.1
-    nats) of the held-out positions."""
+    nats) of the held-out positions; ``ceiling_{name}`` for the read-outs :data:`CEILINGS` of
+    :func:`linear_readout_ceiling` on the same positions."""
     if not isinstance(config, ManifoldConfig):
         raise TypeError(f"make_manifold_run: config must be a ManifoldConfig, got {type(config).__name__}")
     return _make_manifold_run(config)
@@ -107,6 +138,8 @@ def _make_manifold_run(config: ManifoldConfig):
         out["heldout_bayes_loss"] = jnp.mean(jax.vmap(lambda x, y: task.bayes_loss(x, y).mean)(xs, ys))
         out["entropy_mean"] = jnp.mean(entropy)
         out["uncertain_fraction"] = jnp.mean(entropy > 0.1)
+        ceiling = linear_readout_ceiling(xs, entropy.reshape(xs.shape[:2]))
+        out.update({f"ceiling_{name}": ceiling[name] for name in CEILINGS})
         for head, p in (("init", params), *((name, final[name].params) for name in arms)):
             o = jax.vmap(lambda x, p=p: forward(p, x, causal=True))(xs)
             values, contexts = o.v.reshape(-1, o.v.shape[-1]), o.context.reshape(-1, o.context.shape[-1])
@@ -123,7 +156,8 @@ def _make_manifold_run(config: ManifoldConfig):
 
 def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config: ManifoldConfig) -> dict[str, Any]:
     """JSON-ready: per head, each measure's mean and std over seeds (ddof=0), and the paired
-    differences trained - untrained and trained - shuffled with their paired t-test p."""
+    differences trained - untrained and trained - shuffled with their paired t-test p;
+    ``readout_ceiling``: the mean and std over seeds of :func:`linear_readout_ceiling`."""
     from scipy import stats
 
     out: dict[str, Any] = {
@@ -135,6 +169,8 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
         "heldout_bayes_loss_mean": json_floats(np.mean(per_seed["heldout_bayes_loss"])),
         "entropy_mean": json_floats(np.mean(per_seed["entropy_mean"])),
         "uncertain_fraction_mean": json_floats(np.mean(per_seed["uncertain_fraction"])),
+        "readout_ceiling": {name: {"mean": json_floats(np.mean(per_seed[f"ceiling_{name}"])),
+                                   "std": json_floats(np.std(per_seed[f"ceiling_{name}"]))} for name in CEILINGS},
     }
     for head in HEADS:
         res = {"heldout_loss_mean": json_floats(np.mean(per_seed[f"{head}_heldout_loss"])),
@@ -159,7 +195,8 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
     out["curves"] = {f"{arm}_mean": json_floats(np.mean(per_seed[f"{arm}_curve"], axis=0)) for arm in ARMS}
     out["per_seed"] = {"seed": [int(s) for s in seeds],
                        **{f"{h}_{m}": json_floats(per_seed[f"{h}_{m}"]) for h in HEADS for m in MEASURES},
-                       **{f"{h}_heldout_loss": json_floats(per_seed[f"{h}_heldout_loss"]) for h in HEADS}}
+                       **{f"{h}_heldout_loss": json_floats(per_seed[f"{h}_heldout_loss"]) for h in HEADS},
+                       **{f"ceiling_{name}": json_floats(per_seed[f"ceiling_{name}"]) for name in CEILINGS}}
     out["config"] = config.to_dict()
     return out
 
@@ -176,18 +213,27 @@ def manifold_study(seeds, config: ManifoldConfig | None = None, *, chunk_size: i
 
 
 def format_manifold(results: dict) -> str:
-    """The command line's summary: R^2 per head against both controls."""
+    """The command line's summary: R^2 per head against both controls and the linear-readout ceiling."""
     cfg = results["config"]
+    m = cfg["n_components"]
+    columns = (("values_r2", f"values PC1-{m}"), ("contexts_r2", f"contexts PC1-{m}"),
+               ("contexts_decoding_r2", "contexts all"), ("values_r2_shuffled", f"values PC1-{m} shuf"),
+               ("contexts_r2_shuffled", f"contexts PC1-{m} shuf"))
     lines = [f"manifold: {len(results['seeds'])} seeds, {results['steps']} steps on fresh sequences, "
              f"T = {cfg['task']['seq_len']}, noise {results['noise_std']}, {cfg['heldout']} held-out sequences; "
              f"posterior entropy {results['entropy_mean']:.3f} nats, {100 * results['uncertain_fraction_mean']:.1f}% "
              f"of positions above 0.1 nats; held-out Bayes loss {results['heldout_bayes_loss_mean']:.4f}",
-             f"R^2 of the posterior entropy on the {cfg['n_components']} leading PCs (mean +- std over seeds):",
-             f"{'head':8s} {'held-out loss':>14s} {'values':>14s} {'contexts':>14s} {'read-out':>14s} "
-             f"{'values shuf.':>14s} {'contexts shuf.':>14s}"]
+             f"R^2 of the posterior entropy (mean +- std over seeds) on: the {m} leading principal components of "
+             f"the values or contexts (PC1-{m}); a linear read-out from all context dimensions (contexts all); "
+             "the same PCs against the entropy shuffled over positions (shuf)",
+             f"{'head':8s} {'held-out loss':>14s} " + " ".join(f"{label:>20s}" for _, label in columns)]
     for head in HEADS:
         r = results[head]
-        cells = [f"{r[m]['mean']:.3f} +- {r[m]['std']:.3f}" for m in
-                 ("values_r2", "contexts_r2", "contexts_decoding_r2", "values_r2_shuffled", "contexts_r2_shuffled")]
-        lines.append(f"{head:8s} {r['heldout_loss_mean']:14.4f} " + " ".join(f"{c:>14s}" for c in cells))
+        cells = [f"{r[key]['mean']:.3f} +- {r[key]['std']:.3f}" for key, _ in columns]
+        lines.append(f"{head:8s} {r['heldout_loss_mean']:14.4f} " + " ".join(f"{c:>20s}" for c in cells))
+    ceiling = results.get("readout_ceiling")
+    if ceiling is not None:
+        lines.append(f"linear-readout ceiling (R^2 of the entropy on the inputs; the values are linear in x_t, so no "
+                     f"value R^2 can exceed the first): x_t {ceiling['x']['mean']:.3f} +- {ceiling['x']['std']:.3f}, "
+                     f"[x_t, x_t-1] {ceiling['x_and_previous']['mean']:.3f} +- {ceiling['x_and_previous']['std']:.3f}")
     return "\n".join(lines)

@@ -12,6 +12,11 @@ decided here on long runs, and by two criteria:
 * with no endpoint: the first checkpoint after which each one's change per step stays below
   ``peak_fraction`` of its peak (:func:`gradattn.dynamics.quiet_step`).
 
+Beside them, how far the attention is from uniform: the mean entropy (bits) of the attention rows
+on the snapshot sequence, untrained and at the end of each arm, against the entropy of uniform causal
+attention, mean_i log2(i + 1). A frame that has formed is far below the uniform entropy; a head
+whose attention stays near uniform has no frame to settle first.
+
 Both arms of the paper's experiment (SGD, and the EM-like schedule with a larger rate on W_V) run
 from the same sequence and initial head, as in :func:`gradattn.em_vs_sgd` (seed s there is seed s
 here: the same key split).
@@ -31,6 +36,7 @@ import numpy as np
 from gradattn._checks import option
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
+from gradattn.geometry import attention_entropy_bits
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.tasks import StickyMarkov, Task
@@ -121,7 +127,9 @@ def make_plateau_run(config: PlateauConfig):
       (K,): change per step between snapshots; ``{arm}_{attention,value}_settle_{tol}`` (settling
       against the final state, tolerances :data:`TOLERANCES` and ``settle_tol``) and
       ``{arm}_{attention,value}_quiet_{fraction}`` (the endpoint-free criterion, fractions
-      :data:`FRACTIONS` and ``peak_fraction``); NaN where a series never settles.
+      :data:`FRACTIONS` and ``peak_fraction``); NaN where a series never settles;
+      ``{arm}_attention_entropy_bits`` and ``init_attention_entropy_bits``: the mean entropy of the
+      attention rows on the snapshot sequence at the end and before training.
     """
     if not isinstance(config, PlateauConfig):
         raise TypeError(f"make_plateau_run: config must be a PlateauConfig, got {type(config).__name__}")
@@ -155,13 +163,16 @@ def _make_plateau_run(config: PlateauConfig):
         # Both arms in one scan: with fresh data they see the same sequence at every step.
         final, losses, checkpoints = train_arms(params, arms, data, config.steps, grad_source=config.grad_source,
                                                 checkpoint_every=k)
-        out = {"bayes_loss": task.bayes_loss(x, y).mean}
+        out = {"bayes_loss": task.bayes_loss(x, y).mean,
+               "init_attention_entropy_bits": jnp.mean(attention_entropy_bits(forward(params, x, causal=True).alpha))}
         for name in arms:
             series = jax.tree.map(lambda s, f: jnp.concatenate([s, f[None]]), checkpoints[name], final[name].params)
             alpha, values = jax.lax.map(snapshot, series)
             curve = losses[name]
             out[f"{name}_loss"] = jnp.mean(curve.reshape(-1, k), axis=1)
-            out[f"{name}_final_loss"] = jnp.mean(token_losses(forward(final[name].params, x, causal=True).logits, y))
+            last = forward(final[name].params, x, causal=True)
+            out[f"{name}_final_loss"] = jnp.mean(token_losses(last.logits, y))
+            out[f"{name}_attention_entropy_bits"] = jnp.mean(attention_entropy_bits(last.alpha))
             out[f"{name}_plateau_step"] = plateau_step(curve, config.plateau_window, config.plateau_tol)
             for what, s in (("attention", alpha), ("value", values)):
                 flat = s.reshape(s.shape[0], -1)
@@ -211,7 +222,9 @@ def _compare(attention: np.ndarray, values: np.ndarray) -> dict:
 def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config: PlateauConfig) -> dict[str, Any]:
     """The JSON-ready summary of a sweep of :func:`make_plateau_run`: per arm, the plateau, and
     attention-vs-values settling by both criteria (``lag`` = values - attention; > 0: frame first;
-    the Wilcoxon signed-rank p of the paired lags; std over seeds with ddof=0)."""
+    the Wilcoxon signed-rank p of the paired lags; std over seeds with ddof=0); the attention
+    entropy in bits (``attention_entropy_bits``: per arm and ``init``, mean and std over seeds) against
+    ``uniform_attention_entropy_bits``, that of uniform causal attention over the same positions."""
     out: dict[str, Any] = {
         "experiment": "plateau",
         "h_min": getattr(config.task, "h_min", None),
@@ -219,8 +232,14 @@ def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config:
         "seeds": [int(s) for s in seeds],
         "checkpoint_steps": [int(s) for s in config.checkpoint_steps],
         "bayes_loss_mean": json_floats(np.mean(per_seed["bayes_loss"])),
+        "uniform_attention_entropy_bits": float(np.mean(np.log2(np.arange(1, config.task.n_positions + 1)))),
+        "attention_entropy_bits": {},
     }
     per = {"seed": [int(s) for s in seeds]}
+    for head in ("init", *ARMS):
+        h = np.asarray(per_seed[f"{head}_attention_entropy_bits"], np.float64)
+        out["attention_entropy_bits"][head] = {"mean": json_floats(np.mean(h)), "std": json_floats(np.std(h))}
+        per[f"{head}_attention_entropy_bits"] = json_floats(h)
     for arm in ARMS:
         plateau = np.asarray(per_seed[f"{arm}_plateau_step"], np.float64)
         res: dict[str, Any] = {
@@ -265,22 +284,34 @@ def plateau_study(seeds, config: PlateauConfig | None = None, *, chunk_size: int
 
 
 def format_plateau(results: dict) -> str:
-    """The command line's summary: per arm, the plateau and both settling criteria."""
+    """The command line's summary: per arm, the plateau and both settling criteria at every
+    tolerance and fraction reported (``*`` marks the configured one), and the attention entropy
+    against uniform attention's."""
     cfg = results["config"]
-    lines = [f"frame before precision: {len(results['seeds'])} seeds, {results['steps']} steps, "
-             f"T = {cfg['task']['seq_len']}, {'fresh sequence per step' if cfg['fresh_data'] else 'one sequence'}, snapshots every {cfg['checkpoint_every']} steps"]
+    n_seeds = len(results["seeds"])
+    h, uniform = results["attention_entropy_bits"], results["uniform_attention_entropy_bits"]
+    lines = [f"frame before precision: {n_seeds} seeds, {results['steps']} steps, "
+             f"T = {cfg['task']['seq_len']}, {'fresh sequence per step' if cfg['fresh_data'] else 'one sequence'}, "
+             f"snapshots every {cfg['checkpoint_every']} steps",
+             f"attention entropy (bits, mean over rows; mean +- std over seeds): untrained {h['init']['mean']:.3f}, "
+             f"SGD {h['sgd']['mean']:.3f} +- {h['sgd']['std']:.3f}, EM-like {h['em']['mean']:.3f} +- {h['em']['std']:.3f}; "
+             f"uniform causal attention {uniform:.3f}"]
     for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
         r = results[arm]
         lines.append(f"{label}: final loss {r['final_loss_mean']:.4f} +- {r['final_loss_std']:.4f}; plateau reached in "
-                     f"{r['plateau_reached']}/{len(results['seeds'])} seeds"
+                     f"{r['plateau_reached']}/{n_seeds} seeds"
                      + (f" (mean step {r['plateau_step_mean']:.0f})" if r["plateau_step_mean"] is not None else ""))
-        for crit, key, val in (("vs converged state, tol", "against_converged", cfg["settle_tol"]),
-                               ("endpoint-free, fraction of peak", "endpoint_free", cfg["peak_fraction"])):
-            c = r[key][f"{val:g}"]
-            if c["n_compared"] == 0:
-                lines.append(f"   {crit} {val:g}: no seed settled")
-                continue
-            lines.append(f"   {crit} {val:g}: attention {c['attention_mean']:.0f}, values {c['values_mean']:.0f}; "
-                         f"attention first in {100 * c['frac_attention_first']:.0f}% of {c['n_compared']} seeds, "
-                         f"values first in {100 * c['frac_values_first']:.0f}% (p = {c['wilcoxon_p'] if c['wilcoxon_p'] is None else format(c['wilcoxon_p'], '.2g')})")
+        for crit, key, chosen in (("vs converged state, tol", "against_converged", cfg["settle_tol"]),
+                                  ("endpoint-free, fraction of peak", "endpoint_free", cfg["peak_fraction"])):
+            for val, c in r[key].items():
+                mark = "*" if float(val) == chosen else " "
+                head = f"  {mark}{crit} {val}:"
+                if c["n_compared"] == 0:
+                    lines.append(f"{head} no seed settled")
+                    continue
+                p = "n/a" if c["wilcoxon_p"] is None else format(c["wilcoxon_p"], ".2g")
+                lines.append(f"{head} attention {c['attention_mean']:.0f}, values {c['values_mean']:.0f} (mean step); "
+                             f"attention first in {100 * c['frac_attention_first']:.0f}% of {c['n_compared']} seeds "
+                             f"settled in both, values first in {100 * c['frac_values_first']:.0f}% (Wilcoxon p = {p}); "
+                             f"never settled: attention {c['attention_never']}, values {c['values_never']}")
     return "\n".join(lines)
