@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn import blocked_loss_and_grads, forward, init_head, upstream_grad
+from gradattn import blocked_loss_and_grads, dense_loss, forward, init_head, upstream_grad
 from gradattn.dynamics import (
     distance_to_final,
     FeedbackRecord,
@@ -14,6 +14,7 @@ from gradattn.dynamics import (
     first_order_report,
     frame_before_precision,
     make_feedback_probe,
+    routing_feedback_identity,
     settling_step,
     settling_steps,
     snapshots,
@@ -23,6 +24,7 @@ from gradattn.laws import advantage, compatibility, value_grad
 # Eager dispatch of many small ops is the slow part on a shared CPU: compile each function once.
 report = jax.jit(first_order_report, static_argnames=("causal", "value_param"))
 stats_fn = jax.jit(feedback_stats, static_argnames=("causal", "block_size"))
+identity = jax.jit(routing_feedback_identity, static_argnames=("causal",))
 
 
 def problem(n=24, d_in=6, d_k=4, d_v=5, c=3, scale=0.5, dtype=jnp.float64, seed=0):
@@ -54,6 +56,37 @@ def test_first_order_ratios_tend_to_one(value_param):
     # The full change of b (u recomputed) is first order too, but not equal: u moves with the values.
     assert np.isfinite(float(r.dcompat_full_ratio))
     assert abs(float(r.dcompat_full_ratio) - 1) > 1e-3
+
+
+@pytest.mark.parametrize("causal, weighted", [(True, False), (False, False), (True, True)])
+def test_routing_feedback_identity_is_first_order_exact(causal, weighted):
+    """sum_ij a_ij Delta alpha_ij after a routing step of size eta is eta ||dL/d(W_Q, W_K)||^2 to
+    first order (float64): the ratio's error shrinks tenfold per decade of eta, and the loss falls by
+    the same amount."""
+    p, x, y = problem()
+    w = jnp.linspace(0.0, 2.0, x.shape[0]) if weighted else None
+    errs = []
+    for lr in (1e-2, 1e-3, 1e-4, 1e-5):
+        r = identity(p, x, y, lr, w, causal=causal)
+        assert float(r.predicted) > 0 and float(r.aggregate) > 0
+        np.testing.assert_allclose(float(r.loss_change), -float(r.predicted), rtol=2e3 * lr)
+        errs.append(abs(float(r.ratio) - 1.0))
+    np.testing.assert_allclose(np.array(errs[:-1]) / np.array(errs[1:]), 10.0, rtol=0.05)
+    assert errs[-1] < 1e-4
+    # The predicted side is eta times the squared norm of the routing gradient from autodiff.
+    g = jax.grad(lambda wq, wk: dense_loss(p._replace(w_q=wq, w_k=wk), x, y, w, causal), argnums=(0, 1))(p.w_q, p.w_k)
+    want = 1e-5 * sum(float(jnp.sum(d * d)) for d in g)
+    np.testing.assert_allclose(float(r.predicted), want, rtol=1e-9)
+
+
+def test_routing_feedback_identity_errors():
+    p, x, y = problem(dtype=jnp.float32)
+    with pytest.raises(ValueError, match="routing_feedback_identity: lr"):
+        routing_feedback_identity(p, x, y, 0.0)
+    with pytest.raises(ValueError, match="lr must be a scalar"):
+        jax.jit(routing_feedback_identity)(p, x, y, jnp.ones(2))
+    with pytest.raises(ValueError, match="x has shape"):
+        routing_feedback_identity(p, x[:, :3], y, 1e-2)
 
 
 def test_value_step_compatibility_formula():

@@ -15,7 +15,7 @@ import pytest
 from gradattn import em_vs_sgd, EmVsSgdConfig, forward, init_head
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step
 from gradattn.geometry import covariate_r2
-from gradattn.studies.manifold import ManifoldConfig, format_manifold, manifold_study
+from gradattn.studies.manifold import ManifoldConfig, format_manifold, linear_readout_ceiling, manifold_study
 from gradattn.studies.plateau import PlateauConfig, format_plateau, make_plateau_run, plateau_study
 from gradattn.tasks import StickyMarkov
 
@@ -126,6 +126,38 @@ def test_plateau_study_contents(plateau):
     assert "frame before precision" in format_plateau(r)
 
 
+def test_plateau_attention_entropy_against_uniform(plateau):
+    """Causal attention row i has at most log2(i + 1) bits, so the mean over rows is at most the
+    uniform causal entropy, which the summary states in closed form; the report prints both and every
+    criterion of the grid (the configured one marked)."""
+    n = PLATEAU.task.n_positions
+    uniform = plateau["uniform_attention_entropy_bits"]
+    np.testing.assert_allclose(uniform, np.mean([np.log2(i + 1) for i in range(n)]), rtol=1e-12)
+    for head in ("init", "sgd", "em"):
+        per = np.asarray(plateau["per_seed"][f"{head}_attention_entropy_bits"])
+        assert per.shape == (2,) and np.all((per > 0) & (per <= uniform + 1e-5))
+        np.testing.assert_allclose(plateau["attention_entropy_bits"][head]["mean"], per.mean(), rtol=1e-6)
+    text = format_plateau(plateau)
+    assert f"uniform causal attention {uniform:.3f}" in text
+    for crit in ("tol 0.05", "tol 0.2", "fraction of peak 0.1", "fraction of peak 0.5"):
+        assert f" {crit}:" in text
+    assert "*endpoint-free, fraction of peak 0.25:" in text and "*vs converged state, tol 0.1:" in text
+
+
+def test_plateau_attention_entropy_recomputed():
+    """The final attention entropy of a seed is attention_entropy_bits of the head after the run,
+    on the seed's first sequence (one-sequence runs: em_vs_sgd's final parameters)."""
+    from gradattn.geometry import attention_entropy_bits
+
+    cfg = dataclasses.replace(PLATEAU, fresh_data=False)
+    out = jax.jit(make_plateau_run(cfg))(jax.random.key(2))
+    data_key, init_key = jax.random.split(jax.random.key(2))
+    x, _ = TASK.sample(data_key, jnp.float32)
+    p0 = init_head(init_key, TASK.d_in, cfg.d_k, cfg.d_v, TASK.n_classes, cfg.init_scale, jnp.float32)
+    want = float(np.mean(np.asarray(attention_entropy_bits(forward(p0, x).alpha))))
+    np.testing.assert_allclose(float(out["init_attention_entropy_bits"]), want, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_plateau_study_settling_equals_the_criterion_on_the_snapshots(plateau):
     """The study's settling steps are settling_step / quiet_step of attention rows and values that
@@ -195,7 +227,45 @@ def test_manifold_study_contents(manifold):
     for arm in ("sgd", "em"):
         assert {"values_r2_vs_init", "values_r2_vs_shuffled", "contexts_decoding_r2_vs_init"} <= set(r[arm]["compared"])
     assert len(r["curves"]["em_mean"]) == MANIFOLD.steps
-    assert "R^2" in format_manifold(r)
+    assert "R^2" in format_manifold(r) and "linear-readout ceiling" in format_manifold(r)
+
+
+def _np_r2(z, h):
+    """In-sample R^2 of the least-squares fit of h on z with an intercept (numpy lstsq, float64)."""
+    z = np.column_stack([np.ones(len(z)), np.asarray(z, np.float64)])
+    h = np.asarray(h, np.float64)
+    resid = h - z @ np.linalg.lstsq(z, h, rcond=None)[0]
+    return 1.0 - resid @ resid / np.sum((h - h.mean()) ** 2)
+
+
+def test_linear_readout_ceiling_equals_numpy_lstsq():
+    """The ceiling is the least-squares R^2 of the entropy on x_t and on [x_t, x_{t-1}], checked
+    against numpy's lstsq with an explicit intercept column, on sticky-chain sequences and their
+    exact posterior entropy."""
+    task = MANIFOLD.task
+    xs = np.stack([np.asarray(task.sample(k, jnp.float64)[0]) for k in jax.random.split(jax.random.key(5), 3)])
+    h = np.stack([np.asarray(task.bayes_filter_entropy(x)) for x in xs])
+    got = linear_readout_ceiling(xs, h)
+    prev = np.concatenate([np.zeros_like(xs[:, :1]), xs[:, :-1]], axis=1)
+    np.testing.assert_allclose(float(got["x"]), _np_r2(xs.reshape(-1, xs.shape[-1]), h.reshape(-1)), rtol=1e-9)
+    both = np.concatenate([xs, prev], -1).reshape(-1, 2 * xs.shape[-1])
+    np.testing.assert_allclose(float(got["x_and_previous"]), _np_r2(both, h.reshape(-1)), rtol=1e-9)
+    assert float(got["x"]) <= float(got["x_and_previous"]) <= 1.0
+    with pytest.raises(ValueError, match=r"linear_readout_ceiling: xs must be \(S, N, d_in\)"):
+        linear_readout_ceiling(xs[0], h[0])
+    with pytest.raises(ValueError, match="linear_readout_ceiling"):
+        linear_readout_ceiling(xs, h[:, 1:])
+
+
+def test_manifold_ceiling_bounds_the_values_r2(manifold):
+    """The values are linear in x_t, so no head's value R^2 can exceed the ceiling on x_t: for every
+    seed, untrained and trained (float32 slack only)."""
+    per = manifold["per_seed"]
+    ceiling = np.asarray(per["ceiling_x"])
+    assert np.all((ceiling > 0) & (ceiling <= np.asarray(per["ceiling_x_and_previous"]) + 1e-6))
+    for head in ("init", "sgd", "em"):
+        assert np.all(np.asarray(per[f"{head}_values_r2"]) <= ceiling + 1e-4), head
+    np.testing.assert_allclose(manifold["readout_ceiling"]["x"]["mean"], ceiling.mean(), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -211,6 +281,10 @@ def test_manifold_untrained_r2_recomputed_independently(manifold):
     values = np.concatenate([np.asarray(forward(params, x).v) for x in xs])
     want = float(covariate_r2(values, entropy, MANIFOLD.n_components))
     np.testing.assert_allclose(manifold["per_seed"]["init_values_r2"][1], want, rtol=1e-4, atol=1e-6)
+    # The ceiling of the same seed, by numpy's lstsq on the same held-out positions.
+    xs = np.stack([np.asarray(x) for x in xs])
+    np.testing.assert_allclose(manifold["per_seed"]["ceiling_x"][1], _np_r2(xs.reshape(-1, xs.shape[-1]), entropy),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_manifold_config_errors():
