@@ -18,6 +18,7 @@ from gradattn.studies.bijection import (
     MODELS,
     BijectionConfig,
     bijection_study,
+    entropy_mae_bits,
     format_bijection,
     make_bijection_run,
     plot_bijection,
@@ -33,6 +34,16 @@ TINY = BijectionConfig(task=BijectionElimination(4), steps=100, batch=16, heldou
 def runs():
     """The tiny study over seeds [0, 1] and over [1] alone (one compiled program: chunk size 1)."""
     return bijection_study([0, 1], TINY, chunk_size=1), bijection_study([1], TINY, chunk_size=1)
+
+
+def test_entropy_mae_bits_constructed():
+    """|1 nat| at one of four positions is ln(2)^-1 / 4 bits on average; shapes must agree."""
+    exact = np.log(np.arange(4, 0, -1.0))
+    assert entropy_mae_bits(exact, exact) == 0.0
+    model = np.stack([exact, exact + np.array([0.0, 1.0, 0.0, 0.0])])
+    np.testing.assert_allclose(entropy_mae_bits(model, exact), [0.0, 1 / (4 * math.log(2))], rtol=1e-15)
+    with pytest.raises(ValueError, match=r"entropy_mae_bits: model_entropy must be \(\.\.\., N\)"):
+        entropy_mae_bits(exact[:3], exact)
 
 
 def test_run_shapes_and_dtypes():
@@ -111,6 +122,13 @@ def test_study_results_are_consistent(runs):
         # the mean of log p(y) - log q(y), which differs from the KL only by sampling noise.
         mass = np.asarray(entry["revealed_mass"]["mean"])
         assert ((mass >= 0) & (mass <= 1)).all()
+        # The per-seed entropy MAE averages to at least the MAE of the seed-averaged entropies
+        # (|mean| <= mean |.|), and is that MAE for the exact entropies' own bits.
+        mae = entry["entropy_mae_bits"]
+        assert len(mae["per_seed"]) == 2 and np.isclose(mae["mean"], np.mean(mae["per_seed"]), rtol=1e-12)
+        pooled = np.mean(np.abs(np.asarray(entry["entropy"]["mean"]) - both["exact_entropy"])) / math.log(2)
+        assert mae["mean"] >= pooled - 1e-12
+    assert "entropy MAE, bits" in format_bijection(both)
     assert len(both["curves"]["head"]["mean"]) == len(both["curves"]["deep"]["mean"]) == TINY.steps
 
 
@@ -152,7 +170,7 @@ def test_json_report_and_plot(runs, tmp_path):
     assert again["models"] == back["models"]
     table = format_bijection(again)
     assert "head (trained)" in table and "deep (trained)" in table
-    assert len(table.splitlines()) == 2 + TINY.task.n_symbols + 2
+    assert len(table.splitlines()) == 2 + TINY.task.n_symbols + 4  # + mean, entropy MAE (2 lines), wall time
     plot_bijection(again, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0
     assert again["config"]["task"]["n_symbols"] == 4 and again["config"]["steps"] == TINY.steps

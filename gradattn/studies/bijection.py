@@ -15,6 +15,10 @@ trained) and per position t, over the held-out samples:
 * ``loss``: the cross-entropy -log q_t(y_t), whose mean exceeds the Bayes loss log(k - t + 1) by
   the mean KL.
 
+Per model and seed, the companion paper's summary statistic as well: the entropy MAE in bits, the mean
+over positions of |mean model entropy - exact entropy| / ln 2 (:func:`entropy_mae_bits`). It is a
+weaker statistic than the KL: a model can match the entropy at every position with the wrong support.
+
 The single head (:func:`gradattn.head.init_head`, the paper's N(0, s^2) initialisation) trains by
 Adam, SGD or the EM-like two-timescale SGD (:func:`gradattn.training.em_like`), its rates constant
 or annealed to 0 along a cosine; the deep model
@@ -159,6 +163,22 @@ def position_metrics(log_p: jax.Array, logits: jax.Array, y: jax.Array) -> dict[
     }
 
 
+def entropy_mae_bits(model_entropy, exact_entropy) -> np.ndarray:
+    """The mean over positions of |model entropy - exact entropy|, converted from nats to bits.
+
+    Args:
+      model_entropy: (..., N) a model's mean predictive entropy at each position, in nats.
+      exact_entropy: (N,) the exact posterior's entropy there, in nats.
+    Returns:
+      (...,) the entropy MAE in bits (float64).
+    """
+    model_entropy, exact_entropy = np.asarray(model_entropy, np.float64), np.asarray(exact_entropy, np.float64)
+    if exact_entropy.ndim != 1 or model_entropy.shape[-1:] != exact_entropy.shape:
+        raise ValueError(f"entropy_mae_bits: model_entropy must be (..., N) and exact_entropy (N,), got shapes "
+                         f"{model_entropy.shape} and {exact_entropy.shape}")
+    return np.mean(np.abs(model_entropy - exact_entropy), axis=-1) / np.log(2.0)
+
+
 def make_bijection_run(config: BijectionConfig):
     """The per-seed study as a pure function ``run(key) -> dict`` of float32 arrays (jit/vmap-able).
 
@@ -251,7 +271,9 @@ def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     ``exact_entropy_measured`` (the held-out mean of the exact predictive's entropy; equal);
     ``models[m][metric]`` ``{"mean": (N,), "std": (N,)}`` per position, plus ``models[m]["gap"]``,
     the KL averaged over positions (mean and std over seeds, and per seed), and ``loss`` averaged
-    over positions against ``bayes_loss`` (log(k!)/k); ``curves`` the mean and std training curves.
+    over positions against ``bayes_loss`` (log(k!)/k), and ``models[m]["entropy_mae_bits"]``
+    (:func:`entropy_mae_bits` per seed: mean, std and per seed); ``curves`` the mean and std training
+    curves.
     """
     task = config.task
     out: dict[str, Any] = {
@@ -274,6 +296,9 @@ def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], confi
         loss = np.asarray(per_seed[f"{m}_loss"], np.float64).mean(axis=1)
         entry["gap"] = {"mean": json_floats(gap.mean()), "std": json_floats(gap.std()), "per_seed": json_floats(gap)}
         entry["mean_loss"] = {"mean": json_floats(loss.mean()), "std": json_floats(loss.std())}
+        mae = entropy_mae_bits(per_seed[f"{m}_entropy"], task.entropy_profile)
+        entry["entropy_mae_bits"] = {"mean": json_floats(mae.mean()), "std": json_floats(mae.std()),
+                                     "per_seed": json_floats(mae)}
         out["models"][m] = entry
     out["curves"] = {
         name: {"mean": json_floats(np.mean(per_seed[f"{name}_curve"], axis=0)),
@@ -325,6 +350,9 @@ def format_bijection(results: dict) -> str:
     for i, t in enumerate(positions):
         lines.append(f"{t:>3} {_f(exact[i])} " + " ".join(f"{_f(models[m]['kl']['mean'][i], '17.4f')}" for m in names))
     lines.append(f"{'mean':>3} {'':>8} " + " ".join(f"{_f(models[m]['gap']['mean'], '17.4f')}" for m in names))
+    if all("entropy_mae_bits" in models[m] for m in names):
+        lines.append("entropy MAE, bits (mean over seeds of the mean over positions of |model - exact entropy|)")
+        lines.append(f"{'':>12} " + " ".join(f"{_f(models[m]['entropy_mae_bits']['mean'], '17.4f')}" for m in names))
     if "wall_time_s" in results:
         lines.append(f"wall time {results['wall_time_s']:.1f} s on {results.get('n_devices', 1)} device(s)")
     return "\n".join(lines)
