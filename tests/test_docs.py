@@ -182,3 +182,32 @@ def test_no_file_cites_outside_material():
                 what = ", ".join(w for w, _ in found)
                 hits.append(f"{path.relative_to(ROOT)}:{lineno}: {what}: ...{line[max(0, start - 40):start + 80]}...")
     assert not hits, f"{len(hits)} citation(s) of material outside the repository:\n" + "\n".join(hits[:200])
+
+
+VERDICTS = ("supported", "partly", "not supported", "not tested in the paper's setting", "our observation")
+
+
+def _claims_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## What the paper claims, what we measured"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows[1:]]  # after the header
+
+
+def test_claims_table_names_the_papers_setting_and_cites_committed_files():
+    """Every claim row has the paper's setting beside ours, a verdict from the fixed vocabulary, and
+    cites files that are in the repository; a row whose verdict says 'supported' or 'partly' without
+    qualification is not one measured outside the paper's setting."""
+    rows = [r for r in _claims_rows() if not set("".join(r)) <= set("-")]
+    assert len(rows) >= 10
+    for claim, setting, ours, verdict, source in rows:
+        assert setting and ours, claim
+        assert verdict.startswith(VERDICTS), (claim, verdict)
+        if verdict.startswith(("supported", "partly", "not supported")):
+            assert not ours.startswith("our observation"), (claim, verdict)
+        links = re.findall(r"\]\(([^)#]+)", source)
+        files = re.findall(r"`((?:notebooks|tests|docs)/[^`]+)`", source)
+        assert links or files, claim
+        for path in links + files:
+            assert (ROOT / path).is_file(), (claim, path)
