@@ -21,6 +21,46 @@ The surface, from the bottom up:
   (:mod:`gradattn.verify`); reports and figures: :mod:`gradattn.plotting`;
 * diagnostics as modules: ``gradattn.dynamics``, ``gradattn.geometry``, ``gradattn.bayes``;
 * deep models (flax NNX): ``gradattn.nn`` and the deep experiment ``gradattn.deep``.
+
+Every public module, one line each (the names that ``import gradattn`` brings in are above; the
+others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
+
+* `gradattn.head`: one attention head, its forward pass and its cross-entropy loss, written densely.
+* `gradattn.laws`: the first-order laws, each under its own name, and the dense and autodiff gradients.
+* `gradattn.blocked`: the laws over blocks of query rows: exact, causal, never N x N.
+* `gradattn.pallas`: the head and its laws as two fused Pallas kernels, tiled like flash attention.
+* `gradattn.paths`: the named gradient paths of one head, and the backend's choice among them.
+* `gradattn.checking`: a checked mode: invalid input inside compiled code becomes an error, not a NaN.
+* `gradattn.training`: optax optimisers, a pure step, and a whole run as one ``lax.scan``.
+* `gradattn.sweeps`: a pure experiment ``fn(key) -> pytree`` over many seeds: vmap, chunks, devices.
+* `gradattn.cluster`: seed sweeps over several processes (hosts), and sweeps that resume after a stop.
+* `gradattn.resume`: the directory of finished sweep chunks that lets a stopped sweep resume.
+* `gradattn.experiments`: one skeleton for experiments over seeds, and the paper's EM-vs-SGD experiment.
+* `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
+* `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:
+    * `gradattn.tasks.base`: what a task must offer to be trained on, diagnosed and compared;
+    * `gradattn.tasks.sticky_markov`: the paper's sticky Markov chain;
+    * `gradattn.tasks.hmm`: next-observation prediction of a random discrete hidden Markov model;
+    * `gradattn.tasks.bijection`: bijection elimination, a random bijection revealed pair by pair.
+* `gradattn.bayes`: the exact Bayes predictor of the sticky Markov chain, and the forward algorithm.
+* `gradattn.dynamics`: the paper's mechanism, measured:
+    * `gradattn.dynamics.first_order`: one gradient step against what the laws predict;
+    * `gradattn.dynamics.feedback`: the positive feedback loop along training;
+    * `gradattn.dynamics.settling`: when attention, and when the values, reach their final pattern.
+* `gradattn.geometry`: attention entropy, value and context spectra, and what their leading
+  directions encode.
+* `gradattn.nn`: flax NNX modules: one attention head, and a deep pre-norm transformer.
+* `gradattn.deep`: the deep-transformer experiment and the laws of every head inside it:
+    * `gradattn.deep.config`: the experiment's configuration, its optimiser and its model;
+    * `gradattn.deep.run`: one run as a pure function of a key, its summary over seeds, the experiment;
+    * `gradattn.deep.laws`: the laws of every head inside the model, and their check against autodiff.
+* `gradattn.studies`: studies of the paper's open claims, each an experiment on the same skeleton:
+    * `gradattn.studies.plateau`: frame before precision, decided on runs trained to their plateau;
+    * `gradattn.studies.manifold`: the manifold claim, where the head cannot memorise its data;
+    * `gradattn.studies.bijection`: one head and the deep model against the exact posterior.
+* `gradattn.plotting`: the experiments' text reports and figures.
+* `gradattn.provenance`: where a result came from: code and library versions, machine and time.
+* `gradattn.cli`: the ``gradattn`` command (``gradattn --help``).
 """
 
 from gradattn._version import __version__

@@ -18,8 +18,8 @@ source (``"auto"`` by default: the laws, on the path fastest on the backend); :f
 ``lax.scan`` (PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the NamedTuples' field annotations must be objects,
+# not strings, for pdoc to resolve them (their generated __new__ has no module to look names up in).
 from typing import Any, Callable, NamedTuple
 
 import jax

@@ -211,3 +211,31 @@ def test_claims_table_names_the_papers_setting_and_cites_committed_files():
         assert links or files, claim
         for path in links + files:
             assert (ROOT / path).is_file(), (claim, path)
+
+
+def _index_page(out: pathlib.Path) -> pathlib.Path:
+    """The page a reader of index.html sees: index.html itself, or the page it redirects to."""
+    index = out / "index.html"
+    redirect = re.search(r'http-equiv="refresh"\s+content="\d+;\s*url=([^"]+)"', index.read_text(encoding="utf-8"))
+    return (out / redirect.group(1)).resolve() if redirect else index
+
+
+@pytest.mark.slow
+def test_make_docs_index_links_every_public_module(api_reference):
+    """A reader who opens index.html reaches every public module's page in one click."""
+    proc, out = api_reference
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    page = _index_page(out)
+    hrefs = re.findall(r'href="([^"#]+)', page.read_text(encoding="utf-8"))
+    linked = {(page.parent / href).resolve() for href in hrefs if "://" not in href}
+    modules = [m for m in _public_modules() if m != "gradattn"]
+    assert len(modules) > 20
+    missing = [m for m in modules if (out / (m.replace(".", "/") + ".html")).resolve() not in linked]
+    assert not missing, f"{page.name} links no page for {missing}"
+
+
+@pytest.mark.slow
+def test_make_docs_prints_no_warning(api_reference):
+    proc, _ = api_reference
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "warn" in line.lower()]
+    assert not warnings, "\n".join(warnings)

@@ -8,8 +8,8 @@ Nothing here builds an N x N matrix; :func:`snapshots` recomputes attention, val
 from recorded parameters afterwards.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the NamedTuples' field annotations must be objects,
+# not strings, for pdoc to resolve them (their generated __new__ has no module to look names up in).
 from typing import NamedTuple
 
 import jax
