@@ -1,12 +1,19 @@
-"""Execute the notebooks in place, with this interpreter as the kernel.
+"""Execute the notebooks, with this interpreter as the kernel; save them only at full size, or when asked.
 
-    python notebooks/run_all.py                    # full size (the committed outputs)
-    GRADATTN_NB_SMALL=1 python notebooks/run_all.py  # tiny sizes, seconds to minutes
-    python notebooks/run_all.py dynamics.ipynb     # just one
+    python notebooks/run_all.py                      # full size: the outputs are saved in place
+    GRADATTN_NB_SMALL=1 python notebooks/run_all.py  # tiny sizes, seconds to minutes: nothing saved
+    GRADATTN_NB_SMALL=1 python notebooks/run_all.py --out-dir /tmp/nb  # tiny sizes, copies saved in /tmp/nb
+    python notebooks/run_all.py dynamics.ipynb       # just one
 
 Sizes are read by each notebook's first code cell from environment variables
 (GRADATTN_NB_SMALL, GRADATTN_NB_SEEDS, GRADATTN_NB_STEPS, GRADATTN_NB_SEQ_LEN, GRADATTN_NB_CHUNK,
 GRADATTN_NB_RATIO_SEEDS); the kernel inherits this process's environment.
+
+Where the executed notebooks go: ``--out-dir DIR`` writes them into DIR and leaves the committed
+files alone; ``--write`` overwrites the notebooks in place, ``--no-write`` saves nothing. With none
+of the three, a full-size run overwrites them in place (the committed outputs are full-size ones)
+and a run at other sizes (GRADATTN_NB_SMALL=1, or GRADATTN_NB_SEEDS, _STEPS, _SEQ_LEN or
+_RATIO_SEEDS set) saves nothing, so that a quick check never replaces the committed outputs.
 
 The kernel is started from a kernelspec written on the fly whose argv is ``sys.executable``, so
 the notebooks run in the same environment as this script (the installed ``python3`` spec would
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -25,6 +33,16 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 NOTEBOOKS = ("laws.ipynb", "em_vs_sgd.ipynb", "dynamics.ipynb", "deep.ipynb")
 KERNEL_NAME = "gradattn-current-python"
+# The variables that change what a notebook computes (GRADATTN_NB_CHUNK changes only the memory it uses).
+SIZE_VARS = ("GRADATTN_NB_SMALL", "GRADATTN_NB_SEEDS", "GRADATTN_NB_STEPS", "GRADATTN_NB_SEQ_LEN",
+             "GRADATTN_NB_RATIO_SEEDS")
+
+
+def size_overrides(environ=None) -> list[str]:
+    """The size variables set in ``environ`` (default ``os.environ``): empty for a full-size run."""
+    environ = os.environ if environ is None else environ
+    return [f"{name}={environ[name]}" for name in SIZE_VARS
+            if environ.get(name, "") != "" and not (name == "GRADATTN_NB_SMALL" and environ[name] != "1")]
 
 
 def execute(path, *, timeout: int = 3600, write: bool = True):
@@ -70,9 +88,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", help=f"notebooks to run (default: {', '.join(NOTEBOOKS)})")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
-    parser.add_argument("--no-write", action="store_true", help="execute without saving the outputs")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--write", dest="write", action="store_true", default=None,
+                       help="overwrite the notebooks in place with the outputs (the default at full size only)")
+    where.add_argument("--no-write", dest="write", action="store_false",
+                       help="execute without saving the outputs (the default when a size variable is set)")
+    where.add_argument("--out-dir", type=pathlib.Path, metavar="DIR",
+                       help="save the executed notebooks into DIR, leaving the originals untouched")
+    parser.set_defaults(write=None)
     args = parser.parse_args(argv)
+    overrides = size_overrides()
+    in_place = args.write if args.write is not None else (args.out_dir is None and not overrides)
     names = args.notebooks or list(NOTEBOOKS)
+    paths = []
     for name in names:
         path = pathlib.Path(name)
         if not path.is_absolute() and not path.exists():
@@ -80,9 +108,25 @@ def main(argv=None) -> int:
         if not path.exists():
             print(f"run_all: no notebook {name}", file=sys.stderr)
             return 2
+        paths.append(path)
+    if args.write is None and args.out_dir is None and overrides:
+        print(f"run_all: sizes from {' '.join(overrides)}: the executed notebooks are not saved "
+              "(--out-dir DIR saves copies there, --write overwrites the notebooks)")
+    for path in paths:
         t0 = time.perf_counter()
-        execute(path, timeout=args.timeout, write=not args.no_write)
-        print(f"{path.name}: executed in {time.perf_counter() - t0:.0f} s")
+        nb = execute(path, timeout=args.timeout, write=in_place)
+        if args.out_dir is not None:
+            import nbformat
+
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            target = args.out_dir / path.name
+            nbformat.write(nb, target)
+            saved = f"saved to {target}"
+        elif in_place:
+            saved = "saved in place"
+        else:
+            saved = "not saved"
+        print(f"{path.name}: executed in {time.perf_counter() - t0:.0f} s, {saved}")
     return 0
 
 

@@ -239,3 +239,55 @@ def test_make_docs_prints_no_warning(api_reference):
     proc, _ = api_reference
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "warn" in line.lower()]
     assert not warnings, "\n".join(warnings)
+
+
+def _load_run_all():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_run_all_docs", ROOT / "notebooks" / "run_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "env, args, in_place, copied",
+    [
+        ({}, [], True, False),                                      # full size: the committed outputs
+        ({"GRADATTN_NB_SMALL": "1"}, [], False, False),             # the documented quick recipe
+        ({"GRADATTN_NB_STEPS": "5"}, [], False, False),             # any size variable
+        ({"GRADATTN_NB_CHUNK": "1"}, [], True, False),              # memory only: still full size
+        ({"GRADATTN_NB_SMALL": "1"}, ["--write"], True, False),
+        ({}, ["--no-write"], False, False),
+        ({"GRADATTN_NB_SMALL": "1"}, ["--out-dir", "OUT"], False, True),
+    ],
+)
+def test_notebook_recipe_saves_only_full_size_runs_unless_asked(env, args, in_place, copied, tmp_path, monkeypatch, capsys):
+    """notebooks/run_all.py (its docstring and notebooks/README.md): a run at other sizes never
+    replaces the committed outputs unless --write says so; --out-dir saves copies elsewhere."""
+    run_all = _load_run_all()
+    for name in run_all.SIZE_VARS + ("GRADATTN_NB_CHUNK",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    notebook = tmp_path / "nb.ipynb"
+    notebook.write_text("{}")
+    calls = []
+
+    def fake_execute(path, *, timeout, write):
+        calls.append((pathlib.Path(path), write))
+        return {"cells": []}
+
+    monkeypatch.setattr(run_all, "execute", fake_execute)
+    written = []
+    monkeypatch.setitem(sys.modules, "nbformat", type(sys)("nbformat"))
+    sys.modules["nbformat"].write = lambda nb, target: written.append(pathlib.Path(target))
+    out = tmp_path / "out"
+    argv = [str(notebook)] + [str(out) if a == "OUT" else a for a in args]
+    assert run_all.main(argv) == 0
+    assert calls == [(notebook, in_place)]
+    assert written == ([out / "nb.ipynb"] if copied else [])
+    printed = capsys.readouterr().out
+    assert ("saved in place" in printed) == in_place
+    if env and not args and not in_place:
+        assert "not saved" in printed and "--write" in printed
