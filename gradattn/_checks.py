@@ -19,9 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def is_traced(x) -> bool:
+    """Whether ``x`` is a tracer: an abstract value inside ``jit``, ``vmap``, ``grad`` or another
+    transformation, whose shape and dtype are known but whose value must not be read.
+
+    The one place the library asks this. It is the check JAX documents: its docs name
+    ``jax.core.Tracer`` as the class of traced values, and that class stays among the few public
+    names of ``jax.core`` as the internals leave that namespace (``jax.core.is_concrete`` and
+    ``jax.core.concrete_or_error`` were not kept there, so they are not used).
+    """
+    return isinstance(x, jax.core.Tracer)
+
+
 def concrete(a) -> np.ndarray | None:
     """The value of ``a`` as a numpy array, or ``None`` when ``a`` is a tracer."""
-    if isinstance(a, jax.core.Tracer):
+    if is_traced(a):
         return None
     try:
         return np.asarray(a)

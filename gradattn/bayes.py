@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_labels, check_number, check_weights, concrete
+from gradattn._checks import check_labels, check_number, check_weights, concrete, is_traced
 from gradattn._math import LN2
 
 
@@ -63,7 +63,7 @@ def _check_model(transition_matrix, embeddings, x, fn: str):
 
 def _check_noise_std(noise_std, fn: str):
     """A concrete ``noise_std`` must be a finite number > 0; a traced one is trusted."""
-    if isinstance(noise_std, jax.core.Tracer):
+    if is_traced(noise_std):
         return noise_std
     return check_number("noise_std", noise_std, fn, minimum=0.0, exclusive_minimum=True)
 

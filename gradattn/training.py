@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradattn._checks import check_int, check_number
+from gradattn._checks import check_int, check_number, is_traced
 from gradattn._math import tree_norm
 from gradattn.head import HeadParams
 from gradattn.paths import resolve_grad_source
@@ -62,7 +62,7 @@ def _check_lr(name: str, lr, fn: str) -> None:
     Anything else (a string such as ``"0.1"``, a bool, a list) is a TypeError here, at construction:
     optax would accept it and fail only inside the first update.
     """
-    if callable(lr) or isinstance(lr, jax.core.Tracer):
+    if callable(lr) or is_traced(lr):
         return
     try:
         check_number(name, lr, fn, minimum=0.0)

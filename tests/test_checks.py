@@ -51,3 +51,28 @@ def test_check_number_value_errors():
         check_number("p", 1.0, "f", minimum=0.0, maximum=1.0, exclusive_maximum=True)
     with pytest.raises(ValueError, match="scalar"):
         check_number("lr", np.ones(2), "f")
+
+
+def test_is_traced_under_transformations_only():
+    import warnings
+
+    import jax
+
+    from gradattn._checks import is_traced
+
+    for val in (0.5, 3, np.float32(0.5), np.ones(3), jnp.ones(3), [1.0, 2.0], "0.1", None):
+        assert not is_traced(val)
+    seen = []
+
+    def f(x):
+        seen.append(is_traced(x))
+        return jnp.sum(x)
+
+    jax.jit(f)(jnp.ones(3))
+    jax.vmap(f)(jnp.ones((2, 3)))
+    jax.grad(f)(jnp.ones(3))  # eager grad: a tracer over a concrete value is still a tracer
+    assert seen == [True, True, True]
+    # The check rests on jax.core.Tracer: a deprecation of it would show here first.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert isinstance(jax.core.Tracer, type)

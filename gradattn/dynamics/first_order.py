@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_head_inputs, check_number
+from gradattn._checks import check_head_inputs, check_number, is_traced
 from gradattn._math import tree_norm
 from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
 from gradattn.head import HeadOutputs, HeadParams, causal_mask, dense_loss_unchecked, forward_unchecked, normalised_weights, token_losses
@@ -69,7 +69,7 @@ class FirstOrderReport(NamedTuple):
 
 def _checked_lr(lr, x, fn: str) -> jax.Array:
     """``lr`` as a scalar of ``x``'s dtype: a positive number, or a traced scalar."""
-    if not isinstance(lr, jax.core.Tracer):
+    if not is_traced(lr):
         check_number("lr", lr, fn, minimum=0.0, exclusive_minimum=True)
     elif np.ndim(lr) != 0:
         raise ValueError(f"{fn}: lr must be a scalar, got shape {np.shape(lr)}")

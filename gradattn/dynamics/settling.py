@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_number, concrete
+from gradattn._checks import check_int, check_number, concrete, is_traced
 
 __all__ = [
     "FrameBeforePrecision",
@@ -98,7 +98,7 @@ def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> 
             f"{fn}: {name} must have shape (K, ...) with K = {steps.shape[0]} (from checkpoint_steps), "
             f"got shape {series.shape}"
         )
-    if isinstance(tol, jax.core.Tracer):
+    if is_traced(tol):
         if np.ndim(tol) != 0:
             raise ValueError(f"{fn}: tol must be a non-negative scalar, got shape {np.shape(tol)}")
     else:

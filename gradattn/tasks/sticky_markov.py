@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_fields, check_int, check_number, option, parse_int
+from gradattn._checks import check_fields, check_int, check_number, is_traced, option, parse_int
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 from gradattn.sweeps import MAX_SEED
 
@@ -76,7 +76,7 @@ def reference_embeddings() -> np.ndarray:
 
 def _means_array(value, fn: str, name: str) -> np.ndarray:
     """``value`` as a finite floating 2-D numpy array (its own dtype), or a TypeError/ValueError."""
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         raise TypeError(f"{fn}: {name} must be a concrete array (the means are fixed per task), got a traced value")
     try:
         arr = np.asarray(value)
