@@ -241,7 +241,20 @@ def check_matrix(name: str, a, shape: tuple, fn: str) -> None:
 BOUND_KEYS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
 
 
-def option(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, **bounds) -> dataclasses.Field:
+_T = typing.TypeVar("_T")
+
+
+# Typed as dataclasses.field is: to a type checker the call is the field's default value, so that
+# `steps: int = option(1000, help=...)` checks 1000 against int (at run time it is a dataclasses.Field).
+@typing.overload
+def option(default: _T, *, help: str, **bounds: typing.Any) -> _T: ...
+@typing.overload
+def option(*, help: str, default_factory: typing.Callable[[], _T], **bounds: typing.Any) -> _T: ...
+@typing.overload
+def option(*, help: str, **bounds: typing.Any) -> typing.Any: ...
+
+
+def option(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, **bounds) -> typing.Any:
     """A dataclass field carrying its command-line ``help`` and its bounds (``minimum``,
     ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``; ``choices`` for a string; ``flag`` and
     ``const`` for a switch that sets the field to ``const``) in its metadata. :func:`check_fields`
