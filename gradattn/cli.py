@@ -13,6 +13,13 @@
     gradattn manifold --seeds N --out manifold.json [every field of ManifoldConfig and of the task]
     gradattn bijection --seeds N --out bijection.json [--plot gap.png] [every field of BijectionConfig and of the task]
     gradattn laws-check [--n N] [--seed S]
+    gradattn rerun RESULT.json [--out NEW.json] [--plot P] [--no-progress]
+    gradattn --version
+
+``--out`` is optional: the summary is printed either way. ``--per-seed-curves`` keeps every seed's
+training curves in the JSON. ``rerun`` runs the experiment a result JSON describes again (its
+config, seeds and chunk size), prints the summary and says whether every per-seed number equals the
+file's (they do, bit for bit, on the same jax version and machine type).
 
 The flags of an experiment are made from its config's fields and the task's (each field declares
 its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
@@ -41,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import sys
 import tempfile
 from typing import Callable, NamedTuple
@@ -53,6 +62,7 @@ from matplotlib.figure import Figure
 from gradattn import cluster, deep, experiments, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
 from gradattn._io import check_output_path, write_json
+from gradattn._version import __version__
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
 from gradattn.sweeps import MAX_SEED, seed_key
 from gradattn.verify import laws_check_errors
@@ -88,7 +98,8 @@ def _checked(check, convert, what: str):
         try:
             return check(val)
         except (TypeError, ValueError) as err:
-            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
+            # argparse names the flag; drop the library's own name for the value ("d_k must be ...")
+            raise argparse.ArgumentTypeError(re.sub(r"^\w+ (?=must )", "", str(err).split(": ", 1)[-1])) from None
 
     return parse
 
@@ -217,11 +228,26 @@ def _given(args, cls) -> dict:
             if "help" in f.metadata and getattr(args, f.name, None) is not None}
 
 
-def _build(parser, make, **kw):
+def _as_flags(message: str, classes) -> str:
+    """An error of a config or task class in the words of the command line: the leading
+    ``ClassName: `` dropped, and every ``field=value`` of the classes' flag fields written as the
+    flag the user typed (``checkpoint_every=40`` -> ``--checkpoint-every 40``)."""
+    names = {f.name: f.metadata.get("flag", _flag(f.name)) for cls in classes for f in dataclasses.fields(cls)
+             if "help" in f.metadata}
+    head, sep, rest = message.partition(": ")
+    if sep and head in {cls.__name__ for cls in classes}:
+        message = rest
+    for name, flag in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w-]){name}=", f"{flag} ", message)
+        message = re.sub(rf"^{name}(?= must| needs| exceeds)", flag, message)
+    return message
+
+
+def _build(parser, make, classes=(), **kw):
     try:
         return make(**kw)
     except (TypeError, ValueError) as err:
-        parser.error(str(err))
+        parser.error(_as_flags(str(err), classes or (make,)))
 
 
 def _build_task(args, parser, command):
@@ -237,16 +263,17 @@ def _build_task(args, parser, command):
         if "embed_seed" in task_kw:
             parser.error("give either --embeddings or --embed-seed, not both (--embeddings seed:N is --embed-seed N)")
         task_kw.update(args.embeddings)
-    return _build(parser, cls, **task_kw)
+    return _build(parser, cls, (cls,), **task_kw)
 
 
-def _outputs(args, parser) -> tuple[str, str | None]:
-    """The checked ``--out`` and ``--plot`` targets (exit 2 before any work if they cannot be written)."""
-    out = _output_path(parser, "--out", args.out)
+def _outputs(args, parser) -> tuple[str | None, str | None]:
+    """The checked ``--out`` and ``--plot`` targets, each None when not given (exit 2 before any
+    work if one cannot be written)."""
+    out = None if args.out is None else _output_path(parser, "--out", args.out)
     plot = None
     if getattr(args, "plot", None) is not None:
         plot = _output_path(parser, "--plot", args.plot)
-        if os.path.abspath(plot) == os.path.abspath(out):
+        if out is not None and os.path.abspath(plot) == os.path.abspath(out):
             parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
         suffix = os.path.splitext(plot)[1].lstrip(".").lower()
         formats = Figure().canvas.get_supported_filetypes()
@@ -264,8 +291,9 @@ def _check_result_size(parser, n_seeds: int, steps: int, curves: int) -> None:
         )
 
 
-def _report(results: dict, text: str, out: str, plot: str | None, plot_fn) -> int:
-    """Print the summary, then write the JSON and the figure; a failed write is one line and exit 1."""
+def _report(results: dict, text: str, out: str | None, plot: str | None, plot_fn) -> int:
+    """Print the summary, then write the JSON and the figure (those given); a failed write is one
+    line and exit 1."""
     print(text)
     for path, write in ((out, lambda: write_json(results, out)), (plot, lambda: plot_fn(results, plot))):
         if path is None:
@@ -276,7 +304,9 @@ def _report(results: dict, text: str, out: str, plot: str | None, plot_fn) -> in
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             print(f"gradattn: error: could not write {path!r}: {reason}; nothing was written there", file=sys.stderr)
             return 1
-    print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+    written = [p for p in (out, plot) if p is not None]
+    if written:
+        print("wrote " + " and ".join(written))
     return 0
 
 
@@ -362,19 +392,92 @@ def _experiment(args, parser) -> int:
     given = _given(args, command.config_type)
     if "value_lr_multiplier" in given and given.get("schedule") != "two_timescale":
         parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
-    config = _build(parser, command.config_type, task=_build_task(args, parser, command), **given)
+    task = _build_task(args, parser, command)
+    config = _build(parser, command.config_type, (command.config_type, type(task)), task=task, **given)
+    return _run_command(args, parser, command, config, seeds, flags, primary, out, plot)
+
+
+def _run_command(args, parser, command, config, seeds, flags, primary, out, plot, reference=None) -> int:
+    """The sweep of ``command`` with ``config`` over ``seeds``, then the report (by process 0 only);
+    with ``reference`` (``(path, results)`` of an earlier run), whether the per-seed numbers equal it."""
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
     if flags is not None and (status := _join(parser, flags)) is not None:  # every check passed: connect
         return status
     try:
         results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress,
-                              checkpoint_dir=args.checkpoint_dir)
+                              checkpoint_dir=args.checkpoint_dir, per_seed_curves=args.per_seed_curves)
     except resume.SweepRefused as err:  # found at start-up, before any seed was computed
         parser.error(str(err))
     if not primary:
         print(f"process {jax.process_index()} of {results['n_processes']}: sweep done; process 0 writes the results")
         return 0
-    return _report(results, command.format(results), out, plot, command.plot)
+    status = _report(results, command.format(results), out, plot, command.plot)
+    if reference is not None:
+        print(_compare_per_seed(*reference, results))
+    return status
+
+
+def _per_seed_arrays(results: dict) -> dict[str, np.ndarray]:
+    """Every per-seed number of a result dict (``per_seed`` and ``per_seed_curves``), as float arrays (null: NaN)."""
+    out = {}
+    for section in ("per_seed", "per_seed_curves"):
+        for name, v in (results.get(section) or {}).items():
+            try:
+                out[f"{section}.{name}"] = np.asarray(v, np.float64)
+            except (TypeError, ValueError):  # ragged or non-numeric: compared as given
+                out[f"{section}.{name}"] = np.asarray(json.dumps(v))
+    return out
+
+
+def _compare_per_seed(path: str, old: dict, new: dict) -> str:
+    """One line: whether every per-seed number of ``new`` equals ``old``'s (read from ``path``)."""
+    a, b = _per_seed_arrays(old), _per_seed_arrays(new)
+    if a.keys() != b.keys():
+        return f"per-seed results: the fields differ from {path} ({', '.join(sorted(a.keys() ^ b.keys()))})"
+    differ = {}
+    for name in a:
+        x, y = a[name], b[name]
+        if x.shape != y.shape:
+            differ[name] = float("inf")
+        elif x.dtype.kind == "f" and not np.array_equal(x, y, equal_nan=True):
+            differ[name] = float(np.nanmax(np.abs(x - y)))
+        elif x.dtype.kind != "f" and not np.array_equal(x, y):
+            differ[name] = float("inf")
+    if not differ:
+        return f"per-seed results: identical to {path} ({len(a)} fields, bit for bit)"
+    name = max(differ, key=differ.get)
+    return (f"per-seed results: {len(differ)} of {len(a)} fields differ from {path}; the largest difference is "
+            f"{differ[name]:.3g} in {name} (another jax version or machine type changes the last float32 bits)")
+
+
+def _rerun(args, parser) -> int:
+    """``gradattn rerun RESULT.json``: the experiment the file describes, again."""
+    try:
+        with open(args.result, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        parser.error(f"argument RESULT: cannot read {args.result!r}: {reason}")
+    name = old.get("experiment") if isinstance(old, dict) else None
+    command = next((c for c in COMMANDS if c.experiment == name), None)
+    if command is None:
+        parser.error(f"argument RESULT: {args.result!r} is not a gradattn result (its experiment is {name!r}; "
+                     f"known: {', '.join(c.experiment for c in COMMANDS)})")
+    try:
+        config = experiments.config_from_dict(command.config_type, old.get("config"))
+        seeds = [int(s) for s in old["seeds"]]
+        args.chunk_size = None if old.get("chunk_size") is None else int(old["chunk_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        parser.error(f"argument RESULT: cannot rebuild the {command.name} run from {args.result!r}: {err}")
+    args.per_seed_curves = "per_seed_curves" in old
+    args.checkpoint_dir = None
+    _use_compilation_cache(args)
+    if (status := _join(parser, None)) is not None:
+        return status
+    out, plot = _outputs(args, parser)
+    print(f"rerun of {args.result}: gradattn {command.name}, {len(seeds)} seed(s), chunk size {args.chunk_size} "
+          f"(written by gradattn {(old.get('provenance') or {}).get('versions', {}).get('gradattn', '?')})")
+    return _run_command(args, parser, command, config, seeds, None, True, out, plot, reference=(args.result, old))
 
 
 def _laws_check(args, parser) -> int:
@@ -393,7 +496,9 @@ def _common(p, plot: bool) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=5, help="run seeds 0..N-1 (default 5)")
     group.add_argument("--seed-list", type=_seed_list, default=None, help="explicit seeds in [0, 2^64), e.g. 3,7,11")
-    p.add_argument("--out", required=True, help="results JSON path")
+    p.add_argument("--out", default=None, help="results JSON path (optional: the summary is printed either way)")
+    p.add_argument("--per-seed-curves", action="store_true",
+                   help="keep every seed's training curves in the JSON (default: their mean and sd over seeds only)")
     if plot:
         p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
     p.add_argument("--checkpoint-dir", type=_checkpoint_dir, default=None,
@@ -408,9 +513,11 @@ def _common(p, plot: bool) -> None:
 
 
 class _Command(NamedTuple):
-    """An experiment on the command line: its config, its run, its report and figure."""
+    """An experiment on the command line: its config, its run, its report and figure, and the
+    ``experiment`` name its results carry."""
 
     name: str
+    experiment: str
     help: str
     config_type: type
     run: Callable
@@ -420,17 +527,17 @@ class _Command(NamedTuple):
 
 
 COMMANDS = (
-    _Command("em-vs-sgd", "the paper's EM-like vs SGD experiment on the sticky Markov chain", experiments.EmVsSgdConfig,
+    _Command("em-vs-sgd", "em_vs_sgd", "the paper's EM-like vs SGD experiment on the sticky Markov chain", experiments.EmVsSgdConfig,
              lambda *a, **k: experiments.em_vs_sgd(*a, **k), format_em_vs_sgd, plot_em_vs_sgd, 2),
-    _Command("deep", "the deep transformer on the sticky Markov chain, and the laws of each of its heads",
+    _Command("deep", "deep", "the deep transformer on the sticky Markov chain, and the laws of each of its heads",
              deep.DeepConfig, lambda *a, **k: deep.deep_experiment(*a, **k), format_deep, plot_deep, 1),
-    _Command("plateau", "frame before precision: attention vs values settling, on runs trained to a plateau",
+    _Command("plateau", "plateau", "frame before precision: attention vs values settling, on runs trained to a plateau",
              studies.plateau.PlateauConfig, lambda *a, **k: studies.plateau.plateau_study(*a, **k),
              studies.plateau.format_plateau, None, 2),
-    _Command("manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
+    _Command("manifold", "manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
              studies.manifold.ManifoldConfig, lambda *a, **k: studies.manifold.manifold_study(*a, **k),
              studies.manifold.format_manifold, None, 2),
-    _Command("bijection", "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
+    _Command("bijection", "bijection_study", "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
              studies.bijection.BijectionConfig, lambda *a, **k: studies.bijection.bijection_study(*a, **k),
              studies.bijection.format_bijection, studies.bijection.plot_bijection, 2),
 )
@@ -438,6 +545,7 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
+    parser.add_argument("--version", action="version", version=f"gradattn {__version__} (jax {jax.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help)
@@ -462,6 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_int_in(1, MAX_LAWS_CHECK_N), default=37, help="sequence length N (default 37)")
     p.add_argument("--seed", type=_seed, default=0, help="PRNG seed in [0, 2^64) (default 0)")
     p.set_defaults(run=_laws_check, sub=p)
+
+    p = sub.add_parser("rerun", help="run the experiment a result JSON describes again, and compare its per-seed numbers")
+    p.add_argument("result", metavar="RESULT", help="a result JSON written by gradattn (its config, seeds and chunk size)")
+    p.add_argument("--out", default=None, help="results JSON path for the new run (optional)")
+    p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg), for experiments with a figure")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-compilation-cache", action="store_true", help="do not use the persistent compilation cache")
+    p.set_defaults(run=_rerun, sub=p)
     return parser
 
 

@@ -55,8 +55,38 @@ class Experiment:
     summarise: Callable[[dict, list, Any], dict]
 
 
+RESULT_FORMAT = 2
+"""The version of the result dicts (and their JSON) that :func:`run_experiment` returns, in their
+``format`` field. 2: every standard deviation over seeds is the sample standard deviation (ddof 1;
+null for one seed), ``config`` rebuilds the run's config (:func:`config_from_dict`), and the per-seed
+training curves are kept on request (``per_seed_curves``). Results without the field (format 1) give
+the population standard deviation (ddof 0)."""
+
+
+def seed_std(values, axis: int = 0) -> np.ndarray:
+    """The sample standard deviation (ddof 1) over seeds along ``axis``; NaN (JSON null through
+    :func:`json_floats`) where there are fewer than two seeds."""
+    a = np.asarray(values, np.float64)
+    if a.shape[axis] < 2:
+        return np.full(np.delete(a.shape, axis), np.nan)
+    return np.std(a, axis=axis, ddof=1)
+
+
+def mean_sd(mean, std, spec: str = ".3f") -> str:
+    """``"mean ± sd"`` for a text summary, or the mean alone where the std is None (one seed)."""
+    if mean is None:
+        return "n/a"
+    return format(mean, spec) if std is None else f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def is_curve(name: str) -> bool:
+    """Whether the per-seed output ``name`` is a training curve (one value per step)."""
+    return name == "curve" or name.endswith("_curve")
+
+
 def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: int | None = None, devices=None,
-                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                   per_seed_curves: bool = False) -> dict[str, Any]:
     """``experiment`` over ``seeds`` (a positive int n: seeds 0..n-1; or distinct integer seeds in
     [0, 2^64)), with ``config`` (default: the config type's defaults).
 
@@ -74,8 +104,12 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     (required then) and the library version (and the chunk size, jax version, backend): another
     configuration's directory is refused with :class:`gradattn.resume.SweepRefused`.
 
-    Returns the experiment's summary plus ``wall_time_s`` (the sweep), ``n_devices`` (over all
-    processes), ``n_processes``, ``chunk_size`` and ``provenance``
+    ``per_seed_curves``: keep every seed's training curves (the per-seed outputs named ``curve``
+    or ``*_curve``) under ``per_seed_curves`` (float32 values as JSON numbers: about 20 bytes a
+    step per curve), beside the summary's mean and standard deviation over seeds.
+
+    Returns the experiment's summary plus ``format`` (:data:`RESULT_FORMAT`), ``wall_time_s`` (the
+    sweep), ``n_devices`` (over all processes), ``n_processes``, ``chunk_size`` and ``provenance``
     (:func:`gradattn.provenance.provenance`, finished at the end).
     """
     fn = experiment.name
@@ -110,7 +144,9 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
         per_seed = sweep(run, seeds, chunk_size=chunk_size, devices=devices, progress=progress)
         n_devices = len(devices)
     wall = time.perf_counter() - t0
-    summary = experiment.summarise(per_seed, seeds, config)
+    summary = {"format": RESULT_FORMAT, **experiment.summarise(per_seed, seeds, config)}
+    if per_seed_curves:
+        summary["per_seed_curves"] = {name: json_floats(v) for name, v in per_seed.items() if is_curve(name)}
     summary.update(wall_time_s=wall, n_devices=n_devices, n_processes=jax.process_count(), chunk_size=chunk_size,
                    provenance=finish(prov))
     return summary
@@ -135,6 +171,26 @@ def config_dict(config) -> dict:
     d["task"] = {"name": type(config.task).__name__, **config.task.to_dict()}
     d["dtype"] = "float32"
     return d
+
+
+def config_from_dict(config_type: type, d: dict):
+    """The ``config_type`` instance that :func:`config_dict` described as ``d`` (e.g. the ``config``
+    of a result JSON): its fields, and the task rebuilt by its class's ``from_dict``."""
+    from gradattn import tasks
+
+    if not isinstance(d, dict) or not isinstance(d.get("task"), dict):
+        raise ValueError(f"config_from_dict: not a {config_type.__name__} description (no task): {d!r}")
+    d = dict(d)
+    d.pop("dtype", None)
+    task_d = d.pop("task")
+    task_type = getattr(tasks, str(task_d.get("name")), None)
+    if not (isinstance(task_type, type) and callable(getattr(task_type, "from_dict", None))):
+        raise ValueError(f"config_from_dict: unknown task {task_d.get('name')!r} in the {config_type.__name__} description")
+    names = {f.name for f in dataclasses.fields(config_type) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"config_from_dict: {config_type.__name__} has no field(s) {', '.join(unknown)}")
+    return config_type(task=task_type.from_dict(task_d), **d)
 
 
 def logit_metrics(logits, y) -> dict:
@@ -268,7 +324,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     any seed's final loss is not finite, the threshold, the steps to it and the speed-up are
     ``None`` (JSON null) and a RuntimeWarning names the seeds.
     ``p_value`` is scipy's paired t-test of the final losses (``None`` when undefined, e.g. 1 seed).
-    Standard deviations are over seeds, with ``ddof=0``.
+    Standard deviations are over seeds, the sample standard deviation (:func:`seed_std`, ddof 1).
     """
     from scipy import stats
 
@@ -277,7 +333,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     for name in ("sgd", "em"):
         arm[name] = {
             "final_loss_mean": float(np.mean(per_seed[f"{name}_final_loss"])),
-            "final_loss_std": float(np.std(per_seed[f"{name}_final_loss"])),
+            "final_loss_std": json_floats(seed_std(per_seed[f"{name}_final_loss"])),
             "final_entropy_mean": float(np.mean(per_seed[f"{name}_final_entropy"])),
             "final_accuracy_mean": float(np.mean(per_seed[f"{name}_final_accuracy"])),
         }
@@ -287,7 +343,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
         to_thr = steps_to_threshold(per_seed["em_curve"], threshold)
         mean_steps = float(np.mean(to_thr))
         speedup = steps / mean_steps if mean_steps > 0 else None
-        to_thr_summary = {"mean": mean_steps, "std": float(np.std(to_thr))}
+        to_thr_summary = {"mean": mean_steps, "std": json_floats(seed_std(to_thr))}
         per_seed_steps = [int(v) for v in to_thr]
     else:
         # A diverged seed makes the threshold (a mean over seeds) NaN, and every comparison with
@@ -311,7 +367,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     for name in ("sgd", "em"):
         c = np.asarray(per_seed[f"{name}_curve"], np.float64)
         curves[f"{name}_mean"] = c.mean(axis=0).tolist()
-        curves[f"{name}_std"] = c.std(axis=0).tolist()
+        curves[f"{name}_std"] = json_floats(seed_std(c))
     return {
         "experiment": "em_vs_sgd",
         "h_min": getattr(config.task, "h_min", None),
@@ -342,13 +398,14 @@ EM_VS_SGD = Experiment("em_vs_sgd", EmVsSgdConfig, make_em_vs_sgd, summarise_em_
 
 
 def em_vs_sgd(seeds, config: EmVsSgdConfig | None = None, *, chunk_size: int | None = None, devices=None,
-              progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+              progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+              per_seed_curves: bool = False) -> dict[str, Any]:
     """The paper's EM-vs-SGD experiment over ``seeds`` (an int n means seeds 0..n-1).
 
     :func:`run_experiment` of :func:`make_em_vs_sgd` and :func:`summarise_em_vs_sgd`: the summary
     plus ``wall_time_s``, ``n_devices``, ``n_processes``, ``chunk_size`` and ``provenance``.
     ``config`` defaults to the paper's (:class:`EmVsSgdConfig`); ``chunk_size``, ``devices``,
-    ``progress`` and ``checkpoint_dir`` (resume a stopped sweep) as there.
+    ``progress``, ``checkpoint_dir`` (resume a stopped sweep) and ``per_seed_curves`` as there.
     """
     return run_experiment(EM_VS_SGD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir)
+                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)

@@ -238,7 +238,7 @@ def test_library_value_lr_multiplier_needs_two_timescale():
 def test_deep_combined_size_is_bounded_before_any_work(tmp_path):
     huge = ["--d-model", "4096", "--n-heads", "256", "--n-layers", "64", "--seq-len", "65537"]  # each within its bound
     proc = gradattn(["deep", "--out", str(tmp_path / "d.json")] + DEEP_TINY + huge, tmp_path)
-    assert_refused(proc, "GiB", "d_model=4096", "n_layers=64", "n_heads=256", "N=65536", "FLOPs")
+    assert_refused(proc, "GiB", "--d-model 4096", "--n-layers 64", "--n-heads 256", "N=65536", "FLOPs")
     assert os.listdir(tmp_path) == []
 
 

@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
+import gradattn
 from gradattn import _io, cli, experiments, tasks
 
-from _cli import TINY, cli_run as run
+from _cli import TINY, cli_run
+from _cli import cli_run as run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +113,7 @@ def test_seeds_beyond_2_to_the_32_do_not_collide(tmp_path, capsys):
         (["--init-scale", "nan"], "--init-scale"),
         (["--init-scale", "0"], "--init-scale"),
         (["--sgd-lr", "inf"], "--sgd-lr"),
-        (["--grad-source", "magic"], "grad_source"),
+        (["--grad-source", "magic"], "--grad-source must be one of"),
         (["--self-prob", "1"], "--self-prob"),
         (["--noise-std", "0"], "--noise-std"),
         (["--embeddings", "nonsense"], "--embeddings"),
@@ -235,8 +238,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, capsys):
 def test_missing_command_and_out(capsys):
     code, _, err = run([], capsys)
     assert code == 2
-    code, _, err = run(["em-vs-sgd"], capsys)
-    assert code == 2 and "--out" in err
+    # --out is optional (the summary is printed either way): tests/test_cli.py::test_summary_only_run_writes_nothing
 
 
 def test_laws_check(capsys):
@@ -323,3 +325,73 @@ def test_every_integer_and_number_flag_goes_through_one_parser(monkeypatch):
     parser.parse_args(["laws-check", "--n", "10", "--seed", "11"])
     assert sorted(t for k, t in seen if k == "int") == sorted(["3", "4", "5", "6", "7", "8", "9", "2", "10", "11"])
     assert sorted(t for k, t in seen if k == "float") == ["0.25", "0.5", "2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Version, python -m, summary-only runs, errors in the flags' words, rerun
+# --------------------------------------------------------------------------------------------
+
+
+def test_version_flag(capsys):
+    code, out, _ = cli_run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"gradattn {gradattn.__version__} (jax {jax.__version__})"
+
+
+@pytest.mark.slow
+def test_python_dash_m_gradattn_is_the_command():
+    proc = subprocess.run([sys.executable, "-m", "gradattn", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: gradattn" in proc.stdout and "rerun" in proc.stdout
+
+
+def test_summary_only_run_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_run(["em-vs-sgd", "--seeds", "2", *TINY], capsys)
+    assert code == 0, err
+    assert "EM-like vs SGD" in out and "wrote" not in out and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plateau", "--steps", "45", "--checkpoint-every", "40"], "--checkpoint-every 40 must divide --steps 45"),
+    (["manifold", "--n-components", "16"], "--n-components 16 exceeds --d-v 15"),
+    (["deep", "--d-model", "64", "--n-heads", "3"], "--d-model 64 must be divisible by --n-heads 3"),
+    (["em-vs-sgd", "--d-k", "0"], "argument --d-k: must be an integer in [1, 4096], got 0"),
+])
+def test_errors_name_the_flags_the_user_typed(argv, message, capsys):
+    code, _, err = cli_run([*argv, "--no-progress"], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "Config" not in err, err
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("em-vs-sgd", []),
+    ("manifold", ["--heldout", "1"]),
+])
+def test_rerun_reproduces_a_result_bit_for_bit(command, extra, tmp_path, capsys):
+    """A result JSON holds everything its run needs: `gradattn rerun` rebuilds the config, seeds and
+    chunk size, and every per-seed number (the per-seed curves included) comes out equal."""
+    first = tmp_path / "a.json"
+    code, _, err = cli_run([command, "--seed-list", "3,5", *TINY, *extra, "--per-seed-curves", "--out", str(first)], capsys)
+    assert code == 0, err
+    a = json.loads(first.read_text())
+    assert a["format"] == 2 and set(a["per_seed_curves"]) == {"sgd_curve", "em_curve"}
+    code, out, err = cli_run(["rerun", str(first), "--no-progress", "--out", str(tmp_path / "b.json")], capsys)
+    assert code == 0, err
+    assert f"per-seed results: identical to {first}" in out
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["per_seed"] == a["per_seed"] and b["per_seed_curves"] == a["per_seed_curves"] and b["config"] == a["config"]
+
+
+def test_rerun_says_when_numbers_differ_and_refuses_what_is_not_a_result(tmp_path, capsys):
+    first = tmp_path / "a.json"
+    code, _, err = cli_run(["em-vs-sgd", "--seeds", "2", *TINY, "--out", str(first)], capsys)
+    assert code == 0, err
+    edited = json.loads(first.read_text())
+    edited["per_seed"]["sgd_final_loss"][0] += 0.5
+    first.write_text(json.dumps(edited))
+    code, out, _ = cli_run(["rerun", str(first), "--no-progress"], capsys)
+    assert code == 0 and "1 of" in out and "differ" in out and "per_seed.sgd_final_loss" in out
+    for text, message in (("{", "cannot read"), ('{"experiment": "x"}', "is not a gradattn result"),
+                          ('{"experiment": "em_vs_sgd", "config": {}}', "cannot rebuild")):
+        first.write_text(text)
+        code, _, err = cli_run(["rerun", str(first)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err

@@ -107,13 +107,17 @@ def test_summary_statistics():
     assert s["threshold"] == pytest.approx(2.1)
     assert s["per_seed"]["em_steps_to_sgd_final"] == [1, 2]
     assert s["em_steps_to_sgd_final"]["mean"] == 1.5 and s["speedup"] == pytest.approx(4 / 1.5)
-    assert s["sgd"]["final_loss_std"] == pytest.approx(0.1)
+    assert s["sgd"]["final_loss_std"] == pytest.approx(np.std([2.0, 2.2], ddof=1))  # the sample std over seeds
+    assert s["em_steps_to_sgd_final"]["std"] == pytest.approx(np.std([1, 2], ddof=1))
     from scipy import stats
 
     assert s["p_value"] == pytest.approx(stats.ttest_rel([2.0, 2.2], [1.7, 1.95]).pvalue)
     np.testing.assert_allclose(s["curves"]["em_mean"], [3.0, 2.25, 1.975, 1.9])
     one = summarise_em_vs_sgd({k: v[:1] for k, v in per.items()}, [0], config)
     assert one["p_value"] is None
+    # One seed has no sample standard deviation: null, not 0.
+    assert one["sgd"]["final_loss_std"] is None and one["em_steps_to_sgd_final"]["std"] is None
+    assert one["curves"]["em_std"] == [None] * 4
 
 
 @pytest.mark.parametrize(
@@ -206,3 +210,26 @@ def test_config_bounds_are_the_cli_bounds():
         EmVsSgdConfig(d_k=5000)
     with pytest.raises(ValueError, match="grad_source must be one of"):
         EmVsSgdConfig(grad_source="analytic")
+
+
+def test_config_from_dict_round_trips_every_experiment_config():
+    """A result's ``config`` rebuilds an equal config for every experiment on the command line,
+    through JSON, with non-default fields and tasks."""
+    import dataclasses
+    import json
+
+    from gradattn import cli
+    from gradattn.experiments import config_from_dict
+
+    for command in cli.COMMANDS:
+        default = command.config_type()
+        changed = dataclasses.replace(default, steps=2 * default.steps,
+                                      task=dataclasses.replace(default.task, **(
+                                          {"seq_len": 33} if isinstance(default.task, StickyMarkov) else {"n_symbols": 5})))
+        for config in (default, changed):
+            back = config_from_dict(command.config_type, json.loads(json.dumps(config.to_dict())))
+            assert back == config and back.to_dict() == config.to_dict(), command.name
+    with pytest.raises(ValueError, match="has no field"):
+        config_from_dict(EmVsSgdConfig, {**EmVsSgdConfig().to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="unknown task"):
+        config_from_dict(EmVsSgdConfig, {"task": {"name": "Nope"}})

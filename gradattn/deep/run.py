@@ -29,7 +29,7 @@ from flax import nnx
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import deep_law_errors, laws_of, mean_loss, pure_apply
 from gradattn.dynamics import StepFeedback, settling_step, step_feedback
-from gradattn.experiments import Experiment, json_floats, logit_metrics, run_experiment
+from gradattn.experiments import Experiment, json_floats, logit_metrics, run_experiment, seed_std
 from gradattn.head import token_losses
 from gradattn.training import scan_steps
 
@@ -134,7 +134,7 @@ def _settling(apply, series, final, x, rows, config: DeepConfig) -> dict:
 
 
 def summarise_deep(per_seed: dict[str, np.ndarray], seeds: list[int], config: DeepConfig) -> dict[str, Any]:
-    """The JSON-ready summary of a sweep of :func:`make_deep_run` (std over seeds with ddof=0);
+    """The JSON-ready summary of a sweep of :func:`make_deep_run` (std over seeds: the sample std, ddof 1);
     ``law_check`` is :func:`gradattn.deep.deep_law_errors` of a small float64 model."""
     h_min = config.task.h_min
     gap = per_seed["heldout_loss"] - per_seed["heldout_bayes_loss"]
@@ -147,7 +147,7 @@ def summarise_deep(per_seed: dict[str, np.ndarray], seeds: list[int], config: De
         "seeds": [int(s) for s in seeds],
         "heldout": {
             "loss_mean": mean("heldout_loss"),
-            "loss_std": json_floats(np.std(per_seed["heldout_loss"])),
+            "loss_std": json_floats(seed_std(per_seed["heldout_loss"])),
             "entropy_mean": mean("heldout_entropy"),
             "accuracy_mean": mean("heldout_accuracy"),
             "bayes_loss_mean": mean("heldout_bayes_loss"),
@@ -158,7 +158,7 @@ def summarise_deep(per_seed: dict[str, np.ndarray], seeds: list[int], config: De
         },
         "train": {
             "loss_mean": mean("train_loss"),
-            "loss_std": json_floats(np.std(per_seed["train_loss"])),
+            "loss_std": json_floats(seed_std(per_seed["train_loss"])),
             "bayes_loss_mean": mean("train_bayes_loss"),
         },
         "per_seed": {
@@ -167,7 +167,7 @@ def summarise_deep(per_seed: dict[str, np.ndarray], seeds: list[int], config: De
                                                                "heldout_entropy", "heldout_accuracy", "heldout_bayes_loss")},
             "gap_to_bayes": json_floats(gap),
         },
-        "curve": {"mean": mean("curve"), "std": json_floats(np.std(per_seed["curve"], axis=0))},
+        "curve": {"mean": mean("curve"), "std": json_floats(seed_std(per_seed["curve"]))},
         "law_check": deep_law_errors(),
         "config": config.to_dict(),
     }
@@ -186,14 +186,15 @@ DEEP = Experiment("deep_experiment", DeepConfig, make_deep_run, summarise_deep)
 
 
 def deep_experiment(seeds, config: DeepConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                    per_seed_curves: bool = False) -> dict[str, Any]:
     """The deep experiment over ``seeds`` (an int n means seeds 0..n-1): JSON-ready results.
 
     :func:`gradattn.experiments.run_experiment` of :func:`make_deep_run` and
     :func:`summarise_deep`: the summary plus ``wall_time_s``, ``n_devices``, ``n_processes``,
     ``chunk_size`` and ``provenance``; ``chunk_size`` seeds vmapped per device per call (default:
     the backend's); ``devices``, ``progress`` and ``checkpoint_dir`` (resume a stopped sweep, over
-    every process of a multi-process run) as there.
+    every process of a multi-process run) and ``per_seed_curves`` as there.
     """
     return run_experiment(DEEP, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir)
+                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)

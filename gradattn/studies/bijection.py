@@ -43,7 +43,7 @@ from matplotlib.figure import Figure
 from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.head import dense_loss_unchecked, forward_unchecked, init_head
 from gradattn.plotting import atomic_savefig
 from gradattn.tasks import BijectionElimination
@@ -265,7 +265,7 @@ def _make_bijection_run(config: BijectionConfig):
 
 
 def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], config: BijectionConfig) -> dict[str, Any]:
-    """The JSON-ready summary of a sweep of :func:`make_bijection_run` (std over seeds, ddof=0).
+    """The JSON-ready summary of a sweep of :func:`make_bijection_run` (std over seeds: the sample std, ddof 1).
 
     ``positions`` 1..k and ``exact_entropy`` (the closed form log(k - t + 1)) and
     ``exact_entropy_measured`` (the held-out mean of the exact predictive's entropy; equal);
@@ -291,18 +291,18 @@ def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], confi
         entry: dict[str, Any] = {}
         for metric in METRICS:
             v = np.asarray(per_seed[f"{m}_{metric}"], np.float64)
-            entry[metric] = {"mean": json_floats(v.mean(axis=0)), "std": json_floats(v.std(axis=0))}
+            entry[metric] = {"mean": json_floats(v.mean(axis=0)), "std": json_floats(seed_std(v))}
         gap = np.asarray(per_seed[f"{m}_kl"], np.float64).mean(axis=1)
         loss = np.asarray(per_seed[f"{m}_loss"], np.float64).mean(axis=1)
-        entry["gap"] = {"mean": json_floats(gap.mean()), "std": json_floats(gap.std()), "per_seed": json_floats(gap)}
-        entry["mean_loss"] = {"mean": json_floats(loss.mean()), "std": json_floats(loss.std())}
+        entry["gap"] = {"mean": json_floats(gap.mean()), "std": json_floats(seed_std(gap)), "per_seed": json_floats(gap)}
+        entry["mean_loss"] = {"mean": json_floats(loss.mean()), "std": json_floats(seed_std(loss))}
         mae = entropy_mae_bits(per_seed[f"{m}_entropy"], task.entropy_profile)
-        entry["entropy_mae_bits"] = {"mean": json_floats(mae.mean()), "std": json_floats(mae.std()),
+        entry["entropy_mae_bits"] = {"mean": json_floats(mae.mean()), "std": json_floats(seed_std(mae)),
                                      "per_seed": json_floats(mae)}
         out["models"][m] = entry
     out["curves"] = {
         name: {"mean": json_floats(np.mean(per_seed[f"{name}_curve"], axis=0)),
-               "std": json_floats(np.std(per_seed[f"{name}_curve"], axis=0))}
+               "std": json_floats(seed_std(per_seed[f"{name}_curve"]))}
         for name in ("head", "deep")
     }
     out["config"] = config.to_dict()
@@ -313,7 +313,8 @@ BIJECTION = Experiment("bijection_study", BijectionConfig, make_bijection_run, s
 
 
 def bijection_study(seeds, config: BijectionConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                    per_seed_curves: bool = False) -> dict[str, Any]:
     """The bijection-elimination study over ``seeds`` (an int n means seeds 0..n-1): JSON-ready results.
 
     :func:`gradattn.experiments.run_experiment` of :func:`make_bijection_run` and
@@ -322,7 +323,7 @@ def bijection_study(seeds, config: BijectionConfig | None = None, *, chunk_size:
     ``checkpoint_dir`` (resume a stopped sweep) as there.
     """
     return run_experiment(BIJECTION, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir)
+                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def _check_results(results, fn: str):
@@ -359,30 +360,35 @@ def format_bijection(results: dict) -> str:
 
 
 def plot_bijection(results: dict, path: str | os.PathLike | None = None, *, dpi: int = 150):
-    """Per-position KL gap (log scale) and model entropy against the exact entropy, one line per
-    model, +-1 std over seeds. Saved atomically when ``path`` is given; returns the Figure."""
+    """Per-position KL gap (symlog scale) and model entropy against the exact entropy, one line per
+    model, mean ± 1 sd over seeds (the mean alone for one seed); one legend below both panels, off
+    the data; integer position ticks. Saved atomically when ``path`` is given; returns the Figure."""
+    from gradattn.plotting import integer_ticks, pm_phrase, std_array
+
     models, positions, exact, n_seeds = _check_results(results, "plot_bijection")
     t = np.asarray(positions)
-    fig = Figure(figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 5.2), layout="constrained")
     ax_kl, ax_h = fig.subplots(1, 2)
     colors = {"head_init": "tab:gray", "head": "tab:blue", "deep_init": "tab:olive", "deep": "tab:red"}
     for m in (m for m in MODELS if m in models):
         for ax, metric in ((ax_kl, "kl"), (ax_h, "entropy")):
             mean = np.asarray(models[m][metric]["mean"], float)
-            std = np.asarray(models[m][metric]["std"], float)
+            std = std_array(models[m][metric].get("std"), mean)
             ax.plot(t, mean, "o-", color=colors[m], label=MODEL_LABELS[m], ms=3)
-            ax.fill_between(t, mean - std, mean + std, color=colors[m], alpha=0.2, linewidth=0)
-    ax_h.plot(t, np.asarray(exact, float), "k--", lw=1.5, label="exact log(k - t + 1)")
+            if std is not None:
+                ax.fill_between(t, mean - std, mean + std, color=colors[m], alpha=0.2, linewidth=0)
+    ax_h.plot(t, np.asarray(exact, float), "k--", lw=1.5, label="exact entropy log(k - t + 1)")
     ax_kl.set_yscale("symlog", linthresh=1e-3)
-    ax_kl.set_ylabel("KL(exact || model) (nats)")
+    ax_kl.set_ylabel("KL(exact || model) (nats; log scale, linear below 1e-3)")
     ax_h.set_ylabel("predictive entropy (nats)")
     for ax in (ax_kl, ax_h):
         ax.set_xlabel("position t")
+        integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax_kl.set_title(f"Gap to the exact posterior, k = {results['n_symbols']}, {n_seeds} seed(s)")
-    ax_h.set_title("Model entropy against the exact entropy")
-    fig.tight_layout()
+    handles, labels = ax_h.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8.5, frameon=False)
+    ax_kl.set_title(f"Gap to the exact posterior, k = {results['n_symbols']}, {pm_phrase(results, n_seeds)}", fontsize=11)
+    ax_h.set_title("Model entropy against the exact entropy", fontsize=11)
     if path is not None:
         atomic_savefig(fig, path, dpi=dpi)
     return fig

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import option
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, mean_sd, run_experiment, seed_std
 from gradattn.geometry import covariate_r2, decoding_r2
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
@@ -155,7 +155,7 @@ def _make_manifold_run(config: ManifoldConfig):
 
 
 def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config: ManifoldConfig) -> dict[str, Any]:
-    """JSON-ready: per head, each measure's mean and std over seeds (ddof=0), and the paired
+    """JSON-ready: per head, each measure's mean and std over seeds (the sample std, ddof 1), and the paired
     differences trained - untrained and trained - shuffled with their paired t-test p;
     ``readout_ceiling``: the mean and std over seeds of :func:`linear_readout_ceiling`."""
     from scipy import stats
@@ -170,14 +170,14 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
         "entropy_mean": json_floats(np.mean(per_seed["entropy_mean"])),
         "uncertain_fraction_mean": json_floats(np.mean(per_seed["uncertain_fraction"])),
         "readout_ceiling": {name: {"mean": json_floats(np.mean(per_seed[f"ceiling_{name}"])),
-                                   "std": json_floats(np.std(per_seed[f"ceiling_{name}"]))} for name in CEILINGS},
+                                   "std": json_floats(seed_std(per_seed[f"ceiling_{name}"]))} for name in CEILINGS},
     }
     for head in HEADS:
         res = {"heldout_loss_mean": json_floats(np.mean(per_seed[f"{head}_heldout_loss"])),
-               "heldout_loss_std": json_floats(np.std(per_seed[f"{head}_heldout_loss"]))}
+               "heldout_loss_std": json_floats(seed_std(per_seed[f"{head}_heldout_loss"]))}
         for measure in MEASURES:
             v = np.asarray(per_seed[f"{head}_{measure}"], np.float64)
-            res[measure] = {"mean": json_floats(np.mean(v)), "std": json_floats(np.std(v))}
+            res[measure] = {"mean": json_floats(np.mean(v)), "std": json_floats(seed_std(v))}
         out[head] = res
     for arm in ARMS:
         cmp = {}
@@ -189,7 +189,7 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
                     continue
                 d = trained - np.asarray(other, np.float64)
                 p = stats.ttest_rel(trained, other).pvalue if len(seeds) > 1 and np.any(d != 0) else float("nan")
-                cmp[f"{measure}_{label}"] = {"diff_mean": json_floats(np.mean(d)), "diff_std": json_floats(np.std(d)),
+                cmp[f"{measure}_{label}"] = {"diff_mean": json_floats(np.mean(d)), "diff_std": json_floats(seed_std(d)),
                                             "p_value": json_floats(p)}
         out[arm]["compared"] = cmp
     out["curves"] = {f"{arm}_mean": json_floats(np.mean(per_seed[f"{arm}_curve"], axis=0)) for arm in ARMS}
@@ -205,11 +205,12 @@ MANIFOLD = Experiment("manifold_study", ManifoldConfig, make_manifold_run, summa
 
 
 def manifold_study(seeds, config: ManifoldConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                   per_seed_curves: bool = False) -> dict[str, Any]:
     """The manifold study over ``seeds`` (an int n: seeds 0..n-1): JSON-ready results, by
     :func:`gradattn.experiments.run_experiment` (wall time, devices, provenance; resumable)."""
     return run_experiment(MANIFOLD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir)
+                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def format_manifold(results: dict) -> str:
@@ -223,17 +224,17 @@ def format_manifold(results: dict) -> str:
              f"T = {cfg['task']['seq_len']}, noise {results['noise_std']}, {cfg['heldout']} held-out sequences; "
              f"posterior entropy {results['entropy_mean']:.3f} nats, {100 * results['uncertain_fraction_mean']:.1f}% "
              f"of positions above 0.1 nats; held-out Bayes loss {results['heldout_bayes_loss_mean']:.4f}",
-             f"R^2 of the posterior entropy (mean +- std over seeds) on: the {m} leading principal components of "
+             f"R^2 of the posterior entropy (mean ± sd over {len(results['seeds'])} seeds) on: the {m} leading principal components of "
              f"the values or contexts (PC1-{m}); a linear read-out from all context dimensions (contexts all); "
              "the same PCs against the entropy shuffled over positions (shuf)",
              f"{'head':8s} {'held-out loss':>14s} " + " ".join(f"{label:>20s}" for _, label in columns)]
     for head in HEADS:
         r = results[head]
-        cells = [f"{r[key]['mean']:.3f} +- {r[key]['std']:.3f}" for key, _ in columns]
+        cells = [mean_sd(r[key]["mean"], r[key]["std"]) for key, _ in columns]
         lines.append(f"{head:8s} {r['heldout_loss_mean']:14.4f} " + " ".join(f"{c:>20s}" for c in cells))
     ceiling = results.get("readout_ceiling")
     if ceiling is not None:
         lines.append(f"linear-readout ceiling (R^2 of the entropy on the inputs; the values are linear in x_t, so no "
-                     f"value R^2 can exceed the first): x_t {ceiling['x']['mean']:.3f} +- {ceiling['x']['std']:.3f}, "
-                     f"[x_t, x_t-1] {ceiling['x_and_previous']['mean']:.3f} +- {ceiling['x_and_previous']['std']:.3f}")
+                     f"value R^2 can exceed the first): x_t {mean_sd(ceiling['x']['mean'], ceiling['x']['std'])}, "
+                     f"[x_t, x_t-1] {mean_sd(ceiling['x_and_previous']['mean'], ceiling['x_and_previous']['std'])}")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ import numpy as np
 
 from gradattn._checks import option
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, mean_sd, run_experiment, seed_std
 from gradattn.geometry import attention_entropy_bits
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
@@ -205,9 +205,9 @@ def _compare(attention: np.ndarray, values: np.ndarray) -> dict:
     p = stats.wilcoxon(diff).pvalue if np.count_nonzero(diff) > 0 else float("nan")
     return {
         "attention_mean": json_floats(np.mean(a)) if a.size else None,
-        "attention_std": json_floats(np.std(a)) if a.size else None,
+        "attention_std": json_floats(seed_std(a)) if a.size else None,
         "values_mean": json_floats(np.mean(v)) if v.size else None,
-        "values_std": json_floats(np.std(v)) if v.size else None,
+        "values_std": json_floats(seed_std(v)) if v.size else None,
         "n_compared": int(both.sum()),
         "attention_never": int(np.count_nonzero(~np.isfinite(attention))),
         "values_never": int(np.count_nonzero(~np.isfinite(values))),
@@ -222,7 +222,7 @@ def _compare(attention: np.ndarray, values: np.ndarray) -> dict:
 def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config: PlateauConfig) -> dict[str, Any]:
     """The JSON-ready summary of a sweep of :func:`make_plateau_run`: per arm, the plateau, and
     attention-vs-values settling by both criteria (``lag`` = values - attention; > 0: frame first;
-    the Wilcoxon signed-rank p of the paired lags; std over seeds with ddof=0); the attention
+    the Wilcoxon signed-rank p of the paired lags; std over seeds: the sample std, ddof 1); the attention
     entropy in bits (``attention_entropy_bits``: per arm and ``init``, mean and std over seeds) against
     ``uniform_attention_entropy_bits``, that of uniform causal attention over the same positions."""
     out: dict[str, Any] = {
@@ -238,13 +238,13 @@ def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config:
     per = {"seed": [int(s) for s in seeds]}
     for head in ("init", *ARMS):
         h = np.asarray(per_seed[f"{head}_attention_entropy_bits"], np.float64)
-        out["attention_entropy_bits"][head] = {"mean": json_floats(np.mean(h)), "std": json_floats(np.std(h))}
+        out["attention_entropy_bits"][head] = {"mean": json_floats(np.mean(h)), "std": json_floats(seed_std(h))}
         per[f"{head}_attention_entropy_bits"] = json_floats(h)
     for arm in ARMS:
         plateau = np.asarray(per_seed[f"{arm}_plateau_step"], np.float64)
         res: dict[str, Any] = {
             "final_loss_mean": json_floats(np.mean(per_seed[f"{arm}_final_loss"])),
-            "final_loss_std": json_floats(np.std(per_seed[f"{arm}_final_loss"])),
+            "final_loss_std": json_floats(seed_std(per_seed[f"{arm}_final_loss"])),
             "plateau_reached": int(np.isfinite(plateau).sum()),
             "plateau_step_mean": json_floats(np.nanmean(plateau)) if np.isfinite(plateau).any() else None,
             "plateau_step_max": json_floats(np.nanmax(plateau)) if np.isfinite(plateau).any() else None,
@@ -275,12 +275,13 @@ PLATEAU = Experiment("plateau_study", PlateauConfig, make_plateau_run, summarise
 
 
 def plateau_study(seeds, config: PlateauConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                  progress: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                  progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                  per_seed_curves: bool = False) -> dict[str, Any]:
     """The frame-before-precision study over ``seeds`` (an int n: seeds 0..n-1): JSON-ready results,
     by :func:`gradattn.experiments.run_experiment` (wall time, devices, provenance; resumable with
     ``checkpoint_dir``)."""
     return run_experiment(PLATEAU, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir)
+                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def format_plateau(results: dict) -> str:
@@ -293,12 +294,12 @@ def format_plateau(results: dict) -> str:
     lines = [f"frame before precision: {n_seeds} seeds, {results['steps']} steps, "
              f"T = {cfg['task']['seq_len']}, {'fresh sequence per step' if cfg['fresh_data'] else 'one sequence'}, "
              f"snapshots every {cfg['checkpoint_every']} steps",
-             f"attention entropy (bits, mean over rows; mean +- std over seeds): untrained {h['init']['mean']:.3f}, "
-             f"SGD {h['sgd']['mean']:.3f} +- {h['sgd']['std']:.3f}, EM-like {h['em']['mean']:.3f} +- {h['em']['std']:.3f}; "
-             f"uniform causal attention {uniform:.3f}"]
+             f"attention entropy (bits, mean over rows; mean ± sd over {n_seeds} seeds): untrained "
+             f"{mean_sd(h['init']['mean'], h['init']['std'])}, SGD {mean_sd(h['sgd']['mean'], h['sgd']['std'])}, "
+             f"EM-like {mean_sd(h['em']['mean'], h['em']['std'])}; uniform causal attention {uniform:.3f}"]
     for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
         r = results[arm]
-        lines.append(f"{label}: final loss {r['final_loss_mean']:.4f} +- {r['final_loss_std']:.4f}; plateau reached in "
+        lines.append(f"{label}: final loss {mean_sd(r['final_loss_mean'], r['final_loss_std'], '.4f')}; plateau reached in "
                      f"{r['plateau_reached']}/{n_seeds} seeds"
                      + (f" (mean step {r['plateau_step_mean']:.0f})" if r["plateau_step_mean"] is not None else ""))
         for crit, key, chosen in (("vs converged state, tol", "against_converged", cfg["settle_tol"]),
