@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            times[name].append(H.timed(lambda _: fn(), reps)[0] * 1e3)
+            times[name].append(H.timed(lambda _, fn=fn: fn(), reps)[0] * 1e3)
     med = {name: H.median(ts) for name, ts in times.items()}
     med[f"jax_vmap_{args.seeds}_per_seed"] = med[f"jax_vmap_{args.seeds}"] / args.seeds
 

@@ -162,7 +162,7 @@ def main(argv=None):
     for which in ("cold", "warm"):  # an empty cache, then the cache the cold run filled
         spec = {"argv": _library_argv(args, os.path.join(runs_dir, f"gradattn_phases_{which}.json")),
                 "t_spawn_offset": interpreter_s}
-        phase_wall, proc = H.timed(lambda _: subprocess.run(
+        phase_wall, proc = H.timed(lambda _, spec=spec: subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=lib_env,
             capture_output=True, text=True))
         if proc.returncode:

@@ -51,6 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _harness as H  # noqa: E402
+
 import gradattn as ga  # noqa: E402
 from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, pallas_loss_and_grads  # noqa: E402
 

@@ -176,7 +176,7 @@ def main(argv=None):
                                   lambda name: split_env if name.endswith("2dev_chunk1") else base_env)
         try:
             answers = H.alternate(workers, rounds,
-                                  request_of=lambda name: {"runs": runs[(int(name.split("/")[0]), name.split("/")[1])]})
+                                  request_of=lambda name, runs=runs: {"runs": runs[(int(name.split("/")[0]), name.split("/")[1])]})
             H.close_all(workers)
         except BaseException:
             H.kill_all(workers)

@@ -63,8 +63,8 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.cli`: the ``gradattn`` command (``gradattn --help``).
 """
 
-from gradattn._version import __version__
 from gradattn import bayes, deep, dynamics, geometry, nn, paths, plotting, provenance, studies, tasks, training, verify
+from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
 from gradattn.blocked import blocked_loss_and_grads, loss_fn
 from gradattn.checking import checked
 from gradattn.experiments import EmVsSgdConfig, em_vs_sgd
@@ -85,7 +85,17 @@ from gradattn.laws import (
 )
 from gradattn.sweeps import seed_keys, sweep
 from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, Task
-from gradattn.training import TrainState, alternating, em_like, init_state, make_step, param_labels, sgd, train, train_arms
+from gradattn.training import (
+    TrainState,
+    alternating,
+    em_like,
+    init_state,
+    make_step,
+    param_labels,
+    sgd,
+    train,
+    train_arms,
+)
 from gradattn.verify import laws_check_errors
 
 __all__ = [

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import types
 import typing
-import re
 
 import jax
 import jax.numpy as jnp

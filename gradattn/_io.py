@@ -15,7 +15,8 @@ import math
 import os
 import stat
 import tempfile
-from typing import IO, Callable
+from collections.abc import Callable
+from typing import IO
 
 _TAG = ".gradattn-"
 

@@ -29,7 +29,6 @@ from gradattn._checks import check_labels, check_number, check_weights, concrete
 from gradattn._math import LN2
 
 
-
 def _check_model(transition_matrix, embeddings, x, fn: str):
     """Validate ``P (C, C)``, ``mu (C, d)`` and ``x (N, d)``; returns ``(N, C, d)``."""
     if np.ndim(transition_matrix) != 2 or np.shape(transition_matrix)[0] != np.shape(transition_matrix)[1]:

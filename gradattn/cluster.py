@@ -38,7 +38,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,9 @@ def initialize(
             f"initialize: give coordinator, num_processes and process_id together (or none of them, for a SLURM/MPI job "
             f"or a single process); missing {', '.join(missing)}"
         )
-    for name, val in (("initialization_timeout", initialization_timeout), ("heartbeat_timeout", heartbeat_timeout), ("shutdown_timeout", shutdown_timeout)):
+    timeouts = {"initialization_timeout": initialization_timeout, "heartbeat_timeout": heartbeat_timeout,
+                "shutdown_timeout": shutdown_timeout}
+    for name, val in timeouts.items():
         check_int(name, val, "initialize")
     if coordinator is not None:
         check_coordinator(coordinator)

@@ -26,6 +26,7 @@ from gradattn._checks import check_int
 from gradattn._math import entropy_bits
 from gradattn._vmap import grouped_vmap
 
+
 def _one_matrix_at_a_time(fn):
     """``fn`` (a call into LAPACK) whose ``vmap`` runs one matrix at a time: on CPU a batched LAPACK
     call can deadlock XLA's thread pool (see :mod:`gradattn._vmap`). The matrices here are small

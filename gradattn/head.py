@@ -26,7 +26,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import MAX_HEAD_SIZE, check_bool, check_head_inputs, check_int, check_number, check_prng_key, is_real_number
+from gradattn._checks import (
+    MAX_HEAD_SIZE,
+    check_bool,
+    check_head_inputs,
+    check_int,
+    check_number,
+    check_prng_key,
+    is_real_number,
+)
 from gradattn._rows import causal_visible
 
 

@@ -74,7 +74,7 @@ class AttentionHead(nnx.Module):
         return HeadParams(self.w_q[...], self.w_k[...], self.w_v[...], self.w_o[...])
 
     @classmethod
-    def from_params(cls, params: HeadParams) -> "AttentionHead":
+    def from_params(cls, params: HeadParams) -> AttentionHead:
         """An ``AttentionHead`` holding ``params`` (shapes taken from them)."""
         if not isinstance(params, HeadParams):
             raise TypeError(f"AttentionHead.from_params: params must be a HeadParams, got {type(params).__name__}")

@@ -18,7 +18,7 @@ blocked pass never imports the Pallas kernels (or Triton behind them).
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-
 FORMAT = "gradattn-sweep-chunks 1"
 MANIFEST = "manifest.json"
 _CHUNK_PREFIX = "chunk-"

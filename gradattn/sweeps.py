@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +217,7 @@ def sweep(
         if m < per_call:
             chunk = jnp.concatenate([chunk, jnp.repeat(chunk[-1:], per_call - m, axis=0)])
         out = run(jax.device_put(chunk, sharding))
-        pieces.append(jax.tree.map(lambda a: np.asarray(jax.device_get(a))[:m], out))
+        pieces.append(jax.tree.map(lambda a, m=m: np.asarray(jax.device_get(a))[:m], out))
     if len(pieces) == 1:
         return pieces[0]
     return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *pieces)

@@ -20,7 +20,8 @@ source (``"auto"`` by default: the laws, on the path fastest on the backend); :f
 
 # No `from __future__ import annotations` here: the NamedTuples' field annotations must be objects,
 # not strings, for pdoc to resolve them (their generated __new__ has no module to look names up in).
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gradattn.bayes import (
+    bayes_entropy,
+    bayes_filter_entropy,
+    bayes_log_filter,
+    bayes_log_predictive,
+    bayes_loss,
+    bayes_predictive,
+)
 from gradattn.tasks import StickyMarkov
-from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_filter, bayes_log_predictive, bayes_loss, bayes_predictive
 
 
 def numpy_forward(P, mu, x, return_filter=False, sigma=1.0):

@@ -2,6 +2,7 @@
 enumeration of every bijection, validation, and a head trained on it."""
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -243,7 +244,8 @@ def test_a_prefix_is_a_valid_input():
 
 @pytest.mark.parametrize(
     "value, err",
-    [(1, ValueError), (0, ValueError), (-3, ValueError), (1025, ValueError), (2.0, TypeError), (True, TypeError), ("8", TypeError), (None, TypeError)],
+    [(1, ValueError), (0, ValueError), (-3, ValueError), (1025, ValueError),
+     (2.0, TypeError), (True, TypeError), ("8", TypeError), (None, TypeError)],
 )
 def test_bad_n_symbols(value, err):
     with pytest.raises(err, match="n_symbols"):
@@ -287,7 +289,7 @@ def test_bad_x_and_y():
     revealed_twice = x.copy()
     revealed_twice[2, 8:] = x[1, 8:]
     broken["revealed twice"] = revealed_twice
-    for name, bad in broken.items():
+    for bad in broken.values():
         for fn in (task.bayes_predictive, task.bayes_filter_entropy, task.bayes_entropy):
             with pytest.raises(ValueError, match="not a sample of the task"):
                 fn(bad)
@@ -311,7 +313,7 @@ def test_one_head_can_express_the_elimination():
     gaps = []
     for c in (1.0, 10.0, 100.0, 400.0):
         params = HeadParams(jnp.zeros((3 * k, 1)), jnp.zeros((3 * k, 1)), w_v, -c * jnp.eye(k))
-        loss = jax.vmap(lambda x, y: gradattn.dense_loss(params, x, y))(xs, ys)
+        loss = jax.vmap(functools.partial(gradattn.dense_loss, params))(xs, ys)
         gaps.append(float(jnp.mean(loss)) - task.bayes_loss_value)
     assert all(g > 0 for g in gaps[:-1]) and gaps[-1] >= -1e-12
     assert all(a > b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-6

@@ -6,15 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
+
+from _cases import problem
 
 import gradattn as ga
 import gradattn.pallas
-from gradattn.blocked import blocked_loss, blocked_loss_and_grads, blocked_pass, default_block_size, loss_fn, query_blocks
+from gradattn.blocked import (
+    blocked_loss,
+    blocked_loss_and_grads,
+    default_block_size,
+    loss_fn,
+    query_blocks,
+)
 from gradattn.head import dense_loss, forward
 from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
-from _cases import problem
 
 
 def rel_err(a, b):

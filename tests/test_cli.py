@@ -12,11 +12,10 @@ import time
 import jax
 import pytest
 
-import gradattn
-from gradattn import _io, cli, experiments, tasks
+from _cli import TINY, cli_run, cli_run as run
 
-from _cli import TINY, cli_run
-from _cli import cli_run as run
+import gradattn
+from gradattn import _io, cli, experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

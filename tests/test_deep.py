@@ -22,8 +22,8 @@ from gradattn.deep import (
     value_labels,
 )
 from gradattn.dynamics import feedback_stats, step_feedback
-from gradattn.plotting import format_deep, plot_deep
 from gradattn.head import forward, init_head, token_losses
+from gradattn.plotting import format_deep, plot_deep
 from gradattn.sweeps import seed_key, sweep
 from gradattn.tasks import DirichletHMM, StickyMarkov
 

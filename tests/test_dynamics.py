@@ -7,8 +7,8 @@ import pytest
 
 from gradattn import blocked_loss_and_grads, dense_loss, forward, init_head, upstream_grad
 from gradattn.dynamics import (
-    distance_to_final,
     FeedbackRecord,
+    distance_to_final,
     feedback_probe,
     feedback_stats,
     first_order_report,
@@ -195,7 +195,7 @@ def test_snapshots_match_forward():
     series = jax.tree.map(lambda a: jnp.stack([a, 2 * a, 3 * a]), p)
     snap = snapshots(series, x, rows=jnp.array([0, 7, 19]), block_size=np.int64(6))
     for k in range(3):
-        out = forward(jax.tree.map(lambda a: (k + 1) * a, p), x)
+        out = forward(jax.tree.map(lambda a, k=k: (k + 1) * a, p), x)
         np.testing.assert_allclose(snap.alpha[k], out.alpha[jnp.array([0, 7, 19])], rtol=1e-12)
         np.testing.assert_allclose(snap.values[k], out.v, rtol=1e-12)
         np.testing.assert_allclose(snap.contexts[k], out.context, rtol=1e-12)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gradattn import experiments, verify
-from gradattn.plotting import format_em_vs_sgd
 from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
+from gradattn.plotting import format_em_vs_sgd
 from gradattn.sweeps import sweep
 from gradattn.tasks import StickyMarkov
 

@@ -282,7 +282,7 @@ def test_vmap_over_sequences_and_parameter_sets():
     batched = jax.jit(jax.vmap(blocked_grads, in_axes=(None, 0, 0, 0)))(params, xs, ys, ws)
     one = jax.jit(blocked_grads)
     for i in range(3):
-        assert_trees_rel(jax.tree.map(lambda a: a[i], batched), one(params, xs[i], ys[i], ws[i]), 1e-12)
+        assert_trees_rel(jax.tree.map(lambda a, i=i: a[i], batched), one(params, xs[i], ys[i], ws[i]), 1e-12)
     losses = jax.jit(jax.vmap(ga.loss_fn, in_axes=(None, 0, 0, 0)))(params, xs, ys, ws)
     dense = jax.jit(ga.dense_loss)
     np.testing.assert_allclose(losses, [dense(params, xs[i], ys[i], ws[i]) for i in range(3)], rtol=1e-12)

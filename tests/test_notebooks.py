@@ -11,10 +11,9 @@ import pathlib
 import shutil
 import sys
 
-import pytest
-
-import nbclient  # noqa: E402,F401  (declared in the dev extra: a missing one fails, never skips)
 import ipykernel  # noqa: E402,F401
+import nbclient  # noqa: E402,F401  (declared in the dev extra: a missing one fails, never skips)
+import pytest
 
 NB_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _cases import problem
+
 import gradattn as ga
 from gradattn.blocked import BlockedPass
 from gradattn.head import dense_loss
 from gradattn.laws import dense_loss_and_grads
 from gradattn.pallas import PRECISIONS, pallas_loss_and_grads, pallas_pass
-from _cases import problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

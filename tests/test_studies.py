@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn import em_vs_sgd, EmVsSgdConfig, forward, init_head
+from _cli import cli_run
+
+from gradattn import EmVsSgdConfig, em_vs_sgd, forward, init_head
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step
 from gradattn.geometry import covariate_r2
 from gradattn.studies.manifold import ManifoldConfig, format_manifold, linear_readout_ceiling, manifold_study
 from gradattn.studies.plateau import PlateauConfig, format_plateau, make_plateau_run, plateau_study
 from gradattn.tasks import StickyMarkov
-
-from _cli import cli_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = StickyMarkov(seq_len=24)

@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn.tasks import DirichletHMM, StickyMarkov, Task, check_task, embeddings_from_spec, reference_embeddings, sticky_transition_matrix
+from gradattn.tasks import (
+    DirichletHMM,
+    StickyMarkov,
+    Task,
+    check_task,
+    embeddings_from_spec,
+    reference_embeddings,
+    sticky_transition_matrix,
+)
 
 
 def test_h_min_and_row_zero_match_the_paper():

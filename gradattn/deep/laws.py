@@ -51,7 +51,7 @@ class HeadLaws(NamedTuple):
     routing_grad: jax.Array
     value_grad: jax.Array
 
-    def at(self, layer: int, head: int) -> "HeadLaws":
+    def at(self, layer: int, head: int) -> HeadLaws:
         """The laws of one head (leaves without the (L, H) axes; ``loss`` unchanged)."""
         return HeadLaws(self.loss, *(a[layer, head] for a in self[1:]))
 

@@ -23,7 +23,12 @@ from gradattn.dynamics.feedback import (
     snapshots,
     step_feedback,
 )
-from gradattn.dynamics.first_order import FirstOrderReport, RoutingFeedback, first_order_report, routing_feedback_identity
+from gradattn.dynamics.first_order import (
+    FirstOrderReport,
+    RoutingFeedback,
+    first_order_report,
+    routing_feedback_identity,
+)
 from gradattn.dynamics.settling import (
     FrameBeforePrecision,
     change_per_step,

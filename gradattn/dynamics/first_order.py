@@ -22,7 +22,15 @@ import numpy as np
 from gradattn._checks import check_head_inputs, check_number, is_traced
 from gradattn._math import tree_norm
 from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
-from gradattn.head import HeadOutputs, HeadParams, causal_mask, dense_loss_unchecked, forward_unchecked, normalised_weights, token_losses
+from gradattn.head import (
+    HeadOutputs,
+    HeadParams,
+    causal_mask,
+    dense_loss_unchecked,
+    forward_unchecked,
+    normalised_weights,
+    token_losses,
+)
 from gradattn.laws import advantage, compatibility, output_error_rows, value_grad
 
 __all__ = ["FirstOrderReport", "RoutingFeedback", "first_order_report", "routing_feedback_identity"]

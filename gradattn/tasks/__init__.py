@@ -9,7 +9,12 @@
 from gradattn.tasks.base import Task, check_task
 from gradattn.tasks.bijection import BijectionElimination
 from gradattn.tasks.hmm import DirichletHMM
-from gradattn.tasks.sticky_markov import StickyMarkov, embeddings_from_spec, reference_embeddings, sticky_transition_matrix
+from gradattn.tasks.sticky_markov import (
+    StickyMarkov,
+    embeddings_from_spec,
+    reference_embeddings,
+    sticky_transition_matrix,
+)
 
 __all__ = [
     "BijectionElimination",

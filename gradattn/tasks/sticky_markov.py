@@ -96,8 +96,9 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
 
     ``"reference"`` -> ``{"embeddings": "reference"}``; ``"seed:N"`` -> ``{"embed_seed": N}``
     (N in ASCII digits, 0 <= N < 2^64: the range of ``embed_seed``); a path ending in ``.npy`` ->
-    ``{"embeddings": array}``, a finite floating (C, d) array read with ``numpy.load`` (no pickles). Use as ``StickyMarkov(**embeddings_from_spec(s))``;
-    the array's shape is checked against the task's sizes there.
+    ``{"embeddings": array}``, a finite floating (C, d) array read with ``numpy.load`` (no pickles).
+    Use as ``StickyMarkov(**embeddings_from_spec(s))``; the array's shape is checked against the task's
+    sizes there.
 
     Raises:
       TypeError: ``text`` is not a string.
