@@ -46,7 +46,7 @@ class RowBlock(NamedTuple):
     """One block of query rows: ``index``, the rows ``start:stop``, and ``keys``, the number of keys
     those rows can see (``stop`` when causal, N otherwise)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named index shadows tuple.index, on purpose
     start: int
     stop: int
     keys: int

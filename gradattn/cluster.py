@@ -191,7 +191,7 @@ def _allgather(tree, what: str):
     it allows processes with different numbers of local devices. A peer that is gone turns into a
     RuntimeError that says so.
     """
-    first = {}
+    first: dict[int, jax.Device] = {}
     for d in jax.devices():
         first.setdefault(d.process_index, d)
     devices = tuple(first[p] for p in range(jax.process_count()))
@@ -245,7 +245,7 @@ def sweep_manifest(fn, keys: jax.Array, chunk_size: int, fingerprint: dict | Non
                 "jax": jax.__version__,
                 "jaxlib": jaxlib.__version__,
                 "backend": jax.default_backend(),
-                "x64": bool(jax.config.jax_enable_x64),
+                "x64": bool(jax.config.jax_enable_x64),  # type: ignore[attr-defined]  # jax < 0.11 types no flag attributes
             },
         }
     )
@@ -325,7 +325,7 @@ def cluster_sweep(
     if checkpoint_dir is not None:
         try:
             store = resume.open_store(checkpoint_dir, manifest)
-            position = {}
+            position: dict[bytes, list[int]] = {}
             for i, row in enumerate(key_data):
                 position.setdefault(row.tobytes(), []).append(i)
             for chunk_keys, chunk_leaves in store.load():

@@ -156,7 +156,7 @@ class ChunkStore:
         buf = io.BytesIO()
         arrays = {"manifest": np.array(self.digest), "keys": keys}
         arrays.update({f"out_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)  # no pickles: load() reads with allow_pickle=False
         payload = buf.getvalue()
         header = _MAGIC + b" " + hashlib.sha256(payload).hexdigest().encode() + b"\n"
         name = f"{_CHUNK_PREFIX}{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}{_CHUNK_SUFFIX}"

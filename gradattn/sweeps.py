@@ -107,9 +107,8 @@ def _keys_from_ints(ints: list[int], fn: str) -> jax.Array:
         return jax.random.wrap_key_data(jnp.asarray(pairs))
     big = [i for i in ints if i >= 2**32]
     if big:
-        raise ValueError(
-            f"{fn}: with the PRNG implementation {jax.config.jax_default_prng_impl!r} seeds must be below 2^32, got {big[0]}"
-        )
+        impl = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]  # jax < 0.11 types no flag attributes
+        raise ValueError(f"{fn}: with the PRNG implementation {impl!r} seeds must be below 2^32, got {big[0]}")
     return jnp.stack([jax.random.key(i) for i in ints])
 
 

@@ -54,7 +54,8 @@ class TrainState(NamedTuple):
 
 def param_labels() -> HeadParams:
     """The optax labels of the two timescales: ``w_v`` is ``"value"``, ``w_q, w_k, w_o`` ``"routing"``."""
-    return HeadParams(w_q=ROUTING, w_k=ROUTING, w_v=VALUE, w_o=ROUTING)
+    # The same pytree with a string at each leaf (optax's labels), where HeadParams declares arrays.
+    return HeadParams(w_q=ROUTING, w_k=ROUTING, w_v=VALUE, w_o=ROUTING)  # type: ignore[arg-type]
 
 
 def _check_lr(name: str, lr, fn: str) -> None:
@@ -101,7 +102,7 @@ def em_like(value_lr=0.1, routing_lr=0.01, base: Callable[..., optax.GradientTra
 class GatedState(NamedTuple):
     """State of :func:`gated`: the number of updates seen, and the inner optimiser's state."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (optax's name for it)
     inner: Any
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_head_inputs, check_int, check_params, concrete
+from gradattn._checks import _shape, check_head_inputs, check_int, check_params, concrete
 from gradattn._math import entropy_bits
 from gradattn._rows import RowBlocks, causal_visible, masked_scores
 from gradattn.head import HeadParams, normalised_weights, token_losses
@@ -232,7 +232,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
     if not hasattr(params_series, "w_q") or np.ndim(params_series.w_q) != 3:
         raise ValueError(
             "snapshots: params_series must be a HeadParams with a leading checkpoint axis (leaves of rank 3), "
-            f"got w_q of shape {np.shape(getattr(params_series, 'w_q', None))}"
+            f"got w_q of shape {_shape(getattr(params_series, 'w_q', None))}"
         )
     first = jax.tree.map(lambda a: a[0], params_series)
     check_params(first, "snapshots")

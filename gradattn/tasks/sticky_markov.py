@@ -66,7 +66,8 @@ def reference_embeddings() -> np.ndarray:
     Exactly ``torch.manual_seed(0); torch.randn(8, 20)`` on PyTorch's CPU generator, stored as
     decimal text with enough digits to round-trip every float32, so no torch is needed.
     """
-    text = importlib.resources.files("gradattn").joinpath("data", REFERENCE_FILE).read_text()
+    # One name per joinpath: Python 3.10's Traversable.joinpath takes a single one.
+    text = importlib.resources.files("gradattn").joinpath("data").joinpath(REFERENCE_FILE).read_text()
     mu = np.loadtxt(text.splitlines(), dtype=np.float32, ndmin=2)
     if mu.shape != REFERENCE_SHAPE:  # a damaged installation, not a user error
         raise RuntimeError(f"reference_embeddings: gradattn/data/{REFERENCE_FILE} holds shape {mu.shape}, expected {REFERENCE_SHAPE}")
@@ -189,7 +190,8 @@ class StickyMarkov:
     embed_seed: int | None = option(help="draw the symbol means from this numpy seed instead of the reference's",
                                     minimum=0, maximum=MAX_SEED)
     noise_std: float = option(help="std of the emission noise", minimum=0.0, exclusive_minimum=True)
-    embedding_source: str | tuple | None
+    # mypy takes option(...) for a default (it knows only dataclasses.field); this class writes its own __init__.
+    embedding_source: str | tuple | None  # type: ignore[misc]
 
     def __init__(
         self,
@@ -326,7 +328,7 @@ class StickyMarkov:
             "self_prob": self.self_prob,
             "seq_len": self.seq_len,
             "noise_std": self.noise_std,
-            "embeddings": self.embeddings_spec if self.embeddings_spec is not None else [list(r) for r in src],
+            "embeddings": [list(r) for r in src] if isinstance(src, tuple) else self.embeddings_spec,
         }
 
     @classmethod
@@ -367,7 +369,7 @@ class StickyMarkov:
         x = mu[symbols[:-1]] + jnp.asarray(self.noise_std, dtype) * eps
         return x, symbols[1:]
 
-    def _model(self, x):
+    def _model(self, x) -> tuple[jax.Array, jax.Array]:
         dtype = jnp.result_type(x)
         return jnp.asarray(self.transition_matrix, dtype), jnp.asarray(self.embeddings, dtype)
 
