@@ -10,7 +10,7 @@ STAMP_BENCH := $(VENV)/.installed-bench
 SEEDS ?= 5
 STEPS ?= 1000
 
-.PHONY: venv test test-all run bench docs clean
+.PHONY: venv test test-all lint run bench docs clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,14 @@ test: $(STAMP)
 # The full suite (CI): the slow end-to-end runs and the PyTorch comparisons too.
 test-all: $(STAMP_BENCH)
 	$(PYTEST)
+
+# The linter and the type checker (CI runs them before the tests), configured in pyproject.toml;
+# both run, and the target fails if either finds anything.
+lint: $(STAMP)
+	status=0; \
+	$(VENV)/bin/ruff check gradattn gradattn_launcher.py tests benchmarks || status=1; \
+	$(PY) -m mypy || status=1; \
+	exit $$status
 
 run: $(STAMP)
 	$(VENV)/bin/gradattn laws-check
