@@ -394,3 +394,11 @@ def test_rerun_says_when_numbers_differ_and_refuses_what_is_not_a_result(tmp_pat
         first.write_text(text)
         code, _, err = cli_run(["rerun", str(first)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_help_defines_h_min_and_the_spread(capsys):
+    code, out, _ = cli_run(["em-vs-sgd", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "H_min, printed with the results, is the loss of an oracle that knows the previous symbol" in text
+    assert "sample standard deviation" in text
