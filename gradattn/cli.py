@@ -53,7 +53,8 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, NoReturn
 
 import jax
 import numpy as np
@@ -189,7 +190,7 @@ def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage."""
 
-    def error(self, message):
+    def error(self, message) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -295,9 +296,12 @@ def _report(results: dict, text: str, out: str | None, plot: str | None, plot_fn
     """Print the summary, then write the JSON and the figure (those given); a failed write is one
     line and exit 1."""
     print(text)
-    for path, write in ((out, lambda: write_json(results, out)), (plot, lambda: plot_fn(results, plot))):
-        if path is None:
-            continue
+    writes: list[tuple[str, Callable[[], object]]] = []
+    if out is not None:
+        writes.append((out, lambda: write_json(results, out)))
+    if plot is not None:
+        writes.append((plot, lambda: plot_fn(results, plot)))
+    for path, write in writes:
         try:
             write()
         except (OSError, ValueError) as err:
@@ -397,7 +401,8 @@ def _experiment(args, parser) -> int:
     return _run_command(args, parser, command, config, seeds, flags, primary, out, plot)
 
 
-def _run_command(args, parser, command, config, seeds, flags, primary, out, plot, reference=None) -> int:
+def _run_command(args, parser, command, config, seeds, flags, primary, out, plot,
+                 reference: tuple[str, dict] | None = None) -> int:
     """The sweep of ``command`` with ``config`` over ``seeds``, then the report (by process 0 only);
     with ``reference`` (``(path, results)`` of an earlier run), whether the per-seed numbers equal it."""
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
@@ -445,12 +450,12 @@ def _compare_per_seed(path: str, old: dict, new: dict) -> str:
             differ[name] = float("inf")
     if not differ:
         return f"per-seed results: identical to {path} ({len(a)} fields, bit for bit)"
-    name = max(differ, key=differ.get)
+    name = max(differ, key=lambda k: differ[k])
     return (f"per-seed results: {len(differ)} of {len(a)} fields differ from {path}; the largest difference is "
             f"{differ[name]:.3g} in {name} (another jax version or machine type changes the last float32 bits)")
 
 
-def _rerun(args, parser) -> int:
+def _rerun(args, parser: _Parser) -> int:
     """``gradattn rerun RESULT.json``: the experiment the file describes, again."""
     try:
         with open(args.result, encoding="utf-8") as f:
@@ -522,7 +527,7 @@ class _Command(NamedTuple):
     config_type: type
     run: Callable
     format: Callable
-    plot: Callable
+    plot: Callable | None
     curves: int
 
 
@@ -537,7 +542,8 @@ COMMANDS = (
     _Command("manifold", "manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
              studies.manifold.ManifoldConfig, lambda *a, **k: studies.manifold.manifold_study(*a, **k),
              studies.manifold.format_manifold, None, 2),
-    _Command("bijection", "bijection_study", "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
+    _Command("bijection", "bijection_study",
+             "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
              studies.bijection.BijectionConfig, lambda *a, **k: studies.bijection.bijection_study(*a, **k),
              studies.bijection.format_bijection, studies.bijection.plot_bijection, 2),
 )

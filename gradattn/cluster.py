@@ -49,7 +49,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradattn import resume
 from gradattn._checks import check_int
-from gradattn.sweeps import default_chunk_size, seed_keys, sweep
+from gradattn._progress import StepBar
+from gradattn.sweeps import _compiled, default_chunk_size, seed_keys, sweep
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})$")
 
@@ -278,7 +279,8 @@ def cluster_sweep(
         ``fn`` depends on (its config, task, the library version): a directory written with another
         fingerprint is refused. The chunk size, the PRNG implementation, the output shapes, the
         jax version and the backend are recorded and compared as well.
-      progress: a tqdm bar of the seeds done across all processes (on process 0 only).
+      progress: a tqdm bar (on process 0 only) of process 0's training steps, with the estimated
+        time once measured and the seeds done across all processes (:mod:`gradattn._progress`).
     Returns:
       the pytree of ``fn``'s output with numpy leaves of shape ``(n_seeds, ...)``, on every process.
     Raises:
@@ -359,16 +361,20 @@ def cluster_sweep(
 
     bar = None
     if progress and me == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, initial=int(found.sum()), unit="seed", desc=f"{n} seeds over {n_proc} process(es)")
-    done, shown = 0, 0
+        # training steps of this process's calls (the bar's total once the run is traced), and the
+        # seeds done over every process in its text
+        calls = sum(-(-pos.size // per_call[me]) for row in rounds for p, pos in row if p == me)
+        bar = StepBar(_compiled(fn, tuple(local), True)[2], calls, f"{n} seeds over {n_proc} process(es)")
+        bar.__enter__()
+        bar.bar.set_postfix_str(f"seeds done {int(found.sum())}/{n}")
+    done = 0
     try:
         for row in rounds:
             for p, pos in row:
                 if p != me:
                     continue
-                out = jax.tree.leaves(sweep(fn, keys[jnp.asarray(pos)], chunk_size=chunk_size, devices=local))
+                out = jax.tree.leaves(sweep(fn, keys[jnp.asarray(pos)], chunk_size=chunk_size, devices=local,
+                                            ticks=progress))
                 for buf, leaf in zip(buffers, out):
                     buf[pos] = leaf
                 if store is not None:
@@ -378,11 +384,10 @@ def cluster_sweep(
             # stops every process at the first round after one of them has gone
             total = int(_allgather(np.asarray([done], np.int64), "reporting progress").sum()) if n_proc > 1 else done
             if bar is not None:
-                bar.update(total - shown)
-            shown = total
+                bar.bar.set_postfix_str(f"seeds done {int(found.sum()) + total}/{n}")
     finally:
         if bar is not None:
-            bar.close()
+            bar.__exit__(None, None, None)
 
     if n_proc > 1:
         owned = [np.flatnonzero(owner == p) for p in range(n_proc)]

@@ -21,7 +21,8 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,6 @@ from gradattn.provenance import finish, provenance
 from gradattn.sweeps import default_chunk_size, experiment_seeds, sweep
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train
-
 
 # ---------------------------------------------------------------------------------------------
 # The skeleton
@@ -137,7 +137,8 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     prov = provenance()
     t0 = time.perf_counter()
     if devices is None:
-        per_seed = cluster_sweep(run, seeds, chunk_size=chunk_size, checkpoint_dir=checkpoint_dir,
+        per_seed = cluster_sweep(run, seeds, chunk_size=chunk_size,
+                                 checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
                                  fingerprint=fingerprint, progress=progress)
         n_devices = jax.device_count()
     else:
@@ -184,13 +185,14 @@ def config_from_dict(config_type: type, d: dict):
     d.pop("dtype", None)
     task_d = d.pop("task")
     task_type = getattr(tasks, str(task_d.get("name")), None)
-    if not (isinstance(task_type, type) and callable(getattr(task_type, "from_dict", None))):
+    from_dict = getattr(task_type, "from_dict", None) if isinstance(task_type, type) else None
+    if not callable(from_dict):
         raise ValueError(f"config_from_dict: unknown task {task_d.get('name')!r} in the {config_type.__name__} description")
     names = {f.name for f in dataclasses.fields(config_type) if f.init}
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"config_from_dict: {config_type.__name__} has no field(s) {', '.join(unknown)}")
-    return config_type(task=task_type.from_dict(task_d), **d)
+    return config_type(task=from_dict(task_d), **d)
 
 
 def logit_metrics(logits, y) -> dict:
@@ -338,6 +340,7 @@ def summarise_em_vs_sgd(per_seed: dict[str, np.ndarray], seeds: list[int], confi
             "final_accuracy_mean": float(np.mean(per_seed[f"{name}_final_accuracy"])),
         }
     finals = np.concatenate([np.asarray(per_seed["sgd_final_loss"]), np.asarray(per_seed["em_final_loss"])])
+    per_seed_steps: list[int | None]
     if np.isfinite(finals).all():
         threshold = arm["sgd"]["final_loss_mean"]
         to_thr = steps_to_threshold(per_seed["em_curve"], threshold)

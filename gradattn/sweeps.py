@@ -15,6 +15,7 @@ on any number of devices (the tests check this). Changing ``chunk_size`` may cha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradattn._backend import backend_choices
 from gradattn._checks import check_int
+from gradattn._progress import StepBar, StepCount, counting_steps
 
 SEED_AXIS = "seeds"
 
@@ -160,11 +162,15 @@ def _check_distinct(keys: jax.Array) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(fn, devices: tuple):
-    """``jit(vmap(fn))`` sharded along the seed axis over ``devices`` (cached: one trace per fn)."""
+def _compiled(fn, devices: tuple, ticks: bool = False):
+    """``jit(vmap(fn))`` sharded along the seed axis over ``devices`` (cached: one trace per fn),
+    and the :class:`gradattn._progress.StepCount` of its training steps per call (counted when it
+    is traced with ``ticks``: the program then reports its steps to the progress bar)."""
     mesh = Mesh(np.asarray(devices), (SEED_AXIS,))
     sharding = NamedSharding(mesh, PartitionSpec(SEED_AXIS))
-    return jax.jit(jax.vmap(fn), in_shardings=sharding, out_shardings=sharding), sharding
+    count = StepCount()
+    body = counting_steps(jax.vmap(fn), count) if ticks else jax.vmap(fn)
+    return jax.jit(body, in_shardings=sharding, out_shardings=sharding), sharding, count
 
 
 def sweep(
@@ -174,6 +180,7 @@ def sweep(
     chunk_size: int | None = None,
     devices: Sequence[jax.Device] | None = None,
     progress: bool = False,
+    ticks: bool = False,
 ):
     """``fn`` over every seed: ``out[i] = fn(seed_key(seeds[i]))``, stacked along axis 0.
 
@@ -189,7 +196,10 @@ def sweep(
         (1 on CPU, 256 on GPU/TPU).
       devices: devices to shard each call over (1-D mesh along the seed axis); default: all
         visible devices, ``jax.devices()``.
-      progress: show a tqdm bar over the calls.
+      progress: show a tqdm bar of the training steps done (every training scan of ``fn`` reports
+        every 1 % of its steps, :mod:`gradattn._progress`) and, once measured, the estimated time.
+      ticks: compile ``fn`` with those step reports without showing a bar here (a caller that
+        shows its own bar across several sweeps, :func:`gradattn.cluster.cluster_sweep`).
     Returns:
       the pytree of ``fn``'s output with numpy leaves of shape ``(n_seeds, ...)``.
     """
@@ -202,13 +212,17 @@ def sweep(
     devices = _check_devices(devices)
     per_call = chunk_size * len(devices)
 
-    run, sharding = _compiled(fn, tuple(devices))
+    run, sharding, count = _compiled(fn, tuple(devices), progress or ticks)
 
     starts = range(0, n, per_call)
-    if progress:
-        from tqdm.auto import tqdm
+    bar = StepBar(count, len(starts), f"{n} seeds, {per_call} per call") if progress else contextlib.nullcontext()
+    with bar:
+        return _run_calls(run, sharding, keys, starts, per_call)
 
-        starts = tqdm(starts, total=len(starts), desc=f"{n} seeds, {per_call} per call", unit="call")
+
+def _run_calls(run, sharding, keys, starts, per_call):
+    """``run`` on the keys in calls of ``per_call`` starting at ``starts`` (the last call padded
+    with copies of its last key), the outputs as numpy arrays stacked over the keys."""
     pieces = []
     for start in starts:
         chunk = keys[start : start + per_call]

@@ -29,6 +29,7 @@ import optax
 
 from gradattn._checks import check_int, check_number, is_traced
 from gradattn._math import tree_norm
+from gradattn._progress import with_ticks
 from gradattn.head import HeadParams
 from gradattn.paths import resolve_grad_source
 
@@ -269,7 +270,10 @@ def scan_steps(step, carry, steps: int, every: int | None = None, probe=None):
     each segment, t = 0, k, 2k, ... Returns ``(final carry, outs (steps, ...), records)``, with
     ``records`` the probe's pytree with a leading axis of ``steps // k`` (``None`` without ``every``).
     Callers validate ``steps`` and ``every``; :func:`train` and the deep run both run on this.
+    Traced by a sweep with progress on, the scan reports its steps to the progress bar
+    (:mod:`gradattn._progress`; the numbers are the same).
     """
+    step = with_ticks(step, steps)
     if every is None:
         final, outs = jax.lax.scan(step, carry, jnp.arange(steps))
         return final, outs, None

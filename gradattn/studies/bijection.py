@@ -117,7 +117,7 @@ class BijectionConfig:
         check_unused_option(fn, self, "head_value_lr", active=self.head_optimizer == "em_like",
                             needs='head_optimizer="em_like"')
         try:
-            self.deep_config  # the deep protocol's own checks (d_model divisible by n_heads, size)
+            _ = self.deep_config  # the deep protocol's own checks (d_model divisible by n_heads, size)
         except ValueError as err:
             raise ValueError(f"{fn}: {err}") from None
 
