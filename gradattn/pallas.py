@@ -56,7 +56,11 @@ loss and each gradient, relative to that quantity's largest entry): ``"float32"`
 GPU it also gives ``"tf32"``'s, which interpret mode cannot show).
 
 On a GPU the kernels compile through Pallas's Triton lowering. Anywhere else (CI's CPU) they run
-in Pallas interpret mode, which executes the same kernel bodies as ordinary XLA programs.
+in Pallas interpret mode, which executes the same kernel bodies as ordinary XLA programs. The
+Triton module (``jax.experimental.pallas.triton``, deprecated since jax 0.11 in favour of the
+Mosaic GPU backend) is imported only when a kernel is compiled for a GPU, so interpret mode and
+every other gradient path work on a jax without it; compiling there raises a ``RuntimeError``
+that says so.
 Under ``jax.vmap`` (a sweep over seeds) Pallas adds the batch as an outer grid axis, so all
 seeds run in the same two kernel launches.
 """
@@ -64,6 +68,7 @@ seeds run in the same two kernel launches.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import jax
@@ -71,7 +76,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from gradattn._checks import check_head_inputs, check_int
 from gradattn.blocked import BlockedPass
@@ -234,6 +238,26 @@ def _key_value_kernel(
     dv_ref[...] = dv
 
 
+TRITON_MODULE = "jax.experimental.pallas.triton"
+"""Pallas's Triton backend, which the compiled (GPU) kernels are written for; imported only by
+:func:`_triton_compiler_params`."""
+
+
+def _triton_compiler_params():
+    """The Triton compiler parameters of both kernels, importing Pallas's Triton backend here, when
+    a kernel is compiled for a GPU, and nowhere else: jax 0.11 deprecated that backend (to be
+    removed; Mosaic GPU replaces it), and interpret mode never needs it."""
+    try:
+        plgpu = importlib.import_module(TRITON_MODULE)
+    except ImportError as err:
+        raise RuntimeError(
+            f"gradattn.pallas: this jax ({jax.__version__}) has no Pallas Triton backend ({TRITON_MODULE}), "
+            "which the compiled kernels are written for. Run them in Pallas interpret mode (interpret=True), "
+            "or take another gradient path (grad_source='dense' or 'blocked')."
+        ) from err
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
 def _pad(a, shape):
     return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
@@ -260,7 +284,7 @@ def _pallas_pass(params, x, y, weights, causal, precision, block_q, block_k, int
     w = _pad(normalised_weights(weights, n, dtype) * valid, (n_pad,))
     yp = _pad(y.astype(jnp.int32), (n_pad,))
 
-    compiler_params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2)
+    compiler_params = None if interpret else _triton_compiler_params()
     tile_rows = lambda i: (i, 0)  # noqa: E731
     tile_vec = lambda i: (i,)  # noqa: E731
     whole = lambda i: (0, 0)  # noqa: E731

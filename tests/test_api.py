@@ -51,6 +51,8 @@ def test_pallas_is_imported_only_when_its_path_is_resolved():
         "assert 'gradattn.pallas' not in sys.modules\n"
         "ga.paths.resolve_grad_source('pallas')\n"
         "assert 'gradattn.pallas' in sys.modules\n"
+        # Pallas's Triton backend (deprecated since jax 0.11) only when a kernel is compiled for a GPU.
+        "assert 'jax.experimental.pallas.triton' not in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -24,7 +24,7 @@ import gradattn as ga
 from gradattn.blocked import BlockedPass
 from gradattn.head import dense_loss
 from gradattn.laws import dense_loss_and_grads
-from gradattn.pallas import PRECISIONS, pallas_loss_and_grads, pallas_pass
+from gradattn.pallas import PRECISIONS, TRITON_MODULE, pallas_loss_and_grads, pallas_pass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,15 +157,19 @@ def _triton_ir(fn, *args, monkeypatch, capsys) -> tuple[str, str]:
 
     ``jax.export`` lowers for CUDA without a GPU; ``debug=True`` makes pallas_call print each
     kernel's Triton module. The export itself refuses Triton custom calls (no compatibility
-    guarantee), a check irrelevant here and disabled.
+    guarantee), a check irrelevant here and disabled. The target GPU: with no GPU present, jax
+    0.10 lowers for compute capability 9.0 (an H100) by itself; later versions ask for the device
+    as an abstract one, so the same H100 is named, on every version.
     """
     from jax import export
     from jax.experimental import pallas as pl
 
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
     monkeypatch.setattr(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True))
     capsys.readouterr()
-    exported = export.export(jax.jit(fn), platforms=["cuda"],
-                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=h100)):
+        exported = export.export(jax.jit(fn), platforms=["cuda"],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     return capsys.readouterr().out, exported.mlir_module()
 
 
@@ -173,6 +177,7 @@ def test_kernels_lower_to_triton_with_the_asked_precision(monkeypatch, capsys):
     """The kernels pass the Triton lowering (powers of two, dot sizes >= 16, supported ops) for a
     GPU, seeds and all, and each precision reaches the tile products: IEEE float32 (Triton's
     default, no attribute), TF32, or bfloat16 operands; the two output-layer products stay float32."""
+    pytest.importorskip(TRITON_MODULE, reason=f"this jax ({jax.__version__}) has no Pallas Triton backend")
     params, x, y, _ = problem(100, d_in=20, d_k=10, d_v=15, n_classes=8, dtype=jnp.float32)
     dots = {}
     for prec in PRECISIONS:
@@ -190,6 +195,20 @@ def test_kernels_lower_to_triton_with_the_asked_precision(monkeypatch, capsys):
     assert ir.count("tt.dot ") == 11
     # Two launches, each over (64-row tiles of the padded N = 128) x (5 seeds).
     assert re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32", launches) == [("2", "5"), ("2", "5")]
+
+
+def test_interpret_mode_needs_no_triton_and_compiling_without_it_says_so(monkeypatch):
+    """Pallas's Triton backend (deprecated since jax 0.11) made unimportable: interpret mode runs
+    as before, and compiling the kernels raises one clear error instead of an ImportError."""
+    from jax.experimental import pallas as pl
+
+    monkeypatch.setitem(sys.modules, TRITON_MODULE, None)  # any import of it raises ImportError
+    monkeypatch.delattr(pl, "triton", raising=False)
+    params, x, y, w = problem(5, dtype=jnp.float32, weighted=True)  # a shape no other test traces
+    by_laws = dense_loss_and_grads(params, x, y, w, True)
+    assert rel_err(pallas_loss_and_grads(params, x, y, w, True, interpret=True), by_laws) < 2e-5
+    with pytest.raises(RuntimeError, match="no Pallas Triton backend"):
+        pallas_pass(params, x, y, w, True, interpret=False)
 
 
 def test_invalid_inputs():
