@@ -10,18 +10,24 @@ STAMP_BENCH := $(VENV)/.installed-bench
 SEEDS ?= 5
 STEPS ?= 1000
 
-.PHONY: venv test test-all lint run bench docs clean
+.PHONY: venv test test-all test-compat lint run bench docs clean
 
 venv: $(STAMP)
 
+# pip runs quietly (its progress output is long), so each install says first what it does.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing gradattn and its dependencies (jax, jaxlib, flax, optax, numpy, scipy, matplotlib)" \
+	    "with the dev extra (pytest, hypothesis, chex, the notebook runner, pdoc, ruff, mypy) into $(VENV):" \
+	    "a minute or two on a fresh machine"
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The dev extra and the bench extra (torch, for the comparisons with the PyTorch reference).
 $(STAMP_BENCH): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing gradattn with its dev and bench extras (jax, flax, pytest, ..., torch) into $(VENV):" \
+	    "a few minutes on a fresh machine"
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP) $(STAMP_BENCH)
 
@@ -40,6 +46,50 @@ test: $(STAMP)
 # The full suite (CI): the slow end-to-end runs and the PyTorch comparisons too.
 test-all: $(STAMP_BENCH)
 	$(PYTEST)
+
+# `make test-compat`: the quick suite (`make test`'s pytest command and XLA flags) in two more
+# environments, venvs of their own (gitignored; each is reused until pyproject.toml or its
+# constraints change, so delete it to start again, e.g. for newer releases):
+#   .venv-lower   Python 3.11 (the lowest requires-python allows) with the lower bound of every
+#                 dependency, pinned exactly by constraints/lower-bounds.txt;
+#   .venv-newest  the newest Python that pyenv holds, with the newest releases pip resolves.
+# XLA aborts the process on a flag it does not know, and newer XLAs drop flags (the XLA of jax
+# 0.12 has no --xla_cpu_use_fusion_emitters), so each environment runs with only those of
+# TEST_XLA_FLAGS that its XLA knows: each flag is tried alone in a throwaway process first, and
+# any left out is named.
+VENV_LOWER    ?= .venv-lower
+VENV_NEWEST   ?= .venv-newest
+PYTHON_LOWER  ?= python3.11
+PYTHON_NEWEST ?= $(shell v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.[0-9]+\.[0-9]+$$' | sort -V | tail -n 1); \
+	if [ -n "$$v" ]; then echo "$$(pyenv root)/versions/$$v/bin/python"; else echo python3.13; fi)
+COMPAT_PROBE    := import jax.numpy as jnp; jnp.zeros(1).block_until_ready()
+COMPAT_VERSIONS := import sys, importlib.metadata as m; print("Python", sys.version.split()[0] + ":", \
+	", ".join(p + " " + m.version(p) for p in ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "scipy", "matplotlib", "tqdm")))
+
+$(VENV_LOWER)/.installed: pyproject.toml constraints/lower-bounds.txt
+	test -x $(VENV_LOWER)/bin/python || $(PYTHON_LOWER) -m venv $(VENV_LOWER)
+	@echo "installing gradattn with its dev extra and the lower bounds of constraints/lower-bounds.txt into $(VENV_LOWER)"
+	$(VENV_LOWER)/bin/python -m pip install --quiet -c constraints/lower-bounds.txt -e '.[dev]'
+	touch $@
+
+$(VENV_NEWEST)/.installed: pyproject.toml
+	test -x $(VENV_NEWEST)/bin/python || $(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
+	@echo "installing gradattn with its dev extra and the newest releases of its dependencies into $(VENV_NEWEST)"
+	$(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade -e '.[dev]'
+	touch $@
+
+test-compat: $(VENV_LOWER)/.installed $(VENV_NEWEST)/.installed
+	@status=0; for venv in $(VENV_LOWER) $(VENV_NEWEST); do \
+	    py=$$venv/bin/python; flags=; \
+	    for f in $(TEST_XLA_FLAGS); do \
+	        if XLA_FLAGS=$$f $$py -c '$(COMPAT_PROBE)' 2>&1 | grep -q "Unknown flag in XLA_FLAGS"; then \
+	            echo "$$venv: its XLA does not know $$f, left out"; \
+	        else flags="$$flags $$f"; fi; \
+	    done; \
+	    echo "== $$venv: $$($$py -c '$(COMPAT_VERSIONS)')"; \
+	    echo "XLA_FLAGS=\"$$flags $$XLA_FLAGS\" $(patsubst $(PY),$$py,$(PYTEST)) -m \"not slow\""; \
+	    XLA_FLAGS="$$flags $$XLA_FLAGS" $(patsubst $(PY),$$py,$(PYTEST)) -m "not slow" || status=1; \
+	done; exit $$status
 
 # The linter and the type checker (CI runs them before the tests), configured in pyproject.toml;
 # both run, and the target fails if either finds anything.
