@@ -149,6 +149,7 @@ def _forward_and_query_kernel(
     dtype = q.dtype
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     n_key_tiles = pl.cdiv(n, block_k)
+    last: jax.Array | int  # a traced bound when causal, a static one otherwise
     if causal:
         # Key tiles holding only future keys are skipped; lax.div, since i is a traced int32.
         last = jnp.minimum(lax.div((i + 1) * block_q + block_k - 1, jnp.int32(block_k)), n_key_tiles)
@@ -162,21 +163,21 @@ def _forward_and_query_kernel(
         return _masked(_dot(q, k, precision, trans_b=True), rows, cols, n, causal), k, v
 
     def online_softmax(j, carry):
-        m, l, acc = carry
+        m, l_sum, acc = carry
         s, _, v = tile(j)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
         rescale = jnp.exp(m - m_new)
-        return m_new, rescale * l + jnp.sum(p, axis=1), rescale[:, None] * acc + _dot(p, v, precision)
+        return m_new, rescale * l_sum + jnp.sum(p, axis=1), rescale[:, None] * acc + _dot(p, v, precision)
 
     init = (
         jnp.full((block_q,), -jnp.inf, dtype),  # key 0 is visible to every row, so m is finite after tile 0
         jnp.zeros((block_q,), dtype),
         jnp.zeros((block_q, v_ref.shape[1]), dtype),
     )
-    m, l, acc = lax.fori_loop(0, last, online_softmax, init)
-    g = acc / l[:, None]
-    lse = m + jnp.log(l)
+    m, l_sum, acc = lax.fori_loop(0, last, online_softmax, init)
+    g = acc / l_sum[:, None]
+    lse = m + jnp.log(l_sum)
 
     # The output layer, row by row: logits, cross-entropy, output error e and upstream gradient u.
     w_o = wo_ref[...]
