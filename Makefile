@@ -131,4 +131,4 @@ docs: $(STAMP)
 	@echo "API reference: $(DOCS_DIR)/index.html"
 
 clean:
-	rm -rf $(VENV) results .pytest_cache build
+	rm -rf $(VENV) .venv-lower .venv-newest results .pytest_cache build

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradattn import tasks as task_classes
 from gradattn._checks import check_fields, check_int, option
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
@@ -177,14 +178,12 @@ def config_dict(config) -> dict:
 def config_from_dict(config_type: type, d: dict):
     """The ``config_type`` instance that :func:`config_dict` described as ``d`` (e.g. the ``config``
     of a result JSON): its fields, and the task rebuilt by its class's ``from_dict``."""
-    from gradattn import tasks
-
     if not isinstance(d, dict) or not isinstance(d.get("task"), dict):
         raise ValueError(f"config_from_dict: not a {config_type.__name__} description (no task): {d!r}")
     d = dict(d)
     d.pop("dtype", None)
     task_d = d.pop("task")
-    task_type = getattr(tasks, str(task_d.get("name")), None)
+    task_type = getattr(task_classes, str(task_d.get("name")), None)
     from_dict = getattr(task_type, "from_dict", None) if isinstance(task_type, type) else None
     if not callable(from_dict):
         raise ValueError(f"config_from_dict: unknown task {task_d.get('name')!r} in the {config_type.__name__} description")

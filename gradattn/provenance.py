@@ -93,7 +93,7 @@ def provenance(start_time: float | None = None) -> dict:
         "cpus": os.cpu_count(),
         "host_platform": platform.platform(),
         "command": list(sys.argv),
-        "start_time": _dt.datetime.fromtimestamp(start, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "start_time": _dt.datetime.fromtimestamp(start, _dt.UTC).isoformat(timespec="seconds"),
         "start_timestamp": start,
     }
 
@@ -102,6 +102,6 @@ def finish(prov: dict, end_time: float | None = None) -> dict:
     """Add ``end_time`` (ISO 8601 UTC) and ``wall_time_s`` (seconds since the start) to ``prov``, in
     place, and return it. ``end_time`` as ``time.time()`` seconds; now by default."""
     end = time.time() if end_time is None else float(end_time)
-    prov["end_time"] = _dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec="seconds")
+    prov["end_time"] = _dt.datetime.fromtimestamp(end, _dt.UTC).isoformat(timespec="seconds")
     prov["wall_time_s"] = end - prov["start_timestamp"]
     return prov

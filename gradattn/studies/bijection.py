@@ -45,7 +45,7 @@ from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.head import dense_loss_unchecked, forward_unchecked, init_head
-from gradattn.plotting import atomic_savefig
+from gradattn.plotting import atomic_savefig, integer_ticks, pm_phrase, std_array
 from gradattn.tasks import BijectionElimination
 from gradattn.training import em_like, scan_steps, sgd
 
@@ -363,8 +363,6 @@ def plot_bijection(results: dict, path: str | os.PathLike | None = None, *, dpi:
     """Per-position KL gap (symlog scale) and model entropy against the exact entropy, one line per
     model, mean ± 1 sd over seeds (the mean alone for one seed); one legend below both panels, off
     the data; integer position ticks. Saved atomically when ``path`` is given; returns the Figure."""
-    from gradattn.plotting import integer_ticks, pm_phrase, std_array
-
     models, positions, exact, n_seeds = _check_results(results, "plot_bijection")
     t = np.asarray(positions)
     fig = Figure(figsize=(12, 5.2), layout="constrained")
