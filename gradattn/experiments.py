@@ -73,13 +73,6 @@ def seed_std(values, axis: int = 0) -> np.ndarray:
     return np.std(a, axis=axis, ddof=1)
 
 
-def mean_sd(mean, std, spec: str = ".3f") -> str:
-    """``"mean ± sd"`` for a text summary, or the mean alone where the std is None (one seed)."""
-    if mean is None:
-        return "n/a"
-    return format(mean, spec) if std is None else f"{format(mean, spec)} ± {format(std, spec)}"
-
-
 def is_curve(name: str) -> bool:
     """Whether the per-seed output ``name`` is a training curve (one value per step)."""
     return name == "curve" or name.endswith("_curve")

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import option
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, mean_sd, run_experiment, seed_std
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.geometry import covariate_r2, decoding_r2
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
+from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train_arms
 
@@ -224,17 +225,17 @@ def format_manifold(results: dict) -> str:
              f"T = {cfg['task']['seq_len']}, noise {results['noise_std']}, {cfg['heldout']} held-out sequences; "
              f"posterior entropy {results['entropy_mean']:.3f} nats, {100 * results['uncertain_fraction_mean']:.1f}% "
              f"of positions above 0.1 nats; held-out Bayes loss {results['heldout_bayes_loss_mean']:.4f}",
-             f"R^2 of the posterior entropy (mean ± sd over {len(results['seeds'])} seeds) on: the {m} leading principal components of "
+             f"R^2 of the posterior entropy ({pm_phrase(results, len(results['seeds']))}) on: the {m} leading principal components of "
              f"the values or contexts (PC1-{m}); a linear read-out from all context dimensions (contexts all); "
              "the same PCs against the entropy shuffled over positions (shuf)",
              f"{'head':8s} {'held-out loss':>14s} " + " ".join(f"{label:>20s}" for _, label in columns)]
     for head in HEADS:
         r = results[head]
-        cells = [mean_sd(r[key]["mean"], r[key]["std"]) for key, _ in columns]
+        cells = [fmt_pm(r[key]["mean"], r[key]["std"], '.3f') for key, _ in columns]
         lines.append(f"{head:8s} {r['heldout_loss_mean']:14.4f} " + " ".join(f"{c:>20s}" for c in cells))
     ceiling = results.get("readout_ceiling")
     if ceiling is not None:
         lines.append(f"linear-readout ceiling (R^2 of the entropy on the inputs; the values are linear in x_t, so no "
-                     f"value R^2 can exceed the first): x_t {mean_sd(ceiling['x']['mean'], ceiling['x']['std'])}, "
-                     f"[x_t, x_t-1] {mean_sd(ceiling['x_and_previous']['mean'], ceiling['x_and_previous']['std'])}")
+                     f"value R^2 can exceed the first): x_t {fmt_pm(ceiling['x']['mean'], ceiling['x']['std'], '.3f')}, "
+                     f"[x_t, x_t-1] {fmt_pm(ceiling['x_and_previous']['mean'], ceiling['x_and_previous']['std'], '.3f')}")
     return "\n".join(lines)

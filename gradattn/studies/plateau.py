@@ -35,10 +35,11 @@ import numpy as np
 
 from gradattn._checks import option
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, mean_sd, run_experiment, seed_std
+from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.geometry import attention_entropy_bits
 from gradattn.head import forward, init_head, token_losses
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
+from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train_arms
 
@@ -294,12 +295,12 @@ def format_plateau(results: dict) -> str:
     lines = [f"frame before precision: {n_seeds} seeds, {results['steps']} steps, "
              f"T = {cfg['task']['seq_len']}, {'fresh sequence per step' if cfg['fresh_data'] else 'one sequence'}, "
              f"snapshots every {cfg['checkpoint_every']} steps",
-             f"attention entropy (bits, mean over rows; mean ± sd over {n_seeds} seeds): untrained "
-             f"{mean_sd(h['init']['mean'], h['init']['std'])}, SGD {mean_sd(h['sgd']['mean'], h['sgd']['std'])}, "
-             f"EM-like {mean_sd(h['em']['mean'], h['em']['std'])}; uniform causal attention {uniform:.3f}"]
+             f"attention entropy (bits, mean over rows; {pm_phrase(results, n_seeds)}): untrained "
+             f"{fmt_pm(h['init']['mean'], h['init']['std'], '.3f')}, SGD {fmt_pm(h['sgd']['mean'], h['sgd']['std'], '.3f')}, "
+             f"EM-like {fmt_pm(h['em']['mean'], h['em']['std'], '.3f')}; uniform causal attention {uniform:.3f}"]
     for arm, label in (("sgd", "SGD"), ("em", "EM-like")):
         r = results[arm]
-        lines.append(f"{label}: final loss {mean_sd(r['final_loss_mean'], r['final_loss_std'], '.4f')}; plateau reached in "
+        lines.append(f"{label}: final loss {fmt_pm(r['final_loss_mean'], r['final_loss_std'], '.4f')}; plateau reached in "
                      f"{r['plateau_reached']}/{n_seeds} seeds"
                      + (f" (mean step {r['plateau_step_mean']:.0f})" if r["plateau_step_mean"] is not None else ""))
         for crit, key, chosen in (("vs converged state, tol", "against_converged", cfg["settle_tol"]),
