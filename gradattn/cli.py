@@ -574,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--chunk-size", type=_int_in(1, 65_536), default=None,
                        help="seeds vmapped per device per call (default: 1 on CPU, 256 on GPU/TPU; results are "
                             "reproducible per chunk size)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bar; the run's compiled program can then come from the compilation cache "
+                            "(JAX does not cache programs that report progress to the host)")
         p.add_argument("--no-compilation-cache", action="store_true",
                        help=f"do not keep compiled programs in {CACHE_DIR_VAR} (default: {default_cache_dir()}) for the "
                             "next run of the same sizes")
