@@ -121,6 +121,10 @@ class StepBar:
                           f"{per_step * 1e3:.3g} ms each as measured)", file=bar.fp)
                 self._estimated = True
 
+    def note(self, text: str) -> None:
+        """Show ``text`` beside the count (e.g. the seeds done)."""
+        self.bar.set_postfix_str(text)
+
     def __enter__(self) -> StepBar:
         global _bar
         with _bar_lock:

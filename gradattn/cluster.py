@@ -33,6 +33,7 @@ process it does nothing, so the same program runs unchanged on a laptop and on a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -50,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradattn import resume
 from gradattn._checks import check_int
 from gradattn._progress import StepBar
-from gradattn.sweeps import _compiled, default_chunk_size, seed_keys, sweep
+from gradattn.sweeps import default_chunk_size, seed_keys, sweep, ticked_step_count
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>[0-9]{1,5})$")
 
@@ -359,16 +360,15 @@ def cluster_sweep(
         for p, pos in row:
             owner[pos] = p
 
-    bar = None
-    if progress and me == 0:
-        # training steps of this process's calls (the bar's total once the run is traced), and the
-        # seeds done over every process in its text
-        calls = sum(-(-pos.size // per_call[me]) for row in rounds for p, pos in row if p == me)
-        bar = StepBar(_compiled(fn, tuple(local), True)[2], calls, f"{n} seeds over {n_proc} process(es)")
-        bar.__enter__()
-        bar.bar.set_postfix_str(f"seeds done {int(found.sum())}/{n}")
     done = 0
-    try:
+    with contextlib.ExitStack() as shown:
+        bar = None
+        if progress and me == 0:
+            # training steps of this process's calls (the bar's total once the run is traced), and
+            # the seeds done over every process in its text
+            calls = sum(-(-pos.size // per_call[me]) for row in rounds for p, pos in row if p == me)
+            bar = shown.enter_context(StepBar(ticked_step_count(fn, local), calls, f"{n} seeds over {n_proc} process(es)"))
+            bar.note(f"seeds done {int(found.sum())}/{n}")
         for row in rounds:
             for p, pos in row:
                 if p != me:
@@ -384,10 +384,7 @@ def cluster_sweep(
             # stops every process at the first round after one of them has gone
             total = int(_allgather(np.asarray([done], np.int64), "reporting progress").sum()) if n_proc > 1 else done
             if bar is not None:
-                bar.bar.set_postfix_str(f"seeds done {int(found.sum()) + total}/{n}")
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+                bar.note(f"seeds done {int(found.sum()) + total}/{n}")
 
     if n_proc > 1:
         owned = [np.flatnonzero(owner == p) for p in range(n_proc)]

@@ -173,6 +173,12 @@ def _compiled(fn, devices: tuple, ticks: bool = False):
     return jax.jit(body, in_shardings=sharding, out_shardings=sharding), sharding, count
 
 
+def ticked_step_count(fn, devices) -> StepCount:
+    """The training steps per call of ``fn`` compiled with step reports over ``devices`` (what
+    :func:`sweep` with ``progress`` or ``ticks`` runs); counted once the program is traced."""
+    return _compiled(fn, tuple(devices), True)[2]
+
+
 def sweep(
     fn: Callable[[jax.Array], Any],
     seeds: Sequence[int] | jax.Array,
