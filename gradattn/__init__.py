@@ -22,6 +22,11 @@ The surface, from the bottom up:
 * diagnostics as modules: ``gradattn.dynamics``, ``gradattn.geometry``, ``gradattn.bayes``;
 * deep models (flax NNX): ``gradattn.nn`` and the deep experiment ``gradattn.deep``.
 
+``import gradattn`` imports neither flax nor matplotlib: the modules that need them
+(``gradattn.nn``, ``gradattn.deep``, ``gradattn.studies``, ``gradattn.plotting``) are imported on
+first use (``gradattn.deep`` or ``import gradattn.deep``), and the plotting functions import
+matplotlib when they draw.
+
 Every public module, one line each (the names that ``import gradattn`` brings in are above; the
 others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 
@@ -63,7 +68,9 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.cli`: the ``gradattn`` command (``gradattn --help``).
 """
 
-from gradattn import bayes, deep, dynamics, geometry, nn, paths, plotting, provenance, studies, tasks, training, verify
+import importlib as _importlib
+
+from gradattn import bayes, dynamics, geometry, paths, provenance, tasks, training, verify
 from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
 from gradattn.blocked import blocked_loss_and_grads, loss_fn
 from gradattn.checking import checked
@@ -158,3 +165,16 @@ __all__ = [
     "verify",
 ]
 
+_LAZY_MODULES = frozenset({"deep", "nn", "plotting", "studies"})
+"""Submodules imported on first attribute access: they pull in flax (the deep models and studies)
+or matplotlib (figures), which the head, its laws and the sweeps never need."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f"gradattn.{name}")
+    raise AttributeError(f"module 'gradattn' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_MODULES)

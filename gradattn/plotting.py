@@ -10,6 +10,9 @@ sample sd in results of format 2 and later, the population sd in older ones); wi
 the value is printed (its sd is ``None``); a mean number of steps is printed as an integer when it
 is one, else with one decimal; losses and predictive entropies are in nats, attention entropies in
 bits, and every step axis has integer ticks.
+
+matplotlib is imported by the functions that draw, not by this module, so the text reports cost
+no matplotlib import.
 """
 
 from __future__ import annotations
@@ -18,9 +21,6 @@ import math
 import os
 
 import numpy as np
-from matplotlib.colors import Normalize, TwoSlopeNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from gradattn._io import atomic_write
 
@@ -97,6 +97,8 @@ def h_min_definition(results: dict) -> str:
 def integer_ticks(axis) -> None:
     """Integer major ticks on ``axis`` (an ``ax.xaxis``): step and position axes (multiples of 1, 2
     or 5 times a power of ten, so 1000 steps read 0, 200, ..., 1000)."""
+    from matplotlib.ticker import MaxNLocator  # matplotlib is imported only when a figure is drawn
+
     axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
@@ -132,6 +134,8 @@ def plot_em_vs_sgd(results: dict, path: str | os.PathLike | None = None, *, ax=N
     returns the matplotlib Figure.
     """
     # A bare Figure renders with Agg and never touches pyplot's global state or GUI backends.
+    from matplotlib.figure import Figure
+
     try:
         curves = results["curves"]
         h_min = results["h_min"]
@@ -337,6 +341,9 @@ def plot_deep(results: dict, path=None, *, dpi: int = 150):
         n_seeds = len(results["seeds"])
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"plot_deep: results must be a deep_experiment result dict ({err})") from None
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.figure import Figure
+
     dyn = results.get("dynamics")
     fig = Figure(figsize=(16 if dyn else 7, 5.2), layout="constrained")
     axes = fig.subplots(1, 3 if dyn else 1, squeeze=False, width_ratios=[1.25, 1, 1] if dyn else None)[0]

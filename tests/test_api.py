@@ -34,7 +34,26 @@ def test_each_name_is_defined_in_its_module(name, module):
 def test_retired_and_moved_names_do_not_exist(name):
     with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
         getattr(ga, name)
-    assert not hasattr(ga, "__getattr__") and not hasattr(ga.head, "__getattr__")
+    assert not hasattr(ga.head, "__getattr__")
+
+
+def test_import_is_light_and_heavy_modules_load_on_first_use():
+    # `import gradattn` brings in neither flax nor matplotlib; the modules that need them load on
+    # first attribute access, and only those names are resolved lazily.
+    code = (
+        "import sys, types\n"
+        "import gradattn as ga\n"
+        "assert 'flax' not in sys.modules and 'matplotlib' not in sys.modules, "
+        "[m for m in ('flax', 'matplotlib') if m in sys.modules]\n"
+        "assert ga.head.forward is ga.forward\n"
+        "ga.plotting.fmt_pm(1.0, 0.5)\n"
+        "assert 'matplotlib' not in sys.modules\n"
+        "assert isinstance(ga.deep.DeepConfig, type) and 'flax' in sys.modules\n"
+        "assert set(dir(ga)) >= {'deep', 'nn', 'plotting', 'studies', 'forward'}\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_modules_are_modules():
