@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from collections.abc import Callable, Sequence
+import reprlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -141,10 +142,39 @@ def seed_keys(seeds) -> jax.Array:
     return _keys_from_ints(seed_ints(seeds), "sweep")
 
 
-def _check_devices(devices) -> list:
-    devices = jax.devices() if devices is None else list(devices)
+def _check_devices(devices, fn: str = "sweep") -> list:
+    """``devices`` as a list: distinct ``jax.Device`` objects of this process and of one platform
+    (``jax.devices()`` when None). A TypeError or ValueError naming ``devices`` and what was given
+    otherwise, before anything is traced."""
+    if devices is None:
+        return jax.devices()
+    if isinstance(devices, (str, bytes, jax.Device)) or not isinstance(devices, Iterable):
+        raise TypeError(
+            f"{fn}: devices must be a list of jax.Device objects (such as jax.local_devices()), "
+            f"got {reprlib.repr(devices)} of type {type(devices).__name__}"
+        )
+    devices = list(devices)
     if not devices:
-        raise ValueError("sweep: devices is empty")
+        raise ValueError(f"{fn}: devices is empty; give at least one jax.Device (such as jax.local_devices())")
+    for d in devices:
+        if not isinstance(d, jax.Device):
+            raise TypeError(
+                f"{fn}: devices must hold jax.Device objects (such as jax.local_devices()), "
+                f"got {reprlib.repr(d)} of type {type(d).__name__} in devices"
+            )
+    if len(set(devices)) != len(devices):
+        twice = next(d for i, d in enumerate(devices) if d in devices[:i])
+        raise ValueError(f"{fn}: devices must be distinct, got {twice!r} twice")
+    me = jax.process_index()
+    for d in devices:
+        if d.process_index != me:
+            raise ValueError(
+                f"{fn}: devices must be devices of this process (jax.local_devices()); {d!r} belongs to process "
+                f"{d.process_index}, this is process {me}"
+            )
+    platforms = sorted({d.platform for d in devices})
+    if len(platforms) > 1:
+        raise ValueError(f"{fn}: devices must all be of one platform, got devices of {', '.join(platforms)}")
     return devices
 
 
@@ -200,8 +230,10 @@ def sweep(
       chunk_size: seeds vmapped together on each device in one call (memory grows with it); the
         unit of bit-reproducibility (see the module docstring). Default :func:`default_chunk_size`
         (1 on CPU, 256 on GPU/TPU).
-      devices: devices to shard each call over (1-D mesh along the seed axis); default: all
-        visible devices, ``jax.devices()``.
+      devices: devices to shard each call over (1-D mesh along the seed axis): a list of distinct
+        ``jax.Device`` objects of this process, of one platform; default: all visible devices,
+        ``jax.devices()``. Anything else (device names such as ``"cpu"``, one device not in a list)
+        is a TypeError or ValueError naming ``devices``.
       progress: show a tqdm bar of the training steps done (every training scan of ``fn`` reports
         every 1 % of its steps, :mod:`gradattn._progress`) and, once measured, the estimated time.
       ticks: compile ``fn`` with those step reports without showing a bar here (a caller that

@@ -110,6 +110,22 @@ def test_bad_arguments(seeds, kwargs, err, match):
         sweep(lambda k: {"u": jax.random.uniform(k)}, seeds, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "devices, err, match",
+    [
+        (lambda: ["cpu"], TypeError, r"sweep: devices must hold jax\.Device objects .*got 'cpu' of type str"),
+        (lambda: "cpu", TypeError, r"sweep: devices must be a list of jax\.Device .*got 'cpu' of type str"),
+        (lambda: [0], TypeError, r"sweep: devices must hold jax\.Device objects .*got 0 of type int"),
+        (lambda: jax.devices()[0], TypeError, r"sweep: devices must be a list of jax\.Device .*got CpuDevice"),
+        (lambda: jax.devices()[:1] * 2, ValueError, r"sweep: devices must be distinct, got CpuDevice\(id=0\) twice"),
+    ],
+    ids=["strings", "a string", "ints", "one device", "repeated"],
+)
+def test_devices_checked_before_anything_is_traced(devices, err, match):
+    with pytest.raises(err, match=match):
+        sweep(lambda k: {"u": jax.random.uniform(k)}, [0], devices=devices())
+
+
 SCRIPT = textwrap.dedent(
     """
     import sys
