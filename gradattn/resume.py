@@ -19,10 +19,21 @@ A checkpoint directory holds one manifest and one file per finished call:
 Results are keyed by each seed's key data, not by position, so a rerun with more seeds reuses
 every seed already on disk. Temp files that a killed run leaves behind (``.<name>.gradattn-tmp-*``)
 are never read; the next run on the same host removes those whose process is gone.
+
+A write that fails (a full disk, a file system that turned read-only, a permission taken away)
+stops the sweep at once with a :class:`CheckpointWriteError` (an OSError carrying the cause's
+``errno``) whose message is one line naming the directory and the cause. Every chunk written before
+stays valid: a chunk or the manifest is on disk whole or not at all, and the temp file of the failed
+write is removed (where the file system still allows it; otherwise the next run removes it). No
+results are returned for the incomplete sweep, so the command line writes no ``--out`` or ``--plot``
+for it (they would hold only some of the seeds) and exits with status 1: rerunning the same command
+with the same directory once it can be written computes only the missing seeds and writes the
+results of the whole sweep, equal to an uninterrupted run's bit for bit.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
@@ -51,6 +62,49 @@ class SweepRefused(ValueError):
     sweeps. The message is one line saying what differs and what to do."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint directory could not be written (a full disk, a read-only file system): the sweep
+    stopped there. The chunks already in the directory are valid, and a rerun with the same
+    directory computes only the missing seeds (see the module docstring).
+
+    An OSError with the cause's ``errno`` and ``strerror``; ``directory`` is the checkpoint
+    directory and ``filename`` the file that could not be written. ``str()`` is one line naming the
+    directory and the cause.
+    """
+
+    def __init__(self, message: str, directory: str, cause: OSError, filename: str | None = None):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.message = message
+        self.directory = directory
+        self.cause = cause
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message, self.directory, self.cause, self.filename)
+
+
+def _write_error(action: str, directory: str, err: OSError, path: str | None, kept: int | None) -> CheckpointWriteError:
+    """The :class:`CheckpointWriteError` of a failed change to ``directory`` (``action``: what could
+    not be done, ending in the directory's role); ``kept``: the chunk files still there, None when
+    they cannot be counted, -1 before the sweep started (nothing computed)."""
+    reason = " ".join((err.strerror or str(err) or type(err).__name__).split())
+    code = errno.errorcode.get(err.errno) if isinstance(err.errno, int) else None
+    cause = f"{reason} ({code})" if code else reason
+    if kept == -1:
+        after = "nothing was computed"
+    else:
+        there = (
+            "the chunks finished before are kept"
+            if kept is None
+            else f"the {kept} finished chunk file{'' if kept == 1 else 's'} already there {'is' if kept == 1 else 'are'} kept"
+        )
+        after = f"{there}, and a rerun of the same sweep with this directory, once it can be written, computes only the missing seeds"
+    return CheckpointWriteError(f"cluster_sweep: cannot {action} {directory!r}: {cause}; {after}", directory, err, path)
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 
@@ -72,8 +126,10 @@ def _write_replace(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:  # never created, or a file system that turned read-only: the next run removes it
+            pass
         raise
 
 
@@ -94,7 +150,7 @@ def _remove_stale_temps(directory: str) -> None:
             continue
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # gone already, or a read-only directory: never read either way
             pass
 
 
@@ -151,6 +207,10 @@ class ChunkStore:
 
         The file name is the hash of the keys, so a recomputed chunk replaces its own old file.
         Returns the path.
+
+        Raises:
+          CheckpointWriteError: the file could not be written (a full disk, a read-only file
+            system); nothing of it is left in the directory.
         """
         keys = np.ascontiguousarray(keys, dtype=np.uint32)
         buf = io.BytesIO()
@@ -161,9 +221,18 @@ class ChunkStore:
         header = _MAGIC + b" " + hashlib.sha256(payload).hexdigest().encode() + b"\n"
         name = f"{_CHUNK_PREFIX}{hashlib.sha256(keys.tobytes()).hexdigest()[:32]}{_CHUNK_SUFFIX}"
         path = os.path.join(self.directory, name)
-
-        _write_replace(path, header + payload)
+        try:
+            _write_replace(path, header + payload)
+        except OSError as err:
+            raise self._failed(f"write the chunk {name} in", err, path) from err
         return path
+
+    def _failed(self, action: str, err: OSError, path: str) -> CheckpointWriteError:
+        try:
+            kept: int | None = len(self.chunk_paths())
+        except OSError:
+            kept = None
+        return _write_error(f"{action} checkpoint_dir", self.directory, err, path, kept)
 
     def _read(self, path: str, leaf_specs: list[tuple[tuple, str]], key_width: int):
         """(keys, leaves) of one chunk file, or None with a reason when it is unusable."""
@@ -207,6 +276,7 @@ class ChunkStore:
 
         Raises:
           SweepRefused: a chunk carries another manifest's hash.
+          CheckpointWriteError: an unusable chunk cannot be removed (a read-only file system).
         """
         specs = [(tuple(s), d) for s, d in self.manifest["sweep"]["outputs"]["leaves"]]
         width = self.manifest["sweep"]["key_width"]
@@ -214,11 +284,13 @@ class ChunkStore:
         for path in self.chunk_paths():
             chunk, why = self._read(path, specs, width)
             if chunk is None:
-                warnings.warn(f"cluster_sweep: checkpoint chunk {path} is {why}; removed, its seeds will be recomputed", RuntimeWarning, stacklevel=3)
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+                except OSError as err:
+                    raise self._failed(f"remove the damaged chunk {os.path.basename(path)} ({why}) from", err, path) from err
+                warnings.warn(f"cluster_sweep: checkpoint chunk {path} is {why}; removed, its seeds will be recomputed", RuntimeWarning, stacklevel=3)
                 continue
             chunks.append(chunk)
         return chunks
@@ -234,11 +306,16 @@ def open_store(directory: str | os.PathLike, manifest: dict) -> ChunkStore:
       SweepRefused (a ValueError): ``directory`` is not a directory; its manifest differs from
         ``manifest`` (the message lists the differing fields); it holds chunk files but no
         manifest; its manifest cannot be read.
+      CheckpointWriteError (an OSError): ``directory`` cannot be created, or its manifest cannot
+        be written (a full disk, a read-only file system).
     """
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise SweepRefused(f"cluster_sweep: checkpoint_dir {directory!r} exists and is not a directory")
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise _write_error("create checkpoint_dir", directory, err, directory, -1) from err
     _remove_stale_temps(directory)
     store = ChunkStore(directory, manifest)
     path = os.path.join(directory, MANIFEST)
@@ -259,5 +336,8 @@ def open_store(directory: str | os.PathLike, manifest: dict) -> ChunkStore:
             f"cluster_sweep: checkpoint_dir {directory!r} holds chunk files but no {MANIFEST}; their configuration is unknown, "
             "refusing to mix them in (use another directory)"
         )
-    _write_replace(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        _write_replace(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    except OSError as err:
+        raise _write_error(f"write {MANIFEST} in checkpoint_dir", directory, err, path, -1) from err
     return store
