@@ -13,11 +13,15 @@ GPU that would reserve memory the workers need); machine facts come from a probe
 
 Importing this module imports neither JAX, gradattn nor torch (``torch_reference.py`` is timed
 from process start against the library and must not pay for JAX); each is imported where used.
+The paper's head (``HEAD``, ``LR``, ``INIT_SCALE``, ``N_POSITIONS``) is the library's EM-vs-SGD
+default configuration, read on first use: that imports gradattn (and JAX, without starting a
+backend), which is why ``torch_reference.py`` states its protocol itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -26,7 +30,6 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 
 import numpy as np
 
@@ -35,11 +38,7 @@ REPO = os.path.dirname(HERE)
 DEFAULT_OUT_DIR = os.path.join(HERE, "results")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
-# The paper's head and training step: every benchmark measures this configuration.
-HEAD = dict(d_in=20, d_k=10, d_v=15, n_classes=8)
-PARAMS = ("w_q", "w_k", "w_v", "w_o")
-LR = 0.01
-INIT_SCALE = 0.1
+PARAMS = ("w_q", "w_k", "w_v", "w_o")  # the parameters' names, as every check in the results JSON keys them
 CHECK_TOL = 1e-4  # a variant whose loss or gradients are off by this much (relative) is not timed
 SDPA_HEAD_SIZE = 16  # q, k and v zero-padded to one head size, as torch's fused attention needs
 
@@ -51,8 +50,30 @@ class BenchmarkError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- the head
 
 
-def head_shapes(head: dict = HEAD) -> list[tuple[int, int]]:
-    """The shapes of W_Q, W_K, W_V, W_O."""
+@functools.cache
+def _paper() -> dict:
+    """The paper's head and training step, from the library's defaults (``EmVsSgdConfig()`` and its
+    task): every benchmark measures this configuration."""
+    from gradattn.experiments import EmVsSgdConfig
+
+    config = EmVsSgdConfig()
+    task = config.task
+    return {"HEAD": {"d_in": task.d_in, "d_k": config.d_k, "d_v": config.d_v, "n_classes": task.n_classes},
+            "LR": config.sgd_lr, "INIT_SCALE": config.init_scale, "N_POSITIONS": task.n_positions}
+
+
+def __getattr__(name: str):
+    """``HEAD`` (d_in, d_k, d_v, n_classes), ``LR`` (SGD's rate), ``INIT_SCALE`` (std of the initial
+    weights) and ``N_POSITIONS`` (N of the paper's sequence), read from the library on first use."""
+    if name in ("HEAD", "LR", "INIT_SCALE", "N_POSITIONS"):
+        value = _paper()[name]
+        return dict(value) if isinstance(value, dict) else value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def head_shapes(head: dict | None = None) -> list[tuple[int, int]]:
+    """The shapes of W_Q, W_K, W_V, W_O (of the paper's head by default)."""
+    head = _paper()["HEAD"] if head is None else head
     d_in, d_k, d_v, c = head["d_in"], head["d_k"], head["d_v"], head["n_classes"]
     return [(d_in, d_k), (d_in, d_k), (d_in, d_v), (d_v, c)]
 
@@ -65,15 +86,22 @@ def head_data(n: int, seeds: int | None = None, seed: int = 0):
     every array gets a leading axis of that length (each seed its own sequence and parameters).
     """
     lead = () if seeds is None else (seeds,)
+    head, init_scale = _paper()["HEAD"], _paper()["INIT_SCALE"]
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((*lead, n, HEAD["d_in"])).astype(np.float32)
-    y = rng.integers(0, HEAD["n_classes"], (*lead, n)).astype(np.int32)
-    weights = [(INIT_SCALE * rng.standard_normal((*lead, *s))).astype(np.float32) for s in head_shapes()]
+    x = rng.standard_normal((*lead, n, head["d_in"])).astype(np.float32)
+    y = rng.integers(0, head["n_classes"], (*lead, n)).astype(np.int32)
+    weights = [(init_scale * rng.standard_normal((*lead, *s))).astype(np.float32) for s in head_shapes(head)]
     return x, y, weights
 
 
 def rel_err(a, ref) -> float:
-    """``max |a - ref| / max |ref|`` over all entries (the error measure of every check)."""
+    """``max |a - ref| / max |ref|`` over all entries (the error measure of every check).
+
+    The formula of ``gradattn.verify.relative_error``, but in float64 numpy: that one computes in
+    JAX at the arrays' dtype (float32 outside x64, which would round the float64 reference before
+    comparing) and starts a JAX backend, which the parent process must not. Arrays of different
+    shapes are infinitely far apart.
+    """
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
     if a.shape != ref.shape:
         return float("inf")
@@ -294,14 +322,6 @@ def alternate(workers: dict[str, Worker], rounds: int, request_of=None, **reques
 # ----------------------------------------------------------------------------------------------- machine facts
 
 
-def version(dist: str) -> str | None:
-    """The installed version of a distribution, or None."""
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _git_commit() -> str | None:
     from gradattn.provenance import git_state
 
@@ -339,8 +359,13 @@ def probe_backend(env: dict) -> dict:
 
 def machine(backend: dict) -> dict:
     """What the figures were measured on: devices (``backend``, from :func:`probe_backend` or
-    :func:`local_backend`), CPU, versions, load, time, commit."""
-    from gradattn.provenance import cpu_model
+    :func:`local_backend`), CPU, versions, load, time, commit.
+
+    Built from ``gradattn.provenance``'s parts rather than its ``provenance()``: that one starts a
+    JAX backend in this process (the parent must not: on a GPU it would reserve memory the workers
+    need), and its record has other fields than the ``machine`` of the committed results.
+    """
+    from gradattn.provenance import _version, cpu_model
 
     return {
         **backend,
@@ -349,7 +374,7 @@ def machine(backend: dict) -> dict:
         "os": platform.platform(),
         "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
-        "versions": {d: version(d) for d in ("jax", "jaxlib", "torch", "numpy", "optax", "gradattn")},
+        "versions": {d: _version(d) for d in ("jax", "jaxlib", "torch", "numpy", "optax", "gradattn")},
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "git_commit": _git_commit(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -371,8 +396,9 @@ def _atomic_io():
     """The library's atomic writer, ``gradattn._io``.
 
     Where the ``gradattn`` package is not imported yet, the module is loaded from the package's
-    own file without running the package's ``__init__`` (which imports JAX: a second or more that
-    the PyTorch reference, timed from process start to exit, must not be charged).
+    own file without running the package's ``__init__``: ``import gradattn._io`` imports the
+    package, and with it JAX (over a second), which the PyTorch reference, timed from process start
+    to exit, must not be charged. ``gradattn._io`` itself imports only the standard library.
     """
     if "gradattn" in sys.modules:
         import gradattn._io

@@ -80,6 +80,26 @@ def phases_worker(spec):
     print("PHASES " + json.dumps(report), flush=True)
 
 
+def check_torch_protocol() -> None:
+    """torch_reference.py states the experiment's sizes and rates itself (it may not import the
+    library); they must be the library's defaults, or the two sides would not run one experiment."""
+    import torch_reference as R
+
+    from gradattn.experiments import EmVsSgdConfig
+
+    config = EmVsSgdConfig()
+    task = config.task
+    library = {"d_in": task.d_in, "d_k": config.d_k, "d_v": config.d_v, "n_classes": task.n_classes,
+               "sgd_lr": config.sgd_lr, "routing_lr": config.routing_lr, "value_lr": config.value_lr,
+               "init_scale": config.init_scale, "self_prob": task.self_prob}
+    torch_side = {**R.HEAD, "sgd_lr": R.LR, "routing_lr": R.LR, "value_lr": R.EM_VALUE_LR,
+                  "init_scale": R.INIT_SCALE, "self_prob": R.SELF_PROB}
+    differ = {k: (library[k], torch_side[k]) for k in library if library[k] != torch_side[k]}
+    if differ:
+        raise H.BenchmarkError(f"torch_reference.py's protocol differs from the library's defaults (library, "
+                               f"torch_reference): {differ}; nothing was run")
+
+
 def _library_argv(args, out: str) -> list[str]:
     return ["em-vs-sgd", "--seeds", str(args.seeds), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
             "--out", out, "--no-progress"]
@@ -121,9 +141,12 @@ def main(argv=None):
     if args.worker:
         phases_worker(json.loads(args.worker))
         return
+    from gradattn.experiments import EmVsSgdConfig
+
+    default = EmVsSgdConfig()
     args.seeds = args.seeds or (1 if args.quick else 5)
-    args.steps = args.steps or (20 if args.quick else 1000)
-    args.seq_len = args.seq_len or (200 if args.quick else 2000)
+    args.steps = args.steps or (20 if args.quick else default.steps)
+    args.seq_len = args.seq_len or (200 if args.quick else default.task.seq_len)
 
     env = H.worker_env(args.platform)
     backend = H.probe_backend(env)
@@ -146,6 +169,8 @@ def main(argv=None):
                       "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--attention", attention,
                       "--device", torch_device, "--out", os.path.join(runs_dir, f"{name}.json")]
 
+    if any(name.startswith("torch") for name in cmds):
+        check_torch_protocol()
     print(f"{args.seeds} seed(s) x {args.steps} steps x 2 arms, T = {args.seq_len}; backend {backend['jax_backend']} "
           f"({backend['device_kind']}); {args.repeats} repeat(s)", flush=True)
     runs = {name: [] for name in cmds}

@@ -57,7 +57,7 @@ from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, pallas_loss_and_gr
 
 HEAD, LR, INIT_SCALE, CHECK_TOL = H.HEAD, H.LR, H.INIT_SCALE, H.CHECK_TOL
 PATHS = ("pallas_float32", "pallas_tf32", "pallas_bfloat16", "blocked", "dense", "autodiff")
-FULL = dict(n=1999, seeds=(1, 64, 256, 1000), steps=10, reps=3, tiles=((32, 32), (64, 64), (128, 64), (128, 128)),
+FULL = dict(n=H.N_POSITIONS, seeds=(1, 64, 256, 1000), steps=10, reps=3, tiles=((32, 32), (64, 64), (128, 64), (128, 128)),
             tile_seeds=64, matmul=4096, bandwidth_mb=256, budget_s=480.0)
 QUICK = dict(n=40, seeds=(2,), steps=2, reps=1, tiles=((16, 16),), tile_seeds=2, matmul=256,
              bandwidth_mb=4, budget_s=600.0)
@@ -222,7 +222,7 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs (any backend)")
-    ap.add_argument("--n", type=int, help="sequence length (default 1999; quick 40)")
+    ap.add_argument("--n", type=int, help=f"sequence length (default {FULL['n']}; quick {QUICK['n']})")
     ap.add_argument("--seeds", help="comma-separated seed counts (default 1,64,256,1000; quick 2)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {','.join(PATHS)}")
     ap.add_argument("--steps", type=int, help="SGD steps per timed call (default 10; quick 2)")

@@ -83,15 +83,16 @@ def worker(spec) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="N = 1999 and 4096 only")
-    ap.add_argument("--n", type=int, nargs="*", default=None, help="sequence lengths (default 1999 4096 8192 16384)")
+    ap.add_argument("--quick", action="store_true", help=f"N = {H.N_POSITIONS} and 4096 only")
+    ap.add_argument("--n", type=int, nargs="*", default=None,
+                    help=f"sequence lengths (default {H.N_POSITIONS} 4096 8192 16384)")
     H.add_common_args(ap)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
-    ns = args.n or ([1999, 4096] if args.quick else [1999, 4096, 8192, 16384])
+    ns = args.n or ([H.N_POSITIONS, 4096] if args.quick else [H.N_POSITIONS, 4096, 8192, 16384])
     run_limit = _available_bytes() // 2
     env = H.worker_env(args.platform)
     backend = H.probe_backend(env)

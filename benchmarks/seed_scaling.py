@@ -121,8 +121,9 @@ def torch_worker(spec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer seeds at N = 1999, short runs, 2 rounds")
-    ap.add_argument("--n", type=int, nargs="*", default=[1999, 127], help="sequence lengths N (default 1999 127)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer seeds at the paper's N, short runs, 2 rounds")
+    ap.add_argument("--n", type=int, nargs="*", default=[H.N_POSITIONS, 127],
+                    help=f"sequence lengths N (default {H.N_POSITIONS} 127)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None, help="seed counts (default 1 2 8 64)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; quick 2)")
     ap.add_argument("--no-torch", action="store_true", help="leave out PyTorch (named in the output)")

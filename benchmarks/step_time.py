@@ -260,7 +260,7 @@ def _check(name: str, got: dict, ref: dict) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds of 3 steps, a 100-step scan")
-    ap.add_argument("--n", type=int, default=1999, help="sequence length N (default 1999, the paper's)")
+    ap.add_argument("--n", type=int, default=H.N_POSITIONS, help=f"sequence length N (default {H.N_POSITIONS}, the paper's)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="query block size for blocked and loss_fn_vjp (default: the library's)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 15; quick 3)")
