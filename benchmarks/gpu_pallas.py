@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import _harness as H  # noqa: E402
 
 import gradattn as ga  # noqa: E402
-from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, pallas_loss_and_grads  # noqa: E402
+from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _lanes, _tile, pallas_loss_and_grads  # noqa: E402
 
 HEAD, LR, INIT_SCALE, CHECK_TOL = H.HEAD, H.LR, H.INIT_SCALE, H.CHECK_TOL
 PATHS = ("pallas_float32", "pallas_tf32", "pallas_bfloat16", "blocked", "dense", "autodiff")
@@ -136,10 +136,6 @@ def rates(matmul: int, bandwidth_mb: int, reps: int) -> dict:
     return out
 
 
-def _lanes(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
-
-
 def pallas_cost(n: int, block_q: int, block_k: int) -> dict:
     """FLOPs, exponentials and bytes of one causal Pallas pass of one seed, by what the kernels do.
 
@@ -152,8 +148,10 @@ def pallas_cost(n: int, block_q: int, block_k: int) -> dict:
     (K and V tiles read twice by kernel 1; Q', U, lse, c tiles read by kernel 2; outputs once);
     ``compulsory_bytes``: every kernel input and output read or written once. The truth on a GPU
     lies between the two (L2 holds K and V of a seed: 2 x 2048 x 16 x 4 bytes).
+
+    Tiles and padded sizes follow the kernels' own rules (``gradattn.pallas._tile`` and ``_lanes``).
     """
-    bq, bk = min(block_q, _lanes(n)), min(block_k, _lanes(n))
+    bq, bk = _tile(block_q, n), _tile(block_k, n)
     n_pad = -(-n // max(bq, bk)) * max(bq, bk)
     dk, dv, c = _lanes(HEAD["d_k"]), _lanes(HEAD["d_v"]), _lanes(HEAD["n_classes"])
     # Visible (query tile, key tile) pairs in each kernel's loops.
