@@ -7,7 +7,8 @@ Each contender runs a full training step (forward, backward, AdamW with global-n
 the 4-layer, 4-head, d_model 64 model on one sequence, dropout off so that all compute the same
 numbers:
 
-* ``jax``: ``gradattn.nn.Transformer`` under ``jit`` (the step of ``gradattn.deep``);
+* ``jax``: ``gradattn.nn.Transformer`` under ``jit`` (the step of ``gradattn.deep``: its model,
+  optimiser and loss, ``gradattn.deep.laws.mean_loss``);
 * ``torch_eager``: the PyTorch model with explicit attention weights (as the reference code does);
 * ``torch_sdpa``: the same model with ``torch.nn.functional.scaled_dot_product_attention``;
 * ``jax_vmap_S``: S seeds vmapped in one call, reported per seed.
@@ -20,6 +21,7 @@ versions, per-step milliseconds) and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -111,13 +113,13 @@ def copy_weights(jax_model, torch_model) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 255, 3 rounds (a smoke run)")
-    parser.add_argument("--n", type=int, default=None, help="positions per sequence (default 1999; 255 with --quick)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="positions per sequence (default: the deep experiment's, 1999; 255 with --quick)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 3 with --quick)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds vmapped for the per-seed cost (default 4)")
     parser.add_argument("--out", default="deep_step.json", help="JSON output (default deep_step.json)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
-    n = args.n or (255 if args.quick else 1999)
     rounds = args.rounds or (3 if args.quick else 5)
     reps = 2 if args.quick else 3
 
@@ -127,21 +129,24 @@ def main(argv=None) -> None:
     from flax import nnx
 
     from gradattn.deep import DeepConfig, deep_optimizer, init_model
-    from gradattn.head import token_losses
-    from gradattn.tasks import StickyMarkov
+    from gradattn.deep.laws import mean_loss, pure_apply
 
     torch, TorchTransformer = _torch_modules()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    config = DeepConfig(steps=1000, dropout=0.0, task=StickyMarkov(seq_len=n + 1))
+    default = DeepConfig()
+    n = args.n or (255 if args.quick else default.task.n_positions)
+    config = dataclasses.replace(default, dropout=0.0, task=dataclasses.replace(default.task, seq_len=n + 1))
     model = init_model(config, jax.random.key(0))
     x, y = config.task.sample(jax.random.key(1))
     tx = deep_optimizer(config)
     graphdef, params = nnx.split(model, nnx.Param)
+    apply = pure_apply(graphdef)
+    n_params = sum(a.size for a in jax.tree.leaves(params))
 
     def loss(p, x, y):
-        return jnp.mean(token_losses(nnx.merge(graphdef, p)(x), y))
+        return mean_loss(apply(p, x), y, None)
 
     @jax.jit
     def jax_step(p, opt_state, x, y):
@@ -179,7 +184,8 @@ def main(argv=None) -> None:
     contenders[f"jax_vmap_{args.seeds}"] = run_vmap
     torch_losses = {}
     for name, sdpa in (("torch_eager", False), ("torch_sdpa", True)):
-        tm = TorchTransformer(sdpa=sdpa, dropout=0.0)
+        tm = TorchTransformer(d_in=config.task.d_in, d_model=config.d_model, n_layers=config.n_layers,
+                              n_heads=config.n_heads, n_classes=config.task.n_classes, dropout=0.0, sdpa=sdpa)
         copy_weights(model, tm)
         opt = torch.optim.AdamW(tm.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -214,7 +220,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "deep_step",
         "n_positions": n,
-        "model": "4 layers x 4 heads, d_model 64, 201,928 parameters",
+        "model": f"{config.n_layers} layers x {config.n_heads} heads, d_model {config.d_model}, {n_params:,} parameters",
         "device_kind": m["device_kind"],
         "platform": m["os"],
         "processor": m["cpu_model"],
