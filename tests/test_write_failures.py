@@ -5,6 +5,9 @@ entries by a full disk recovers, and says so in at most one line."""
 import errno
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import jax
@@ -13,8 +16,9 @@ import numpy as np
 import pytest
 
 from _cli import TINY, cli_run
+from _spawn import ROOT
 
-from gradattn import cluster, resume
+from gradattn import _compile_cache, cluster, resume
 from gradattn.cluster import cluster_sweep
 from gradattn.sweeps import sweep
 
@@ -170,3 +174,139 @@ def test_cli_failed_checkpoint_write_is_one_line_exit_1_and_the_rerun_resumes(tm
     assert code == 0, err
     resumed, ref = (json.load(open(tmp_path / f)) for f in ("b.json", "ref.json"))
     assert resumed["seeds"] == ref["seeds"] and resumed["per_seed"] == ref["per_seed"] and resumed["curves"] == ref["curves"]
+
+
+# ---- the persistent compilation cache ----
+
+CACHE_CONFIG = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture
+def cache_config():
+    """The compilation cache's settings (process-wide) and the warnings hook, as they were, afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in CACHE_CONFIG}
+    showwarning, hook = warnings.showwarning, dict(_compile_cache._hook)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    warnings.showwarning = showwarning
+    _compile_cache._hook.update(hook)
+
+
+def entry(data: bytes = b"an executable") -> bytes:
+    """A cache entry as JAX writes it: a 4-byte compile time, the executable, compressed."""
+    from jax._src.compilation_cache import combine_executable_and_time, compress_executable
+
+    return compress_executable(combine_executable_and_time(data * 50, 1))
+
+
+def test_partial_cache_entries_are_removed_and_whole_ones_kept(tmp_path):
+    whole = entry()
+    files = {
+        "jit_a-1-cache": whole,
+        "jit_b-2-cache": b"",  # a write that found the disk full
+        "jit_c-3-cache": whole[: len(whole) // 2],  # a write cut short
+        "jit_d-4-cache": b"not compressed",
+        "jit_b-2-atime": b"\0" * 8,  # the access time of a partial entry goes with it
+        "jit_a-1-atime": b"\0" * 8,
+        ".lockfile": b"",
+        "notes.txt": b"",
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    removed = _compile_cache.remove_partial_entries(tmp_path)
+    assert sorted(os.path.basename(p) for p in removed) == ["jit_b-2-cache", "jit_c-3-cache", "jit_d-4-cache"]
+    assert sorted(os.listdir(tmp_path)) == sorted([".gradattn-checked", ".lockfile", "jit_a-1-atime", "jit_a-1-cache",
+                                                   "notes.txt"])
+
+
+def test_cache_entries_are_read_once(tmp_path, monkeypatch):
+    """Entries checked before are not read again: a large cache costs a directory listing."""
+    hour_ago = os.stat(tmp_path).st_mtime_ns - 3600 * 10**9
+    for i in range(3):
+        (tmp_path / f"jit_{i}-{i}-cache").write_bytes(entry())
+        os.utime(tmp_path / f"jit_{i}-{i}-cache", ns=(hour_ago, hour_ago))
+    read = []
+    real = _compile_cache._readable
+    monkeypatch.setattr(_compile_cache, "_readable", lambda data: read.append(len(data)) or real(data))
+    assert _compile_cache.remove_partial_entries(tmp_path) == [] and len(read) == 3
+    assert _compile_cache.remove_partial_entries(tmp_path) == [] and len(read) == 3
+    (tmp_path / "jit_new-9-cache").write_bytes(entry()[:10])  # written since: read, and removed
+    assert [os.path.basename(p) for p in _compile_cache.remove_partial_entries(tmp_path)] == ["jit_new-9-cache"]
+    assert len(read) == 4
+
+
+def test_enable_turns_the_cache_on_and_shows_one_line_of_cache_errors(tmp_path, cache_config, capsys):
+    d = tmp_path / "cache"
+    others = []
+    warnings.showwarning = lambda message, *args, **kwargs: others.append(str(message))  # what shows the rest
+    assert _compile_cache.enable(d)
+    assert jax.config.jax_compilation_cache_dir == str(d)  # type: ignore[attr-defined]
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.ones(3)).block_until_ready()
+    assert [f for f in os.listdir(d) if f.endswith("-cache")]  # the program was kept
+    for name in ("jit_a", "jit_b", "jit_c"):
+        warnings.warn(f"Error reading persistent compilation cache entry for '{name}': error: Error -5 while\n"
+                      "decompressing data: incomplete or truncated stream", stacklevel=1)
+    warnings.warn("something else", stacklevel=1)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert str(d) in err and "'jit_a'" in err and "incomplete or truncated stream" in err, err
+    assert others == ["something else"]  # other warnings are shown as before
+    (tmp_path / "file").write_text("")
+    assert not _compile_cache.enable(tmp_path / "file" / "cache")  # cannot be created: left off
+
+
+CACHE_RUN = textwrap.dedent(
+    """
+    import resource
+    import signal
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from gradattn import _compile_cache
+
+    path, limit = sys.argv[1], int(sys.argv[2])
+    assert _compile_cache.enable(path)
+    if limit >= 0:  # files cannot grow past `limit` bytes: every entry written from now on is cut there
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    for i in range(6):
+        jax.jit(lambda x, i=i: jnp.sin(x) * i + jnp.cos(x))(jnp.ones(3)).block_until_ready()
+    """
+)
+
+
+def test_cache_recovers_from_a_full_disk_and_says_so_in_one_line(tmp_path):
+    """Writes cut short (as by a full disk) leave empty and truncated entries; each run prints at
+    most one line about it, the next run removes them, and a run with room again keeps whole ones."""
+    d = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "GRADATTN_NO_COMPILATION_CACHE"}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+    def run(limit: int) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", CACHE_RUN, str(d), str(limit)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr.splitlines()
+
+    def sizes() -> dict[str, int]:
+        return {f: os.path.getsize(d / f) for f in os.listdir(d) if f.endswith("-cache")}
+
+    lines = run(0)  # no room at all: every entry left empty
+    assert len(lines) == 1 and "File too large" in lines[0] and str(d) in lines[0], lines
+    empty = sizes()
+    assert len(empty) >= 6 and set(empty.values()) == {0}
+    lines = run(200)  # room for 200 bytes of each: the empty ones removed, new ones truncated
+    assert len(lines) == 1 and "File too large" in lines[0], lines
+    cut = sizes()
+    assert cut.keys() == empty.keys() and set(cut.values()) == {200}
+    assert run(-1) == []  # room again: the truncated ones removed and written whole, nothing to say
+    whole = sizes()
+    assert whole.keys() == empty.keys() and all(size > 200 for size in whole.values())
+    assert all(_compile_cache._readable((d / f).read_bytes()) for f in whole)
