@@ -51,6 +51,7 @@ class Fault:
 
     def __init__(self, monkeypatch, directory, kind: str, after: int = 2):
         self.directory, self.kind, self.after, self.chunks = os.path.abspath(directory), kind, after, 0
+        self.fds: set[int] = set()  # the open temp files of chunks
         self._open, self._fsync = os.open, os.fsync
         monkeypatch.setattr(os, "open", self.open)
         monkeypatch.setattr(os, "fsync", self.fsync)
@@ -64,11 +65,15 @@ class Fault:
             if self.chunks >= self.after and self.kind == "read-only":
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
             self.chunks += 1
+            fd = self._open(path, flags, *args, **kwargs)
+            self.fds.add(fd)
+            return fd
         return self._open(path, flags, *args, **kwargs)
 
     def fsync(self, fd):
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if self._ours(path) and self.chunks > self.after and self.kind == "full":
+        ours = fd in self.fds
+        self.fds.discard(fd)
+        if ours and self.chunks > self.after and self.kind == "full":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return self._fsync(fd)
 
