@@ -9,6 +9,7 @@ finish whole).
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
@@ -21,16 +22,41 @@ from typing import IO
 _TAG = ".gradattn-"
 
 
+_MAX_LINKS = 40
+"""Most symlinks followed in a row (Linux's limit); one more is a loop."""
+
+
+def _follow_links(path: str) -> str:
+    """``path`` with the symlinks at its end followed one by one as the operating system follows
+    them: a relative link's text is joined to the directory of the link as given, and nothing is
+    tidied as text (``a/..`` is left for the OS to resolve), so the result opens the same file."""
+    for _ in range(_MAX_LINKS):
+        try:
+            link = os.readlink(path)
+        except OSError:  # not a link, or not there: os.stat tells which
+            return path
+        path = os.path.join(os.path.dirname(path), link)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+
+
 def resolve_target(path: str | os.PathLike) -> str:
-    """The regular file that a write to ``path`` replaces: ``path`` itself, or, for a symlink, the
-    file it points to (so the link stays a link).
+    """The regular file that a write to ``path`` replaces, as an absolute path whose directory has
+    every symlink and ``..`` resolved on disk: ``path`` itself, or, for a symlink, the file it
+    points to (so the link stays a link).
+
+    ``..`` is resolved by the operating system, never as text: ``missing/../r.json`` and
+    ``file/../r.json`` name no file (the OS cannot pass through a missing directory or a regular
+    file), and ``link/../r.json`` is beside the link's target. The result names the same file from
+    any working directory, so two results are one file exactly when they are equal (or, for files
+    that exist, hard links of one another: :func:`same_file`).
 
     Raises:
       ValueError: ``path`` is empty or ends in a path separator; the target exists and is not a
-        regular file (a directory, a device node, a FIFO, a socket), or is a symlink whose target is
-        one of those or dangles into a missing directory; or the operating system refuses to look
-        the path up (a symlink loop, a name longer than it allows, a directory it may not search).
-        The message is one line naming the path and the reason.
+        regular file (a directory, a device node, a FIFO, a socket); the directory it would be
+        created in does not exist or is not a directory (a symlink dangling into a missing
+        directory included); or the operating system refuses to look the path up (a symlink loop,
+        a name longer than it allows, a directory it may not search). The message is one line
+        naming the path and the reason.
     """
     path = os.fspath(path)
     if isinstance(path, bytes):
@@ -40,37 +66,59 @@ def resolve_target(path: str | os.PathLike) -> str:
     if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         raise ValueError(f"{path!r} ends in a path separator, so it names a directory; give the path of a file")
     try:
-        real = os.path.realpath(path) if os.path.islink(path) else path
+        target = _follow_links(path)
+        directory, name = os.path.split(target)
+        directory = directory or os.curdir
         try:
-            mode = os.stat(real).st_mode
+            mode = os.stat(target).st_mode
         except (FileNotFoundError, NotADirectoryError):
-            directory = os.path.dirname(os.path.abspath(real))
-            if not os.path.isdir(directory):
+            mode = None
+            try:
+                is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
+            except FileNotFoundError:
                 raise ValueError(f"{path!r}: directory {directory!r} does not exist") from None
-            return real
+            except NotADirectoryError:
+                is_dir = False
+            if not is_dir:
+                raise ValueError(f"{path!r}: {directory!r} is not a directory") from None
+            if not name:  # a symlink whose text ends in a separator
+                raise ValueError(f"{path!r} leads to {target!r}, which names a directory; give the path of a file") from None
+        real_directory = os.path.realpath(directory)  # the OS resolved it above, so this is its place
     except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES, ...
         raise ValueError(f"{path!r}: {err.strerror or err}") from None
-    if not stat.S_ISREG(mode):
+    if mode is not None and not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise ValueError(f"{path!r} is {kind}; refusing to replace it (give the path of a regular file)")
-    return real
+    return os.path.join(real_directory, name)
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two results of :func:`resolve_target` name one file: the same path, or files that
+    exist and share device and inode (hard links)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them not there yet: then only the same path is the same file
+        return False
 
 
 def check_output_path(path: str | os.PathLike) -> str:
     """The file a later :func:`atomic_write` to ``path`` will replace (:func:`resolve_target`),
-    after making sure it can: a temp file is created beside the target and removed at once.
+    after making sure it can: a temp file is created beside the target, by the same path that the
+    write will use, and removed at once.
 
     This is the up-front check of a command's output paths, so that a run is not started whose
     results could not be saved. Creating the probe is the only reliable test: permission bits do
     not tell (``/proc`` and ``/sys`` look writable to root, a read-only mount looks writable to its
-    owner).
+    owner). Pass the returned path to the write.
 
     Raises:
       ValueError: one line naming ``path`` and the reason (see :func:`resolve_target`; a directory
         in which no file can be created).
     """
     target = resolve_target(path)
-    directory, name = os.path.split(os.path.abspath(target))
+    directory, name = os.path.split(target)
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
     except OSError as err:
@@ -119,7 +167,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     """
     target = resolve_target(path)
     remove_stale_temps(target)
-    directory, name = os.path.split(os.path.abspath(target))
+    directory, name = os.path.split(target)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
     try:
         umask = os.umask(0)

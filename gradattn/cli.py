@@ -25,6 +25,9 @@ The flags of an experiment are made from its config's fields and the task's (eac
 its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
 Every argument is checked (sizes against upper bounds too, and that the output files can be
 written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
+Output paths are checked as the operating system resolves them (``..`` and symlinks on disk) and
+written by the path that was checked; ``--out`` and ``--plot`` may not name one file, nor lie
+inside ``--checkpoint-dir``.
 The summary is printed before the files are written; results are written whole or not at all (a
 temp file in the same directory, then ``os.replace``), and a failed write is one line naming the
 path and the reason, with exit status 1. Ctrl-C stops the command with one line and exit status 130
@@ -51,6 +54,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -62,7 +66,7 @@ from matplotlib.figure import Figure
 
 from gradattn import cluster, deep, experiments, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
-from gradattn._io import check_output_path, write_json
+from gradattn._io import check_output_path, same_file, write_json
 from gradattn._version import __version__
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
 from gradattn.sweeps import MAX_SEED, seed_key
@@ -157,34 +161,103 @@ def _coordinator(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
+def _existing_part(text: str) -> tuple[str, list[str], os.stat_result]:
+    """The longest leading part of path ``text`` that exists as the operating system resolves it
+    (``..`` included, never tidied as text), the names after it, and its ``os.stat``."""
+    head = text
+    rest: list[str] = []
+    while True:
+        try:
+            return head, rest, os.stat(head or os.curdir)
+        except (FileNotFoundError, NotADirectoryError):
+            parent, name = os.path.split(head)
+            if parent == head:
+                raise
+            if name:
+                rest.insert(0, name)
+            head = parent
+
+
+def _directory_place(text: str) -> str:
+    """The absolute path, every symlink and ``..`` resolved, of the directory ``text`` names or
+    would name once created; ValueError (one line) if it cannot be one: a part of it exists and is
+    not a directory, or a ``..`` follows a directory not there yet (the OS cannot resolve it)."""
+    if not text:
+        raise ValueError("'' is an empty path; give the path of a directory")
+    try:
+        head, rest, st = _existing_part(text)
+    except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES, ...
+        raise ValueError(f"{text!r}: {err.strerror or err}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "exists and is not a directory" if not rest else f"cannot be created: {head or os.curdir!r} is not a directory"
+        raise ValueError(f"{text!r} {what}")
+    if os.pardir in rest:
+        missing = os.path.join(head, rest[0])
+        raise ValueError(f"{text!r}: {missing!r} does not exist, so the '..' after it names no directory")
+    return os.path.normpath(os.path.join(os.path.realpath(head or os.curdir), *rest))
+
+
 def _checkpoint_dir(text: str) -> str:
     """``--checkpoint-dir``: an existing directory in which files can be created, or a path whose
-    nearest existing ancestor is one (the sweep creates the rest); checked by creating a probe file."""
-    if not text:
-        raise argparse.ArgumentTypeError("'' is an empty path; give the path of a directory")
-    path = os.path.abspath(text)
-    probe_in = path
-    while not os.path.lexists(probe_in):
-        probe_in = os.path.dirname(probe_in)
-    if not os.path.isdir(probe_in):
-        what = "exists and is not a directory" if probe_in == path else f"cannot be created: {probe_in!r} is not a directory"
-        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    longest existing part is one (the sweep creates the rest); checked by creating a probe file."""
+    try:
+        _directory_place(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    head, rest, _ = _existing_part(text)
+    probe_in = head or os.curdir
     try:
         fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".gradattn-probe-")
     except OSError as err:
-        where = "" if probe_in == path else f" (in {probe_in!r}, where it would be created)"
+        where = "" if not rest else f" (in {probe_in!r}, where it would be created)"
         raise argparse.ArgumentTypeError(f"{text!r}: cannot create files{where}: {err.strerror or err}") from None
     os.close(fd)
     os.unlink(probe)
     return text
 
 
-def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> str:
+class _Target(NamedTuple):
+    """An output file: the path the write uses (checked, every symlink and ``..`` resolved) and the
+    path as given, which messages show."""
+
+    path: str
+    given: str
+
+
+def _output_path(parser: argparse.ArgumentParser, option: str, path: str) -> _Target:
     """The regular file ``path`` names (a symlink followed), or exit 2 if it cannot be one."""
     try:
-        return check_output_path(path)
+        return _Target(check_output_path(path), path)
     except ValueError as err:
         parser.error(f"{option} {err}")
+
+
+def _within(path: str, directory: str) -> bool:
+    """Whether resolved ``path`` is ``directory`` or lies below it (as text, both resolved)."""
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _in_directory(target: str, directory: str) -> bool:
+    """Whether the resolved file ``target`` is in resolved ``directory`` or below it: by path, and,
+    where the directory exists, by device and inode of each directory above ``target`` (so that a
+    second mount of it is found too)."""
+    if _within(target, directory):
+        return True
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    above = os.path.dirname(target)
+    while True:
+        try:
+            if os.path.samestat(os.stat(above), st):
+                return True
+        except OSError:
+            return False
+        parent = os.path.dirname(above)
+        if parent == above:
+            return False
+        above = parent
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,19 +340,35 @@ def _build_task(args, parser, command):
     return _build(parser, cls, (cls,), **task_kw)
 
 
-def _outputs(args, parser) -> tuple[str | None, str | None]:
+def _outputs(args, parser) -> tuple[_Target | None, _Target | None]:
     """The checked ``--out`` and ``--plot`` targets, each None when not given (exit 2 before any
-    work if one cannot be written)."""
+    work if one cannot be written, if both name one file, or if one is inside ``--checkpoint-dir``,
+    whose files the sweep writes and removes)."""
     out = None if args.out is None else _output_path(parser, "--out", args.out)
     plot = None
     if getattr(args, "plot", None) is not None:
         plot = _output_path(parser, "--plot", args.plot)
-        if out is not None and os.path.abspath(plot) == os.path.abspath(out):
-            parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file")
-        suffix = os.path.splitext(plot)[1].lstrip(".").lower()
+        if out is not None and same_file(out.path, plot.path):
+            parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file ({plot.path})")
+        suffix = os.path.splitext(plot.path)[1].lstrip(".").lower()
         formats = Figure().canvas.get_supported_filetypes()
         if suffix not in formats:
             parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
+    if getattr(args, "checkpoint_dir", None) is not None:
+        try:
+            place = _directory_place(args.checkpoint_dir)
+        except ValueError as err:  # changed on disk since the flag was read
+            parser.error(f"argument --checkpoint-dir: {err}")
+        for option, target in (("--out", out), ("--plot", plot)):
+            if target is None:
+                continue
+            if _in_directory(target.path, place):
+                where = "is" if target.path == place else "is inside"
+                parser.error(f"argument {option}: {target.given!r} {where} --checkpoint-dir {args.checkpoint_dir!r}, whose "
+                             "files the sweep writes and removes; write the results outside it")
+            if _within(place, target.path):
+                parser.error(f"argument {option}: --checkpoint-dir {args.checkpoint_dir!r} would be created inside "
+                             f"{target.given!r}, the file of the results; give them two separate paths")
     return out, plot
 
 
@@ -292,23 +381,23 @@ def _check_result_size(parser, n_seeds: int, steps: int, curves: int) -> None:
         )
 
 
-def _report(results: dict, text: str, out: str | None, plot: str | None, plot_fn) -> int:
-    """Print the summary, then write the JSON and the figure (those given); a failed write is one
-    line and exit 1."""
+def _report(results: dict, text: str, out: _Target | None, plot: _Target | None, plot_fn) -> int:
+    """Print the summary, then write the JSON and the figure (those given) to the paths their
+    checks resolved; a failed write is one line and exit 1. Messages name the paths as given."""
     print(text)
     writes: list[tuple[str, Callable[[], object]]] = []
     if out is not None:
-        writes.append((out, lambda: write_json(results, out)))
+        writes.append((out.given, lambda: write_json(results, out.path)))
     if plot is not None:
-        writes.append((plot, lambda: plot_fn(results, plot)))
-    for path, write in writes:
+        writes.append((plot.given, lambda: plot_fn(results, plot.path)))
+    for given, write in writes:
         try:
             write()
         except (OSError, ValueError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            print(f"gradattn: error: could not write {path!r}: {reason}; nothing was written there", file=sys.stderr)
+            print(f"gradattn: error: could not write {given!r}: {reason}; nothing was written there", file=sys.stderr)
             return 1
-    written = [p for p in (out, plot) if p is not None]
+    written = [t.given for t in (out, plot) if t is not None]
     if written:
         print("wrote " + " and ".join(written))
     return 0

@@ -147,7 +147,7 @@ def test_unwritable_output_is_rejected_before_the_run(tmp_path, capsys, monkeypa
     good, bad = tmp_path / "r.json", blocker / "x.out"
     out, plot = (bad, tmp_path / "c.png") if where == "out" else (good, bad)
     code, _, err = run(["em-vs-sgd", "--out", str(out), "--plot", str(plot)] + TINY, capsys)
-    assert code == 2 and f"--{where}" in err and "does not exist" in err
+    assert code == 2 and f"--{where}" in err and f"{str(blocker)!r} is not a directory" in err
     assert not good.exists()
     code, _, err = run(["em-vs-sgd", "--out", str(tmp_path)] + TINY, capsys)
     assert code == 2 and "directory" in err

@@ -1,0 +1,203 @@
+"""Output paths checked the way the operating system resolves them.
+
+Every case runs the command's entry (``gradattn.cli.main``) in this process. A refusal is exit status
+2 and one line on stderr, before any work: the experiment's function is replaced by one that fails
+the test if it is called. Where a case must be accepted, the experiment's function is replaced by
+one that stops the command with :class:`Reached`, so that the test knows every check passed without
+running anything; one case runs a tiny sweep to see where the file lands.
+"""
+
+import json
+import os
+
+import pytest
+
+from _cli import cli_run
+
+from gradattn import _io, deep, experiments, studies
+
+S = ["--steps", "5", "--seq-len", "16", "--no-progress", "--no-compilation-cache"]
+"""Small, valid flags of any command whose task is the sticky chain."""
+RUNS = {"em-vs-sgd": (experiments, "em_vs_sgd"), "deep": (deep, "deep_experiment"),
+        "plateau": (studies.plateau, "plateau_study"), "manifold": (studies.manifold, "manifold_study"),
+        "bijection": (studies.bijection, "bijection_study")}
+
+
+class Reached(Exception):
+    """Raised in place of the experiment: every check passed and the run would start."""
+
+
+def no_run(monkeypatch):
+    for module, name in RUNS.values():
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the run must not start"))
+
+
+def reach_run(monkeypatch):
+    def stop(*a, **k):
+        raise Reached
+
+    for module, name in RUNS.values():
+        monkeypatch.setattr(module, name, stop)
+
+
+def refused(argv, capsys, monkeypatch, *needles):
+    """``gradattn ARGV`` exits 2 with one line on stderr naming ``needles``, and starts no run."""
+    no_run(monkeypatch)
+    code, out, err = cli_run(argv, capsys)
+    assert code == 2, (code, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "error" in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert out == ""
+    return err
+
+
+def accepted(argv, capsys, monkeypatch):
+    """Every check of ``gradattn ARGV`` passes: the run is reached."""
+    reach_run(monkeypatch)
+    with pytest.raises(Reached):
+        cli_run(argv, capsys)
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """The test's directory as the working directory, with a directory ``d`` and a regular file ``afile``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "afile").write_text("a regular file")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------------
+# '..' is resolved on disk, as the write will resolve it
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["--out", "--plot"])
+@pytest.mark.parametrize("path, reason", [
+    ("d/../nonexist/../o.{ext}", "does not exist"),  # tidied as text this is ./o.json; on disk it is nothing
+    ("afile/../o.{ext}", "not a directory"),  # likewise: a regular file has no '..'
+    ("afile/..", "not a directory"),
+    ("nonexist/..", "does not exist"),
+])
+def test_dot_dot_through_a_missing_directory_or_a_file_is_refused_before_the_run(here, capsys, monkeypatch, where,
+                                                                                  path, reason):
+    path = path.format(ext="json" if where == "--out" else "png")
+    other = ["--plot", "c.png"] if where == "--out" else ["--out", "r.json"]
+    refused(["em-vs-sgd", "--seeds", "1", *S, where, path, *other], capsys, monkeypatch, where, repr(path), reason)
+    assert sorted(os.listdir(here)) == ["afile", "d"]
+
+
+def test_the_file_lands_where_the_os_resolves_dot_dot(here, capsys):
+    """Through a symlinked directory, 'link/..' is the parent of the link's target, not the
+    directory holding the link: the check and the write both go there, and the summary names the
+    path as given."""
+    (here / "d" / "sub").mkdir()
+    os.symlink("d/sub", "lnk")
+    code, out, err = cli_run(["em-vs-sgd", "--seeds", "1", *S, "--out", "lnk/../r.json"], capsys)
+    assert code == 0, err
+    assert json.loads((here / "d" / "r.json").read_text())["seeds"] == [0]
+    assert not (here / "r.json").exists()
+    assert "wrote lnk/../r.json" in out
+    assert sorted(os.listdir(here / "d")) == ["r.json", "sub"]  # no probe or temp file left
+
+
+def test_check_output_path_returns_the_file_the_os_would_write(here):
+    (here / "d" / "sub").mkdir()
+    os.symlink("d/sub", "lnk")
+    os.symlink("lnk/../x.json", "to_x")  # a link whose text has '..' after a symlinked directory
+    real = os.path.realpath(here)
+    assert _io.check_output_path("lnk/../r.json") == os.path.join(real, "d", "r.json")
+    assert _io.check_output_path("to_x") == os.path.join(real, "d", "x.json")
+    assert _io.check_output_path("d/./r.json") == os.path.join(real, "d", "r.json")
+    for bad in ("afile/../r.json", "d/../nonexist/../r.json", "to_nothing/../r.json"):
+        with pytest.raises(ValueError, match="directory"):
+            _io.check_output_path(bad)
+
+
+def test_link_whose_text_passes_through_a_file_is_refused(here, capsys, monkeypatch):
+    os.symlink("afile/../r.json", "bad_link")
+    refused(["em-vs-sgd", "--seeds", "1", *S, "--out", "bad_link"], capsys, monkeypatch, "--out", "not a directory")
+    assert os.path.islink("bad_link") and not os.path.exists("r.json")
+
+
+# --------------------------------------------------------------------------------------------
+# --out and --plot naming one file, however it is named
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, out, plot", [
+    (lambda: os.symlink(".", "dl"), "r3.png", "dl/r3.png"),  # a symlinked directory, the file not there yet
+    (lambda: os.symlink(".", "dl"), "dl/dl/r3.png", "r3.png"),
+    (lambda: None, "d/../r3.png", "r3.png"),
+    (lambda: None, "./r3.png", "r3.png"),
+    (lambda: (open("r3.png", "w").close(), os.link("r3.png", "hard.png")), "r3.png", "hard.png"),  # a hard link
+    (lambda: (open("r3.png", "w").close(), os.symlink(".", "dl")), "dl/r3.png", "r3.png"),
+])
+def test_out_and_plot_naming_one_file_by_any_route_are_refused(here, capsys, monkeypatch, make, out, plot):
+    make()
+    before = sorted(os.listdir(here))
+    refused(["em-vs-sgd", "--seeds", "1", *S, "--out", out, "--plot", plot], capsys, monkeypatch,
+            "--out", "--plot", "same file")
+    assert sorted(os.listdir(here)) == before
+
+
+def test_out_and_plot_in_two_directories_are_accepted(here, capsys, monkeypatch):
+    accepted(["em-vs-sgd", "--seeds", "1", *S, "--out", "d/r.png", "--plot", "r.png"], capsys, monkeypatch)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs inside --checkpoint-dir
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exists", [False, True])
+@pytest.mark.parametrize("where, path", [
+    ("--out", "ck/manifest.json"),
+    ("--out", "ck/chunk-0123abcd.npz"),
+    ("--plot", "ck/c.png"),
+    ("--out", "ckl/r.json"),  # through a symlink to the checkpoint directory
+    ("--plot", "d/../ck/c.png"),
+])
+def test_outputs_inside_the_checkpoint_directory_are_refused(here, capsys, monkeypatch, exists, where, path):
+    (here / "ck").mkdir()
+    os.symlink("ck", "ckl")
+    if exists:  # a directory of an earlier run of the same command
+        (here / "ck" / "manifest.json").write_text("{}")
+    other = ["--plot", "c.png"] if where == "--out" else ["--out", "r.json"]
+    refused(["em-vs-sgd", "--seeds", "1", *S, "--checkpoint-dir", "ck", where, path, *other], capsys, monkeypatch,
+            where, "--checkpoint-dir", "inside")
+    assert (here / "ck" / "manifest.json").exists() == exists
+
+
+@pytest.mark.parametrize("checkpoint_dir, out", [
+    ("ck", "ck"),  # the directory not there yet: --out would take its name
+    ("r.json/ck", "r.json"),  # the checkpoint directory would be made inside the results' path
+    ("ckl/new", "d/new"),  # through a symlink, neither there yet
+    ("d/new", "ckl/new/r.json"),
+])
+def test_outputs_and_a_checkpoint_directory_not_there_yet_are_compared_as_resolved(here, capsys, monkeypatch,
+                                                                                   checkpoint_dir, out):
+    os.symlink("d", "ckl")
+    if out.endswith("r.json"):
+        (here / "d" / "new").mkdir()  # --out's directory must exist; the checkpoint directory is still empty
+    refused(["em-vs-sgd", "--seeds", "1", *S, "--checkpoint-dir", checkpoint_dir, "--out", out], capsys, monkeypatch,
+            "--out", "--checkpoint-dir")
+
+
+def test_outputs_beside_the_checkpoint_directory_are_accepted(here, capsys, monkeypatch):
+    accepted(["em-vs-sgd", "--seeds", "1", *S, "--checkpoint-dir", "ck", "--out", "ck.json", "--plot", "d/ck.png"],
+             capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("checkpoint_dir, reason", [
+    ("afile/../ck", "'afile' is not a directory"),
+    ("afile/ck", "'afile' is not a directory"),
+    ("x/../ck", "'x' does not exist, so the '..' after it names no directory"),  # the OS cannot resolve it
+    ("d/../nonexist/x/../../afile/ck", "'d/../nonexist' does not exist"),
+])
+def test_checkpoint_dir_the_os_cannot_resolve_is_refused_before_the_run(here, capsys, monkeypatch, checkpoint_dir,
+                                                                        reason):
+    refused(["em-vs-sgd", "--seeds", "1", *S, "--checkpoint-dir", checkpoint_dir], capsys, monkeypatch,
+            "--checkpoint-dir", reason)
+    assert sorted(os.listdir(here)) == ["afile", "d"]
