@@ -25,9 +25,9 @@ The flags of an experiment are made from its config's fields and the task's (eac
 its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
 Every argument is checked (sizes against upper bounds too, and that the output files can be
 written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
-Output paths are checked as the operating system resolves them (``..`` and symlinks on disk) and
-written by the path that was checked; ``--out`` and ``--plot`` may not name one file, nor lie
-inside ``--checkpoint-dir``.
+Options are spelled out (no prefixes) and given once each. Output paths are checked as the
+operating system resolves them (``..`` and symlinks on disk) and written by the path that was
+checked; ``--out`` and ``--plot`` may not name one file, nor lie inside ``--checkpoint-dir``.
 The summary is printed before the files are written; results are written whole or not at all (a
 temp file in the same directory, then ``os.replace``), and a failed write is one line naming the
 path and the reason, with exit status 1. Ctrl-C stops the command with one line and exit status 130
@@ -131,10 +131,12 @@ def _seed(text: str) -> int:
 
 
 def _seed_list(text: str) -> list[int]:
+    if any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be comma-separated seeds with no spaces, like 3,7,11, got {text!r}")
     seeds = []
     for part in text.split(","):
         try:
-            s = _int_arg(part.strip(" "))
+            s = _int_arg(part)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be comma-separated non-negative integers in ASCII digits, like 3,7,11, got {text!r}") from None
         if not 0 <= s <= MAX_SEED:
@@ -260,8 +262,37 @@ def _in_directory(target: str, directory: str) -> bool:
         above = parent
 
 
+_GIVEN = "_options_given"
+"""The attribute of a parsed namespace holding the destinations of the options given so far."""
+
+
+def _once(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_class`` refusing its option given a second time (argparse would keep the last one
+    silently): ``--seeds 3 --seeds 4`` is an error naming ``--seeds``, switches included."""
+
+    class Once(action_class):  # type: ignore[valid-type,misc]  # a class made at run time
+        def __call__(self, parser, namespace, values, option_string=None):
+            if self.option_strings:
+                given = namespace.__dict__.setdefault(_GIVEN, set())
+                if self.dest in given:
+                    raise argparse.ArgumentError(self, "given more than once; give each option once")
+                given.add(self.dest)
+            super().__call__(parser, namespace, values, option_string)
+
+    Once.__name__ = Once.__qualname__ = f"Once{action_class.__name__}"
+    return Once
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage."""
+    """An ArgumentParser whose errors are one line on stderr (exit status 2), without the usage;
+    options are matched only when spelled out (no prefixes: ``--step`` is not ``--steps``) and
+    each may be given once. Its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        for name in (None, "store", "store_const", "store_true", "store_false"):  # None: argparse's default, store
+            self.register("action", name, _once(self._registry_get("action", name)))
 
     def error(self, message) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

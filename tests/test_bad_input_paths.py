@@ -1,4 +1,4 @@
-"""Output paths checked the way the operating system resolves them.
+"""Output paths checked the way the operating system resolves them, and a command line read strictly.
 
 Every case runs the command's entry (``gradattn.cli.main``) in this process. A refusal is exit status
 2 and one line on stderr, before any work: the experiment's function is replaced by one that fails
@@ -14,7 +14,7 @@ import pytest
 
 from _cli import cli_run
 
-from gradattn import _io, deep, experiments, studies
+from gradattn import _io, cli, deep, experiments, studies
 
 S = ["--steps", "5", "--seq-len", "16", "--no-progress", "--no-compilation-cache"]
 """Small, valid flags of any command whose task is the sticky chain."""
@@ -201,3 +201,77 @@ def test_checkpoint_dir_the_os_cannot_resolve_is_refused_before_the_run(here, ca
     refused(["em-vs-sgd", "--seeds", "1", *S, "--checkpoint-dir", checkpoint_dir], capsys, monkeypatch,
             "--checkpoint-dir", reason)
     assert sorted(os.listdir(here)) == ["afile", "d"]
+
+
+# --------------------------------------------------------------------------------------------
+# Each option once, spelled out
+# --------------------------------------------------------------------------------------------
+
+_VALUES = ["2", "0.5", "1,2", "h:1", "reference", "dense", "cosine", "em_like", "x.png"]
+
+
+def _options(parser):
+    """(command, its option) for every option of every command, switches included."""
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                yield name, action
+
+
+def _valid_value(parser, capsys, head, option, nargs):
+    """A value that ``option`` takes (none for a switch)."""
+    if nargs == 0:
+        return []
+    for value in _VALUES:
+        try:
+            parser.parse_args([*head, option, value])
+            return [value]
+        except SystemExit:
+            capsys.readouterr()
+    pytest.fail(f"no valid value for {head} {option}")
+
+
+def test_every_option_given_twice_is_refused(here, capsys):
+    parser = cli.build_parser()  # one parser parses many command lines, as argparse allows
+    seen = 0
+    for name, action in _options(parser):
+        option = action.option_strings[0]
+        head = ["rerun", "r.json"] if name == "rerun" else [name]
+        value = _valid_value(parser, capsys, head, option, action.nargs)
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*head, option, *value, option, *value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, (name, option, err)
+        assert f"argument {option}: given more than once" in err, (name, option, err)
+        seen += 1
+    assert seen > 100  # every command's options
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["em-vs-sgd", "--seeds", "3", "--seeds", "4"], "--seeds"),
+    (["em-vs-sgd", "--out", "a.json", "--out=b.json"], "--out"),
+    (["deep", "--checkpoint-dir", "ck", "--checkpoint-dir", "ck"], "--checkpoint-dir"),  # even the same value
+    (["deep", "--two-timescale", "--two-timescale"], "--two-timescale"),
+])
+def test_an_option_given_twice_stops_the_command(here, capsys, monkeypatch, argv, option):
+    refused(argv + S, capsys, monkeypatch, option, "more than once")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["em-vs-sgd", "--step", "5"], "--step"),
+    (["em-vs-sgd", "--seed", "3"], "--seed"),
+    (["em-vs-sgd", "--out=r.json", "--no-prog"], "--no-prog"),
+    (["deep", "--two", "--value-lr-mult", "3"], "--two"),
+    (["bijection", "--head-opt", "sgd"], "--head-opt"),
+    (["laws-check", "--se", "1"], "--se"),
+    (["rerun", "r.json", "--ou", "x.json"], "--ou"),
+    (["--vers", "laws-check"], "--vers"),
+])
+def test_abbreviated_options_are_refused(here, capsys, monkeypatch, argv, needle):
+    refused(argv, capsys, monkeypatch, "unrecognized arguments", needle)
+
+
+@pytest.mark.parametrize("seed_list", ["3, 7", " 3,7", "3,7 ", "3 ,7", "3,\t7", "3,\u00a07"])
+def test_seed_list_with_spaces_is_refused(here, capsys, monkeypatch, seed_list):
+    refused(["em-vs-sgd", *S, "--seed-list", seed_list], capsys, monkeypatch, "--seed-list", "spaces")
