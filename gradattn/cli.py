@@ -25,9 +25,10 @@ The flags of an experiment are made from its config's fields and the task's (eac
 its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
 Every argument is checked (sizes against upper bounds too, and that the output files can be
 written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
-Options are spelled out (no prefixes) and given once each. Output paths are checked as the
-operating system resolves them (``..`` and symlinks on disk) and written by the path that was
-checked; ``--out`` and ``--plot`` may not name one file, nor lie inside ``--checkpoint-dir``.
+Options are spelled out (no prefixes) and given once each; one that another option's value leaves
+without effect (:data:`_IDLE`) is refused when given, whatever its value. Output paths are checked
+as the operating system resolves them (``..`` and symlinks on disk) and written by the path that
+was checked; ``--out`` and ``--plot`` may not name one file, nor lie inside ``--checkpoint-dir``.
 The summary is printed before the files are written; results are written whole or not at all (a
 temp file in the same directory, then ``os.replace``), and a failed write is one line naming the
 path and the reason, with exit status 1. Ctrl-C stops the command with one line and exit status 130
@@ -333,6 +334,66 @@ def _given(args, cls) -> dict:
             if "help" in f.metadata and getattr(args, f.name, None) is not None}
 
 
+class _Idle(NamedTuple):
+    """An option that another option's value makes idle: given explicitly (whatever its value, the
+    default included) while ``active`` is false of the other option's value, it is refused with one
+    line naming both, rather than ignored."""
+
+    option: str
+    """The idle option's destination (its config field)."""
+    other: str
+    """The destination of the option whose value decides."""
+    active: Callable[[object], bool]
+    """Whether ``option`` has an effect, of ``other``'s value (as given, else the config's default)."""
+    when: str
+    """When it has none, in flags."""
+    why: str
+    """What it would have set."""
+    needs: str
+    """When it has one, in flags."""
+
+
+def _drawn_means(spec) -> bool:
+    return spec is None or "embed_seed" in spec
+
+
+_IDLE: dict[type, tuple[_Idle, ...]] = {
+    deep.DeepConfig: (
+        _Idle("value_lr_multiplier", "schedule", lambda v: v == "two_timescale", "without --two-timescale",
+              "it is the value projections' rate ratio under --two-timescale", "with --two-timescale"),
+        *(_Idle(name, "n_checkpoints", lambda v: v != 0, "with --n-checkpoints 0",
+                "settling is measured over the checkpoints", "with checkpoints (--n-checkpoints above 0, or left out)")
+          for name in ("settle_tol", "settle_rows")),
+    ),
+    studies.bijection.BijectionConfig: (
+        _Idle("head_value_lr", "head_optimizer", lambda v: v == "em_like", "unless --head-optimizer is em_like",
+              "it is W_V's rate under em_like", "with --head-optimizer em_like"),
+    ),
+    tasks.StickyMarkov: tuple(
+        _Idle(name, "embeddings", _drawn_means, "with --embeddings reference or a .npy file",
+              "the means give the sizes", "with drawn means (--embeddings seed:N, --embed-seed, or neither)")
+        for name in ("n_symbols", "d_embed")
+    ),
+}
+"""Per config or task class, its options that another option's value makes idle."""
+
+
+def _check_idle(args, parser, classes_and_defaults) -> None:
+    """Exit 2 (one line naming both flags) if an option of :data:`_IDLE` was given where another
+    option's value leaves it without effect."""
+    for cls, defaults in classes_and_defaults:
+        flags = {f.name: f.metadata.get("flag", _flag(f.name)) for f in dataclasses.fields(cls) if "help" in f.metadata}
+        for rule in _IDLE.get(cls, ()):
+            if getattr(args, rule.option, None) is None:
+                continue
+            value = getattr(args, rule.other, None)
+            if value is None and rule.other in flags:  # a field left out: the config's default
+                value = getattr(defaults, rule.other)
+            if not rule.active(value):
+                flag = flags[rule.option]
+                parser.error(f"argument {flag}: has no effect {rule.when} ({rule.why}); give it only {rule.needs}")
+
+
 def _as_flags(message: str, classes) -> str:
     """An error of a config or task class in the words of the command line: the leading
     ``ClassName: `` dropped, and every ``field=value`` of the classes' flag fields written as the
@@ -503,6 +564,8 @@ def _use_compilation_cache(args) -> None:
 def _experiment(args, parser) -> int:
     """Any experiment command: its config from the flags, the run, the report (by process 0 only)."""
     command = args.experiment
+    defaults = command.config_type()
+    _check_idle(args, parser, ((command.config_type, defaults), (type(defaults.task), defaults.task)))
     _use_compilation_cache(args)
     seeds = _seeds(args)
     flags = _cluster_flags(args, parser)
@@ -514,8 +577,6 @@ def _experiment(args, parser) -> int:
         primary = flags[2] == 0
     out, plot = _outputs(args, parser) if primary else (None, None)
     given = _given(args, command.config_type)
-    if "value_lr_multiplier" in given and given.get("schedule") != "two_timescale":
-        parser.error("--value-lr-multiplier sets the value projections' rate under --two-timescale; give --two-timescale too")
     task = _build_task(args, parser, command)
     config = _build(parser, command.config_type, (command.config_type, type(task)), task=task, **given)
     return _run_command(args, parser, command, config, seeds, flags, primary, out, plot)
@@ -594,6 +655,8 @@ def _rerun(args, parser: _Parser) -> int:
         args.chunk_size = None if old.get("chunk_size") is None else int(old["chunk_size"])
     except (KeyError, TypeError, ValueError) as err:
         parser.error(f"argument RESULT: cannot rebuild the {command.name} run from {args.result!r}: {err}")
+    if args.plot is not None and command.plot is None:
+        parser.error(f"argument --plot: {args.result!r} is a result of gradattn {command.name}, which has no figure; drop --plot")
     args.per_seed_curves = "per_seed_curves" in old
     args.checkpoint_dir = None
     _use_compilation_cache(args)

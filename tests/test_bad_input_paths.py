@@ -15,6 +15,7 @@ import pytest
 from _cli import cli_run
 
 from gradattn import _io, cli, deep, experiments, studies
+from gradattn.studies.plateau import PlateauConfig
 
 S = ["--steps", "5", "--seq-len", "16", "--no-progress", "--no-compilation-cache"]
 """Small, valid flags of any command whose task is the sticky chain."""
@@ -275,3 +276,56 @@ def test_abbreviated_options_are_refused(here, capsys, monkeypatch, argv, needle
 @pytest.mark.parametrize("seed_list", ["3, 7", " 3,7", "3,7 ", "3 ,7", "3,\t7", "3,\u00a07"])
 def test_seed_list_with_spaces_is_refused(here, capsys, monkeypatch, seed_list):
     refused(["em-vs-sgd", *S, "--seed-list", seed_list], capsys, monkeypatch, "--seed-list", "spaces")
+
+
+# --------------------------------------------------------------------------------------------
+# An option that another option's value makes idle
+# --------------------------------------------------------------------------------------------
+
+DEEP = ["--seeds", "1", "--steps", "4", "--seq-len", "16", "--d-model", "8", "--n-layers", "1", "--n-heads", "2",
+        "--no-progress"]
+BIJECTION = ["--seeds", "1", "--steps", "4", "--batch", "2", "--heldout", "2", "--n-symbols", "3", "--d-model", "8",
+             "--n-layers", "1", "--n-heads", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("command, args, idle, needs", [
+    ("bijection", ["--head-optimizer", "sgd", "--head-value-lr", "0.2"], "--head-value-lr", "--head-optimizer"),
+    ("bijection", ["--head-value-lr", "0.2"], "--head-value-lr", "--head-optimizer"),  # adam, the default
+    ("bijection", ["--head-value-lr", "0.5", "--head-optimizer", "adam"], "--head-value-lr", "--head-optimizer"),
+    ("deep", ["--value-lr-multiplier", "10"], "--value-lr-multiplier", "--two-timescale"),
+    ("deep", ["--n-checkpoints", "0", "--settle-tol", "0.1"], "--settle-tol", "--n-checkpoints"),
+    ("deep", ["--settle-rows", "64", "--n-checkpoints", "0"], "--settle-rows", "--n-checkpoints"),
+    ("em-vs-sgd", ["--embeddings", "reference", "--n-symbols", "8"], "--n-symbols", "--embeddings"),
+    ("plateau", ["--d-embed", "20", "--embeddings", "reference"], "--d-embed", "--embeddings"),
+    ("deep", ["--embeddings", "means.npy", "--n-symbols", "3"], "--n-symbols", "--embeddings"),
+])
+def test_an_option_without_effect_is_refused_naming_both(here, capsys, monkeypatch, command, args, idle, needs):
+    import numpy as np
+
+    np.save(here / "means.npy", np.ones((3, 4)))
+    base = {"deep": DEEP, "bijection": BIJECTION}.get(command, ["--seeds", "1", *S])
+    err = refused([command, *base, *args], capsys, monkeypatch, idle, needs, "no effect")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, args", [
+    ("bijection", ["--head-optimizer", "em_like", "--head-value-lr", "0.2"]),
+    ("bijection", ["--head-optimizer", "sgd"]),
+    ("deep", ["--two-timescale", "--value-lr-multiplier", "10"]),
+    ("deep", ["--n-checkpoints", "2", "--settle-tol", "0.2", "--settle-rows", "4"]),
+    ("deep", ["--settle-tol", "0.2"]),  # checkpoints by default
+    ("deep", ["--n-checkpoints", "0"]),
+    ("em-vs-sgd", ["--embeddings", "seed:3", "--n-symbols", "4", "--d-embed", "5"]),  # drawn means take the sizes
+    ("em-vs-sgd", ["--n-symbols", "8"]),
+])
+def test_an_option_with_effect_is_accepted(here, capsys, monkeypatch, command, args):
+    base = {"deep": DEEP, "bijection": BIJECTION}.get(command, ["--seeds", "1", *S])
+    accepted([command, *base, *args], capsys, monkeypatch)
+
+
+def test_rerun_plot_of_an_experiment_without_a_figure_is_refused(here, capsys, monkeypatch):
+    result = {"experiment": "plateau", "config": PlateauConfig(steps=4, checkpoint_every=2, plateau_window=2).to_dict(),
+              "seeds": [0], "chunk_size": None}
+    (here / "p.json").write_text(json.dumps(result))
+    refused(["rerun", "p.json", "--plot", "p.png", "--no-progress"], capsys, monkeypatch, "--plot", "plateau")
+    accepted(["rerun", "p.json", "--out", "q.json", "--no-progress"], capsys, monkeypatch)
