@@ -65,7 +65,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradattn import cluster, deep, experiments, resume, studies, tasks
+from gradattn import _compile_cache, cluster, deep, experiments, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
 from gradattn._io import check_output_path, same_file, write_json
 from gradattn._version import __version__
@@ -546,19 +546,12 @@ def _use_compilation_cache(args) -> None:
     """JAX's persistent compilation cache in :func:`default_cache_dir`, unless turned off: a second
     run of the same command and sizes loads its compiled programs instead of compiling them again
     (the results are the same programs, so the same numbers). A directory that cannot be created
-    leaves the cache off; nothing else changes."""
+    leaves the cache off; nothing else changes. Entries that a full disk or a killed run left partial
+    are removed first, and the cache's errors are at most one line per run
+    (:func:`gradattn._compile_cache.enable`)."""
     if args.no_compilation_cache or os.environ.get(NO_CACHE_VAR):
         return
-    path = default_cache_dir()
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return
-    if not os.access(path, os.W_OK | os.X_OK):
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _compile_cache.enable(default_cache_dir())
 
 
 def _experiment(args, parser) -> int:
@@ -594,6 +587,11 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
                               checkpoint_dir=args.checkpoint_dir, per_seed_curves=args.per_seed_curves)
     except resume.SweepRefused as err:  # found at start-up, before any seed was computed
         parser.error(str(err))
+    except resume.CheckpointWriteError as err:  # the disk filled up or turned read-only mid-sweep
+        unwritten = " and ".join(repr(p) for p in (out, plot) if p is not None)
+        note = f"; {unwritten} not written (the run is incomplete)" if unwritten else ""
+        print(f"gradattn: error: {err}{note}", file=sys.stderr)
+        return 1
     if not primary:
         print(f"process {jax.process_index()} of {results['n_processes']}: sweep done; process 0 writes the results")
         return 0
