@@ -1,6 +1,6 @@
 """The choices that depend on the backend a computation compiles for, in one table.
 
-Each entry was chosen by measurement on that backend (see benchmarks/README.md):
+Each entry was chosen by measurement on that backend (see benchmarks/README.md and, for the trials behind each, benchmarks/TRIALS.md):
 
 * ``grad_source``: what ``grad_source="auto"`` in :func:`gradattn.training.make_step` runs. On CPU
   the blocked pass (never N x N, cache sized); on GPU/TPU the dense laws, which there run faster

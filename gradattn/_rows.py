@@ -28,7 +28,7 @@ def default_block_size(n: int) -> int:
 
     The backend's block size (256 rows on every backend today) up to N = max_blocks * block_size;
     beyond that, the smallest multiple of it that covers N in ``max_blocks`` blocks, so that compile
-    time stays bounded (N = 8192: 512 rows; N = 16384: 1024 rows). Measured; see benchmarks/README.md.
+    time stays bounded (N = 8192: 512 rows; N = 16384: 1024 rows). Measured; see benchmarks/TRIALS.md.
     """
     choices = backend_choices()
     multiple = -(-n // (choices.max_blocks * choices.block_size))
@@ -109,7 +109,7 @@ def masked_scores(q_r: jax.Array, k: jax.Array, r0: int, causal: bool) -> jax.Ar
     last |R| columns (the diagonal block) can hold a future key. The mask is one elementwise
     ``where`` against two iotas, which XLA fuses into the product's output; writing only the
     diagonal corner (``s.at[:, r0:r1].set``) made XLA:CPU copy the whole block (measured slower;
-    see benchmarks/README.md).
+    see benchmarks/TRIALS.md).
     """
     s = q_r @ k.T
     if causal:
