@@ -8,6 +8,7 @@ a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 import re
@@ -43,6 +44,20 @@ def concrete(a) -> np.ndarray | None:
 
 def _shape(a) -> tuple:
     return tuple(np.shape(a))
+
+
+def check_array(name: str, a, fn: str) -> None:
+    """``a`` must be an array: numpy or jax (tracers included), or an object JAX converts itself
+    (one with ``__jax_array__``, such as an ``nnx.Param``).
+
+    A (nested) Python list or a scalar is refused here, naming ``fn`` and ``name``: JAX refuses
+    lists as array arguments too, but deep inside with an error that names neither.
+
+    Raises:
+      TypeError: naming ``fn``, ``name`` and the type given.
+    """
+    if not isinstance(a, (np.ndarray, jax.Array)) and not hasattr(a, "__jax_array__"):
+        raise TypeError(f"{fn}: {name} must be an array (numpy or jax), got {type(a).__name__}; convert it with jnp.asarray first")
 
 
 def _range_text(minimum, maximum, exclusive_minimum=False, exclusive_maximum=False) -> str:
@@ -138,6 +153,7 @@ def check_params(params, fn: str) -> tuple[int, int, int, int]:
         if not hasattr(params, name):
             raise TypeError(f"{fn}: params must be a HeadParams with fields {names}, got {type(params).__name__}")
         a = getattr(params, name)
+        check_array(f"params.{name}", a, fn)
         if np.ndim(a) != 2:
             raise ValueError(f"{fn}: params.{name} must be 2-D, got shape {_shape(a)}")
         if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
@@ -161,6 +177,7 @@ def check_params(params, fn: str) -> tuple[int, int, int, int]:
 
 def check_x(x, d_in: int, fn: str) -> int:
     """Validate one sequence ``x (N, d_in)``; returns N."""
+    check_array("x", x, fn)
     if np.ndim(x) != 2:
         raise ValueError(
             f"{fn}: x must be 2-D (N, d_in) for one sequence, got shape {_shape(x)}; use jax.vmap for batches"
@@ -179,6 +196,7 @@ def check_x(x, d_in: int, fn: str) -> int:
 
 
 def check_labels(y, n: int, n_classes: int, fn: str) -> None:
+    check_array("y", y, fn)
     if np.ndim(y) != 1 or _shape(y)[0] != n:
         raise ValueError(f"{fn}: y must have shape ({n},) to match x with N = {n} positions, got shape {_shape(y)}")
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
@@ -191,9 +209,35 @@ def check_labels(y, n: int, n_classes: int, fn: str) -> None:
         )
 
 
+def check_int32_range(name: str, a, fn: str) -> None:
+    """``a``, a concrete numpy 64-bit integer array, must fit 32 bits where JAX runs with x64 off.
+
+    With x64 off (JAX's default) a numpy int64 (uint64) argument becomes int32 (uint32) where it
+    enters ``jit`` or ``vmap``, keeping the low 32 bits without a warning: a label 2^32 + 1 arrives
+    as 1, a valid label, and nothing inside compiled code can tell. A function that compiles what it
+    is given calls this on its integer arguments before they cross that boundary; a function called
+    under the caller's own ``jit`` or ``vmap`` gets them already converted and cannot.
+
+    Raises:
+      ValueError: naming ``fn``, ``name``, the dtype, the extreme values and the 32-bit range.
+    """
+    if jax.config.jax_enable_x64 or not isinstance(a, np.ndarray):  # type: ignore[attr-defined]
+        return
+    if a.dtype not in (np.dtype(np.int64), np.dtype(np.uint64)) or a.size == 0:
+        return
+    info = np.iinfo(np.int32 if a.dtype == np.int64 else np.uint32)
+    lo, hi = a.min(), a.max()
+    if lo < info.min or hi > info.max:
+        raise ValueError(
+            f"{fn}: {name} (shape {_shape(a)}, {a.dtype}) holds values in [{lo}, {hi}], beyond {info.dtype}'s "
+            f"[{info.min}, {info.max}]: with x64 off JAX keeps only their low 32 bits inside jit"
+        )
+
+
 def check_weights(weights, n: int, fn: str) -> None:
     if weights is None:
         return
+    check_array("weights", weights, fn)
     if np.ndim(weights) != 1 or _shape(weights)[0] != n:
         raise ValueError(f"{fn}: weights must have shape ({n},) to match x with N = {n} positions, got shape {_shape(weights)}")
     if not (jnp.issubdtype(jnp.result_type(weights), jnp.floating) or jnp.issubdtype(jnp.result_type(weights), jnp.integer)):
@@ -227,6 +271,7 @@ def check_head_inputs(params, x, y=None, weights=None, *, fn: str) -> tuple[int,
 
 def check_matrix(name: str, a, shape: tuple, fn: str) -> None:
     """``a`` must be a floating array of ``shape`` (entries of ``None`` match any size)."""
+    check_array(name, a, fn)
     if np.ndim(a) != len(shape) or any(s is not None and s != t for s, t in zip(shape, _shape(a))):
         want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(a)}")
@@ -323,6 +368,13 @@ MAX_HEAD_SIZE = 4096
 """Largest head size (d_in, d_k, d_v, C) that :func:`gradattn.head.init_head` and the command take."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """Largest finite float32 (about 3.4e38): runs compute in float32, where anything larger is inf."""
+FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+"""Smallest non-zero float32 (about 1.4e-45): a non-zero number below half of it is 0 in float32."""
+
+
+def float32_underflows(val: float) -> bool:
+    """Whether ``val`` is non-zero but rounds to 0 in float32 (``|val|`` below about 7e-46)."""
+    return val != 0.0 and float(np.float32(val)) == 0.0
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -360,11 +412,14 @@ def parse_float(text: str, *, float32: bool = False) -> float:
 
     Stricter than ``float()``, which also takes ``"nan"``, ``"inf"``, surrounding spaces, underscores
     and non-ASCII digits. With ``float32=True`` the value must also be finite in float32
-    (``|x| <= FLOAT32_MAX``): a learning rate of ``1e300`` would be inf once the run casts it.
+    (``|x| <= FLOAT32_MAX``): a learning rate of ``1e300`` would be inf once the run casts it; and a
+    non-zero value must stay non-zero there: ``1e-50`` would be 0 (a rate of 0, a run that never
+    moves), so only ``0`` itself means zero.
 
     Raises:
       TypeError: ``text`` is not a string.
-      ValueError: not such a number, or beyond float64's (float32's) finite range.
+      ValueError: not such a number, beyond float64's (float32's) finite range, or (with
+        ``float32``) non-zero but 0 in float32.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_float: text must be a string, got {type(text).__name__}")
@@ -378,14 +433,21 @@ def parse_float(text: str, *, float32: bool = False) -> float:
         raise ValueError(f"{_text_shown(text)} is beyond the finite range of a float")
     if float32 and abs(val) > FLOAT32_MAX:
         raise ValueError(f"{_text_shown(text)} is beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}; runs compute in float32)")
+    if float32 and float32_underflows(val):
+        raise ValueError(
+            f"{_text_shown(text)} is not 0 but rounds to 0 in float32 (non-zero values need |x| >= {FLOAT32_TINY:.2g}; "
+            "runs compute in float32)"
+        )
     return val
 
 
 def check_float32(fn: str, values: dict) -> None:
-    """Every value of ``values`` (name -> already finite number) must be finite in float32 too.
+    """Every value of ``values`` (name -> already finite number) must be finite in float32 too, and
+    non-zero there unless it is 0.
 
     Rates, and products of rates that a run forms (``lr * value_lr_multiplier``), are cast to
-    float32; one beyond ``FLOAT32_MAX`` would become inf and every loss NaN.
+    float32; one beyond ``FLOAT32_MAX`` would become inf and every loss NaN, and a non-zero one below
+    about 7e-46 would become 0 (a rate of 1e-50 is a run that never moves).
 
     Raises:
       ValueError: naming ``fn``, the first such value, and the bound.
@@ -396,6 +458,34 @@ def check_float32(fn: str, values: dict) -> None:
                 f"{fn}: {name} = {float(val):.4g} is beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}); "
                 "the run computes in float32, where it would be inf"
             )
+        if float32_underflows(float(val)):
+            raise ValueError(
+                f"{fn}: {name} = {float(val):.4g} is not 0 but rounds to 0 in float32 (non-zero values need "
+                f"|x| >= {FLOAT32_TINY:.2g}); the run computes in float32, where it would be 0"
+            )
+
+
+def check_in_dtype(name: str, val: float, dtype, fn: str) -> None:
+    """The finite non-zero number ``val`` must stay finite and non-zero in the floating ``dtype``
+    that it is used in (float32: ``|x| <= FLOAT32_MAX`` and not below about 7e-46). ``dtype`` is
+    taken as JAX uses it: float64 is float32 while x64 is off.
+
+    Raises:
+      ValueError: naming ``fn``, ``name``, the value and the dtype's range.
+    """
+    info = jnp.finfo(jax.dtypes.canonicalize_dtype(dtype))
+    with np.errstate(over="ignore", under="ignore"):
+        cast = float(np.asarray(val, np.float64).astype(info.dtype))
+    if not math.isfinite(cast):
+        raise ValueError(
+            f"{fn}: {name} = {val:.4g} is beyond {info.dtype}'s finite range (|x| <= {float(info.max):.4g}); "
+            f"it would be inf in {info.dtype}"
+        )
+    if val != 0.0 and cast == 0.0:
+        raise ValueError(
+            f"{fn}: {name} = {val:.4g} is not 0 but rounds to 0 in {info.dtype} (non-zero values need "
+            f"|x| >= {float(info.smallest_subnormal):.2g})"
+        )
 
 
 def check_bool(name: str, val, fn: str) -> bool:
@@ -408,12 +498,21 @@ def check_bool(name: str, val, fn: str) -> bool:
     return bool(val)
 
 
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple:
+    """The shape of a raw key (``jax.random.PRNGKey(0)``) under the PRNG implementation ``impl``."""
+    del impl  # the cache key: the shape is that of the implementation in force
+    return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
+
+
 def check_prng_key(name: str, key, fn: str) -> None:
     """``key`` must be one PRNG key: a typed key of shape () (``jax.random.key(0)``), or a raw uint32
-    key (``jax.random.PRNGKey(0)``, shape (2,) with the default implementation). Tracers pass too.
+    key of the default implementation's shape (``jax.random.PRNGKey(0)``: (2,) with threefry).
+    Tracers pass too (their shape and dtype are checked).
 
     Raises:
-      TypeError: an int (a seed is not a key), a key array of several keys, or anything else.
+      TypeError: an int (a seed is not a key), a key array of several keys, raw uint32 data of
+        another shape, or anything else.
     """
     dtype = getattr(key, "dtype", None)
     if dtype is not None and isinstance(key, (jax.Array, np.ndarray)):
@@ -422,7 +521,13 @@ def check_prng_key(name: str, key, fn: str) -> None:
                 return
             raise TypeError(f"{fn}: {name} must be one PRNG key (shape ()), got a key array of shape {_shape(key)}")
         if dtype == np.uint32 and np.ndim(key) == 1:
-            return
+            want = _raw_key_shape(str(jax.config.jax_default_prng_impl))  # type: ignore[attr-defined]
+            if _shape(key) == want:
+                return
+            raise TypeError(
+                f"{fn}: {name} as raw uint32 key data must have shape {want} (jax.random.PRNGKey(seed)), "
+                f"got shape {_shape(key)}; use jax.random.key(seed)"
+            )
     seed_hint = " (a seed is not a key: use jax.random.key(seed))" if isinstance(key, (int, np.integer)) else ""
     raise TypeError(f"{fn}: {name} must be a PRNG key such as jax.random.key(0), got {key!r} of type {type(key).__name__}{seed_hint}")
 

@@ -1,0 +1,103 @@
+"""Bad values given to the library: refused at its door, naming the function and the argument,
+when they can be seen; NaN where they cannot (inside ``jit``); never a plausible finite answer or an
+error from deep inside JAX that names neither.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from _cli import TINY, cli_run
+
+import gradattn as ga
+from gradattn._checks import check_int32_range, parse_float
+from gradattn.deep import DeepConfig
+
+F32 = jnp.float32
+
+
+def _head32():
+    params = ga.init_head(jax.random.key(0), 4, 3, 3, 5, dtype=F32)
+    x = jax.random.normal(jax.random.key(1), (6, 4), F32)
+    return params, x
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong finite answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_int64_labels_beyond_int32_are_refused_before_they_cross_jit():
+    # With x64 off JAX keeps the low 32 bits of an int64 argument where it enters jit: 2^32 + 1
+    # arrives as label 1. Eager calls see the int64 values; the helper refuses them for code that
+    # jits what it is given.
+    with jax.enable_x64(False):
+        params, x = _head32()
+        y = np.array([0, 1, 2, 3, 4, 2**32 + 1], np.int64)
+        with pytest.raises(ValueError, match=r"dense_loss: y .* outside \[0, 5\)"):
+            ga.dense_loss(params, x, y)
+        with pytest.raises(ValueError, match=r"f: y \(shape \(6,\), int64\) holds values in \[0, 4294967297\], beyond int32"):
+            check_int32_range("y", y, "f")
+        check_int32_range("y", y % 5, "f")
+        with pytest.raises(ValueError, match=r"f: y .* beyond uint32"):
+            check_int32_range("y", y.astype(np.uint64), "f")
+    check_int32_range("y", y, "f")  # x64 on: nothing is converted, nothing to refuse
+
+
+# --------------------------------------------------------------------------------------------
+# Lenient values
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_float_refuses_non_zero_numbers_that_are_0_in_float32():
+    with pytest.raises(ValueError, match="'1e-50' is not 0 but rounds to 0 in float32"):
+        parse_float("1e-50", float32=True)
+    assert parse_float("1e-50") == 1e-50
+    assert parse_float("0", float32=True) == 0.0 and parse_float("-0.0", float32=True) == 0.0
+    assert parse_float("1e-45", float32=True) == 1e-45  # the smallest float32 subnormal, not 0
+
+
+@pytest.mark.parametrize("args, flag", [(["--value-lr", "1e-50"], "--value-lr"), (["--noise-std", "1e-60"], "--noise-std")])
+def test_command_line_refuses_rates_that_are_0_in_float32(capsys, tmp_path, args, flag):
+    code, out, err = cli_run(["em-vs-sgd", "--seeds", "1", "--out", str(tmp_path / "r.json")] + TINY + args, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert flag in err and "rounds to 0 in float32" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_configs_refuse_rates_that_are_0_in_float32():
+    with pytest.raises(ValueError, match=r"EmVsSgdConfig: value_lr = 1e-50 is not 0 but rounds to 0 in float32"):
+        ga.EmVsSgdConfig(value_lr=1e-50)
+    with pytest.raises(ValueError, match=r"DeepConfig: lr \* weight_decay = 1e-50 is not 0 but rounds to 0"):
+        DeepConfig(lr=1e-30, weight_decay=1e-20)
+    assert ga.EmVsSgdConfig(value_lr=0.0).value_lr == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Errors that name the argument
+# --------------------------------------------------------------------------------------------
+
+
+def test_raw_key_data_of_the_wrong_width_names_the_key():
+    with pytest.raises(TypeError, match=r"init_head: key as raw uint32 key data must have shape \(2,\).*got shape \(3,\)"):
+        ga.init_head(np.array([1, 2, 3], np.uint32), 4, 3, 3, 5)
+    ga.init_head(np.array([1, 2], np.uint32), 4, 3, 3, 5)
+
+
+def test_lists_where_arrays_are_expected_are_named():
+    params, x = _head32()
+    y = jnp.array([0, 1, 2, 3, 4, 0])
+    listed = ga.HeadParams(*(np.asarray(a).tolist() for a in params))
+    with pytest.raises(TypeError, match=r"forward: params.w_q must be an array \(numpy or jax\), got list"):
+        ga.forward(listed, x)
+    with pytest.raises(TypeError, match=r"dense_loss: params.w_q must be an array"):
+        ga.dense_loss(listed, x, y)
+    with pytest.raises(TypeError, match=r"dense_loss: x must be an array"):
+        ga.dense_loss(params, np.asarray(x).tolist(), y)
+    with pytest.raises(TypeError, match=r"blocked_loss_and_grads: y must be an array"):
+        ga.blocked_loss_and_grads(params, x, [0, 1, 2, 3, 4, 0])
+    with pytest.raises(TypeError, match=r"dense_loss: weights must be an array"):
+        ga.dense_loss(params, x, y, [1.0] * 6)
+    ga.forward(ga.HeadParams(*(nnx.Param(a) for a in params)), x)  # what JAX converts itself still passes
