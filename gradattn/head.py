@@ -30,6 +30,7 @@ from gradattn._checks import (
     MAX_HEAD_SIZE,
     check_bool,
     check_head_inputs,
+    check_in_dtype,
     check_int,
     check_number,
     check_prng_key,
@@ -82,7 +83,8 @@ def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float =
     is a TypeError. The sizes may be any integral type (``np.int64(20)`` as well as ``20``) in
     ``[1, MAX_HEAD_SIZE]`` (4096, the command line's bound); bools and floats are TypeErrors, sizes
     out of range ValueErrors. ``scale`` must be a finite number > 0: at scale 0 every matrix is zero,
-    so every gradient is zero too and the head can never move.
+    so every gradient is zero too and the head can never move; and so must it be in ``dtype``
+    (float32 by default: at most about 3.4e38, and not so small that it rounds to 0 there).
     """
     check_prng_key("key", key, "init_head")
     d_in = check_int("d_in", d_in, "init_head", maximum=MAX_HEAD_SIZE)
@@ -97,6 +99,7 @@ def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float =
     scale = check_number("scale", scale, "init_head", minimum=0.0, exclusive_minimum=True)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"init_head: dtype must be floating point, got {dtype}")
+    check_in_dtype("scale", scale, dtype, "init_head")
     k_q, k_k, k_v, k_o = jax.random.split(key, 4)
     draw = lambda k, shape: scale * jax.random.normal(k, shape, dtype)  # noqa: E731
     return HeadParams(

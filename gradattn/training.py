@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradattn._checks import check_int, check_number, is_traced
+from gradattn._checks import check_float32, check_int, check_number, is_traced
 from gradattn._math import tree_norm
 from gradattn._progress import with_ticks
 from gradattn.head import HeadParams
@@ -63,17 +63,20 @@ def _check_lr(name: str, lr, fn: str) -> None:
     """A learning rate is an optax schedule, a traced scalar (e.g. vmapped over), or a finite number >= 0.
 
     Anything else (a string such as ``"0.1"``, a bool, a list) is a TypeError here, at construction:
-    optax would accept it and fail only inside the first update.
+    optax would accept it and fail only inside the first update. A number must also be finite in
+    float32, where the head's updates are computed, and non-zero there unless it is 0: ``1e39``
+    would be inf (every loss NaN) and ``1e-50`` would be 0 (a run that never moves).
     """
     if callable(lr) or is_traced(lr):
         return
     try:
-        check_number(name, lr, fn, minimum=0.0)
+        val = check_number(name, lr, fn, minimum=0.0)
     except TypeError:
         raise TypeError(
             f"{fn}: {name} must be a number or an optax schedule (a callable step -> rate), "
             f"got {lr!r} of type {type(lr).__name__}"
         ) from None
+    check_float32(fn, {name: val})
 
 
 def sgd(lr) -> optax.GradientTransformation:

@@ -75,6 +75,38 @@ def test_configs_refuse_rates_that_are_0_in_float32():
     assert ga.EmVsSgdConfig(value_lr=0.0).value_lr == 0.0
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ga.sgd(1e-50), r"sgd: lr = 1e-50 is not 0 but rounds to 0 in float32"),
+        (lambda: ga.sgd(1e39), r"sgd: lr = 1e\+39 is beyond float32's finite range"),
+        (lambda: ga.em_like(value_lr=1e-50), r"em_like: value_lr = 1e-50"),
+        (lambda: ga.em_like(routing_lr=np.float64(1e39)), r"em_like: routing_lr = 1e\+39"),
+        (lambda: ga.alternating(value_lr=1e39), r"alternating: value_lr = 1e\+39"),
+    ],
+)
+def test_optimisers_refuse_rates_outside_float32(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_optimisers_keep_zero_and_float32_rates():
+    for lr in (0.0, 1e-45, 3e38, np.float32(0.1)):
+        ga.sgd(lr)
+
+
+def test_init_head_scale_must_be_finite_and_non_zero_in_its_dtype():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"init_head: scale = 1e\+39 is beyond float32's finite range"):
+        ga.init_head(key, 4, 3, 3, 5, scale=1e39)
+    with pytest.raises(ValueError, match=r"init_head: scale = 1e-50 is not 0 but rounds to 0 in float32"):
+        ga.init_head(key, 4, 3, 3, 5, scale=1e-50)
+    assert np.isfinite(ga.init_head(key, 4, 3, 3, 5, scale=1e39, dtype=jnp.float64).w_q).all()
+    a = ga.init_head(key, 4, 3, 3, 5, scale=0.1)
+    b = ga.init_head(key, 4, 3, 3, 5, scale=np.float64(0.1))
+    assert all(np.asarray(p).tobytes() == np.asarray(q).tobytes() for p, q in zip(a, b))
+
+
 # --------------------------------------------------------------------------------------------
 # Errors that name the argument
 # --------------------------------------------------------------------------------------------
