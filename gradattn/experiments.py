@@ -2,7 +2,8 @@
 
 An experiment is a pure function ``run(key) -> dict`` of one PRNG key (made from its config) and a
 ``summarise(per_seed, seeds, config) -> dict``; :func:`run_experiment` does the rest once for every
-experiment: the seeds (an int n or distinct integers), the sweep over them
+experiment: the seeds (an int n or distinct integers), the estimated memory of one call against
+what a device holds (:mod:`gradattn.memory`), the sweep over them
 (:func:`gradattn.sweep`; seeds per call from the backend unless given), the wall time, the device
 count, the chunk size and the provenance of the run. The deep experiment
 (:func:`gradattn.deep.deep_experiment`) is the other one on this skeleton.
@@ -33,6 +34,7 @@ from gradattn._checks import check_fields, check_int, option
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
 from gradattn.head import forward, init_head, token_losses
+from gradattn.memory import check_memory
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.provenance import finish, provenance
 from gradattn.sweeps import default_chunk_size, experiment_seeds, sweep
@@ -48,12 +50,18 @@ from gradattn.training import em_like, sgd, train
 class Experiment:
     """An experiment over seeds: its ``name``, the ``config_type`` it takes, ``make_run(config)``
     giving the pure ``run(key) -> dict`` of one seed, and ``summarise(per_seed, seeds, config)``
-    giving the JSON-ready summary of the stacked per-seed results."""
+    giving the JSON-ready summary of the stacked per-seed results.
+
+    ``memory(config, chunk_size)``, optional: the estimated bytes one device needs for one call of
+    ``chunk_size`` seeds, which :func:`run_experiment` checks before compiling
+    (:func:`gradattn.memory.check_memory`). Without it the library's own estimate of the config
+    type is used (:mod:`gradattn.memory`: every experiment of the library), or none."""
 
     name: str
     config_type: type
     make_run: Callable[[Any], Callable[[jax.Array], dict]]
     summarise: Callable[[dict, list, Any], dict]
+    memory: Callable[[Any, int], int] | None = None
 
 
 RESULT_FORMAT = 2
@@ -98,6 +106,12 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     (required then) and the library version (and the chunk size, jax version, backend): another
     configuration's directory is refused with :class:`gradattn.resume.SweepRefused`.
 
+    Before anything is traced, the estimated memory of one call (``chunk_size`` seeds per device,
+    however few seeds are left) is checked against what a device holds
+    (:func:`gradattn.memory.check_memory`): a run that cannot fit raises
+    :class:`gradattn.memory.MemoryEstimateError` (a ValueError) with one line naming the sizes and
+    the estimate, instead of failing in the compiler or the allocator.
+
     ``per_seed_curves``: keep every seed's training curves (the per-seed outputs named ``curve``
     or ``*_curve``) under ``per_seed_curves`` (float32 values as JSON numbers: about 20 bytes a
     step per curve), beside the summary's mean and standard deviation over seeds.
@@ -127,6 +141,9 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
                         f"everything the run depends on); {type(config).__name__} has none")
     # What the checkpoint directory is tied to, and what every process of a run must agree on.
     fingerprint = {"experiment": fn, "config": to_dict() if callable(to_dict) else repr(config), "version": __version__}
+    # One call's estimated memory against what a device holds, before anything is traced.
+    check_memory(experiment, config, chunk_size, n_seeds=len(seeds),
+                 devices=jax.local_devices() if devices is None else devices)
     run = experiment.make_run(config)
     prov = provenance()
     t0 = time.perf_counter()
