@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int
+from gradattn._checks import check_array, check_int, concrete
 from gradattn._math import entropy_bits
 from gradattn._vmap import grouped_vmap
 
@@ -40,6 +40,7 @@ _least_squares = _one_matrix_at_a_time(lambda a, b: jnp.linalg.lstsq(a, b)[0])
 
 
 def _check_rows(name: str, z, fn: str) -> None:
+    check_array(name, z, fn)
     if np.ndim(z) != 2:
         raise ValueError(f"{fn}: {name} must be 2-D (M points, D dims), got shape {tuple(np.shape(z))}")
     if np.shape(z)[0] < 2:
@@ -55,15 +56,32 @@ def _check_k(k, d: int, fn: str) -> int:
 def attention_entropy_bits(alpha: jax.Array) -> jax.Array:
     """Entropy in bits of each attention row: H_i = -sum_j alpha_ij log2 alpha_ij, with 0 log 0 = 0.
 
+    A weight outside [0, 1] (negative, above 1, infinite) is no attention weight, and its row's
+    "entropy" can be negative: called eagerly that is a ValueError naming the extremes; traced
+    (under ``jit``/``vmap``, where values cannot be inspected) that row's entropy is NaN. A row with
+    a NaN weight (a diverged run) has NaN entropy, eagerly or traced, not the entropy of its other
+    weights. Valid rows give :func:`gradattn._math.entropy_bits`'s values (the same bits eagerly;
+    compiled, XLA may fuse the check with the sum and round the last bit otherwise).
+
     Args:
       alpha: (..., N_keys) attention weights, rows summing to 1 (e.g. (N, N) for one head).
     Returns:
       (...,) entropies; 0 for a one-hot row, log2(m) for a row uniform over m keys.
     """
+    fn = "attention_entropy_bits"
     alpha = jnp.asarray(alpha)
     if alpha.ndim < 1 or not jnp.issubdtype(alpha.dtype, jnp.floating):
-        raise ValueError(f"attention_entropy_bits: alpha must be a floating array (..., N_keys), got shape {alpha.shape}, dtype {alpha.dtype}")
-    return entropy_bits(alpha, axis=-1)
+        raise ValueError(f"{fn}: alpha must be a floating array (..., N_keys), got shape {alpha.shape}, dtype {alpha.dtype}")
+    ac = concrete(alpha)
+    if ac is not None:
+        outside = (ac < 0) | (ac > 1)  # False for NaN: those rows are NaN below
+        if outside.any():
+            raise ValueError(
+                f"{fn}: alpha (shape {alpha.shape}) has weights outside [0, 1] (min {ac[outside].min()!r}, "
+                f"max {ac[outside].max()!r} among them); attention weights are probabilities"
+            )
+    weights = (alpha >= 0) & (alpha <= 1)  # False for NaN too
+    return jnp.where(jnp.all(weights, axis=-1), entropy_bits(alpha, axis=-1), jnp.nan)
 
 
 def _centred(z, center: bool):

@@ -13,7 +13,9 @@ from _cli import TINY, cli_run
 
 import gradattn as ga
 from gradattn._checks import check_int32_range, parse_float
+from gradattn._math import entropy_bits
 from gradattn.deep import DeepConfig
+from gradattn.geometry import attention_entropy_bits, pca_spectrum
 
 F32 = jnp.float32
 
@@ -27,6 +29,31 @@ def _head32():
 # --------------------------------------------------------------------------------------------
 # Wrong finite answers
 # --------------------------------------------------------------------------------------------
+
+
+def test_entropy_of_rows_with_nan_is_nan_eagerly_and_under_jit():
+    alpha = jnp.array([[np.nan, np.nan, np.nan], [0.5, np.nan, 0.5], [0.25, 0.25, 0.5]])
+    for fn in (attention_entropy_bits, jax.jit(attention_entropy_bits)):
+        h = np.asarray(fn(alpha))
+        assert np.isnan(h[:2]).all(), h
+        assert h[2] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("row", [[-0.5, 1.5, 0.0], [1.5, 0.0, 0.0], [np.inf, 0.0, 0.0]])
+def test_entropy_refuses_weights_outside_0_1_eagerly_and_is_nan_under_jit(row):
+    alpha = jnp.array([[0.5, 0.5, 0.0], row])
+    with pytest.raises(ValueError, match=r"attention_entropy_bits: alpha \(shape \(2, 3\)\) has weights outside \[0, 1\]"):
+        attention_entropy_bits(alpha)
+    h = np.asarray(jax.jit(attention_entropy_bits)(alpha))
+    assert h[0] == 1.0 and np.isnan(h[1])
+
+
+def test_entropy_of_valid_rows_is_unchanged():
+    scores = jax.random.normal(jax.random.key(3), (2, 7, 7), F32)
+    alpha = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((7, 7), bool)), scores, -jnp.inf), axis=-1)
+    ref = np.asarray(entropy_bits(alpha, axis=-1))
+    assert np.asarray(attention_entropy_bits(alpha)).tobytes() == ref.tobytes()  # eagerly: the same bits
+    np.testing.assert_allclose(jax.jit(attention_entropy_bits)(alpha), ref, rtol=1e-6)
 
 
 def test_int64_labels_beyond_int32_are_refused_before_they_cross_jit():
@@ -133,3 +160,8 @@ def test_lists_where_arrays_are_expected_are_named():
     with pytest.raises(TypeError, match=r"dense_loss: weights must be an array"):
         ga.dense_loss(params, x, y, [1.0] * 6)
     ga.forward(ga.HeadParams(*(nnx.Param(a) for a in params)), x)  # what JAX converts itself still passes
+
+
+def test_geometry_names_a_list_given_for_points():
+    with pytest.raises(TypeError, match=r"pca_spectrum: z must be an array"):
+        pca_spectrum([[0.0, 1.0], [1.0, 0.0]])
