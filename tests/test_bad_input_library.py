@@ -16,6 +16,7 @@ from gradattn._checks import check_int32_range, parse_float
 from gradattn._math import entropy_bits
 from gradattn.deep import DeepConfig
 from gradattn.geometry import attention_entropy_bits, pca_spectrum
+from gradattn.studies.plateau import PlateauConfig
 
 F32 = jnp.float32
 
@@ -132,6 +133,24 @@ def test_init_head_scale_must_be_finite_and_non_zero_in_its_dtype():
     a = ga.init_head(key, 4, 3, 3, 5, scale=0.1)
     b = ga.init_head(key, 4, 3, 3, 5, scale=np.float64(0.1))
     assert all(np.asarray(p).tobytes() == np.asarray(q).tobytes() for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("field", ["plateau_tol", "settle_tol"])
+@pytest.mark.parametrize("value", [5.0, 1e30, 0.0, -0.1])
+def test_plateau_tolerances_are_fractions(field, value):
+    with pytest.raises(ValueError, match=rf"PlateauConfig: {field} must be a number in \(0.0, 1.0\], got"):
+        PlateauConfig(**{field: value})
+
+
+def test_plateau_tolerances_keep_the_range_0_1():
+    cfg = PlateauConfig(plateau_tol=1.0, settle_tol=1.0)
+    assert (cfg.plateau_tol, cfg.settle_tol) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("value", [5.0, 0.0])
+def test_deep_settle_tol_is_a_fraction(value):
+    with pytest.raises(ValueError, match=r"DeepConfig: settle_tol must be a number in \(0.0, 1.0\]"):
+        DeepConfig(settle_tol=value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class DeepConfig:
         with ``"adamw"`` would be ignored, so it is a ValueError).
       n_checkpoints: per-head dynamics checkpoints (at steps 0, k, 2k, ...; k = steps / n_checkpoints
         must be whole); 0 records none; None (default) takes the largest divisor of ``steps`` up to 10.
-      settle_tol: tolerance of the settling steps (fraction of each head's total change left).
+      settle_tol: tolerance of the settling steps (fraction of each head's total change left), in (0, 1].
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
 
     The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
@@ -75,7 +75,7 @@ class DeepConfig:
     n_checkpoints: int | None = option(None, help="per-head dynamics checkpoints (must divide --steps)",
                                        minimum=0, maximum=10_000)
     settle_tol: float = option(0.1, help="tolerance of the settling steps (fraction of the total change left)",
-                               minimum=0.0)
+                               minimum=0.0, exclusive_minimum=True, maximum=1.0)
     settle_rows: int = option(64, help="attention rows compared for the settling of attention", minimum=1,
                               maximum=65_536)
 

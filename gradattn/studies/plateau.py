@@ -67,8 +67,9 @@ class PlateauConfig:
         snapshotted on the seed's first sequence (with fresh data, one the head never trains on).
       sgd_lr, value_lr, routing_lr, d_k, d_v, init_scale, grad_source: as in
         :class:`gradattn.EmVsSgdConfig` (the paper's values).
-      plateau_window, plateau_tol: the plateau criterion (:func:`gradattn.dynamics.plateau_step`).
-      settle_tol: settling against the converged state: the fraction of the total change left.
+      plateau_window, plateau_tol: the plateau criterion (:func:`gradattn.dynamics.plateau_step`);
+        ``plateau_tol`` is a relative change, in (0, 1].
+      settle_tol: settling against the converged state: the fraction of the total change left, in (0, 1].
       peak_fraction: the endpoint-free criterion: the change per step stays below this fraction of
         its peak.
       settle_rows: attention rows (evenly spaced queries) compared.
@@ -90,9 +91,9 @@ class PlateauConfig:
     plateau_window: int = option(1000, help="steps per window of the plateau criterion", minimum=1,
                                  maximum=10_000_000)
     plateau_tol: float = option(5e-3, help="relative change of the mean loss between windows on the plateau",
-                                minimum=0.0)
+                                minimum=0.0, exclusive_minimum=True, maximum=1.0)
     settle_tol: float = option(0.1, help="settling vs the converged state: fraction of the total change left",
-                               minimum=0.0)
+                               minimum=0.0, exclusive_minimum=True, maximum=1.0)
     peak_fraction: float = option(0.25, help="endpoint-free settling: change per step below this fraction of its peak",
                                   minimum=0.0, exclusive_minimum=True, maximum=1.0)
     settle_rows: int = option(64, help="attention rows compared", minimum=1, maximum=65_536)
