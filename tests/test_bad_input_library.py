@@ -15,6 +15,7 @@ import gradattn as ga
 from gradattn._checks import check_int32_range, parse_float
 from gradattn._math import entropy_bits
 from gradattn.deep import DeepConfig
+from gradattn.dynamics import frame_before_precision, quiet_step, settling_step
 from gradattn.geometry import attention_entropy_bits, pca_spectrum
 from gradattn.studies.plateau import PlateauConfig
 
@@ -151,6 +152,27 @@ def test_plateau_tolerances_keep_the_range_0_1():
 def test_deep_settle_tol_is_a_fraction(value):
     with pytest.raises(ValueError, match=r"DeepConfig: settle_tol must be a number in \(0.0, 1.0\]"):
         DeepConfig(settle_tol=value)
+
+
+@pytest.mark.parametrize("steps", [[3, 2, 1], [0, 1, 1], [0, 2, 1]])
+def test_settling_steps_must_increase(steps):
+    series = np.arange(6.0).reshape(3, 2)
+    with pytest.raises(ValueError, match=rf"settling_step: checkpoint_steps must be increasing, got \[{steps[0]}, "):
+        settling_step(np.array(steps), series)
+    with pytest.raises(ValueError, match=r"quiet_step: checkpoint_steps must be increasing"):
+        quiet_step(np.array(steps), series)
+    with pytest.raises(ValueError, match=r"frame_before_precision: checkpoint_steps must be increasing"):
+        frame_before_precision(np.array(steps), series, series)
+    traced = jax.jit(lambda t, s: (settling_step(t, s), quiet_step(t, s, 0.5)))(jnp.array(steps, F32), series)
+    assert all(np.isnan(np.asarray(v)) for v in traced), traced
+
+
+def test_settling_on_increasing_steps_is_unchanged():
+    series = np.array([[0.0, 0.0], [1.0, 0.5], [1.1, 0.55], [1.1, 0.56]])
+    steps = np.array([0.0, 10.0, 20.0, 30.0], np.float32)
+    assert float(settling_step(steps, series, 0.1, "change")) == 10.0
+    assert float(jax.jit(lambda t: settling_step(t, series, 0.1, "change"))(steps)) == 10.0
+    assert float(quiet_step(steps, series, 0.5)) == 10.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,10 +72,11 @@ def settling_step(checkpoint_steps, series, tol: float = 0.1, scale: str | None 
     settle to, and every comparison with NaN fails, which would otherwise read as "settled at the
     first checkpoint". Called eagerly, that is a ValueError naming ``series`` and the checkpoints
     concerned; traced (under ``jit``/``vmap``, e.g. in a sweep where one seed diverges), the result
-    is NaN, so means over seeds show it instead of absorbing a plausible-looking step.
+    is NaN, so means over seeds show it instead of absorbing a plausible-looking step. Checkpoint
+    steps that do not increase strictly are refused the same way: a ValueError eagerly, NaN traced.
 
     Args:
-      checkpoint_steps: (K,) the step of each checkpoint, increasing (e.g. 0, k, 2k, ...).
+      checkpoint_steps: (K,) the step of each checkpoint, strictly increasing (e.g. 0, k, 2k, ...).
       series: (K, ...) a snapshot per checkpoint (attention rows, values, a scalar, ...).
       tol: tolerance on d_k.
       scale: the normaliser of d_k, as above.
@@ -86,6 +87,23 @@ def settling_step(checkpoint_steps, series, tol: float = 0.1, scale: str | None 
     return _settling_step(checkpoint_steps, series, tol, scale, "series", "settling_step")
 
 
+def _check_increasing(steps, fn: str) -> None:
+    """Concrete checkpoint steps must increase strictly: steps out of order would pair each snapshot
+    with another's step (and make a rate per step negative or infinite)."""
+    sc = concrete(steps)
+    if sc is not None and sc.size > 1 and not (np.diff(sc) > 0).all():
+        shown = sc[:10].tolist()
+        raise ValueError(
+            f"{fn}: checkpoint_steps must be increasing, got {shown}{' ...' if sc.size > 10 else ''} "
+            f"(shape {sc.shape}); one step per snapshot, in order"
+        )
+
+
+def _increasing(steps) -> jax.Array:
+    """Whether ``steps`` increase strictly (a traced check: the answers are NaN where they do not)."""
+    return jnp.all(jnp.diff(steps) > 0)
+
+
 def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> jax.Array:
     """:func:`settling_step`, with the argument and function names its errors should give."""
     _check_scale(scale, fn)
@@ -93,6 +111,7 @@ def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> 
     series = jnp.asarray(series)
     if steps.ndim != 1:
         raise ValueError(f"{fn}: checkpoint_steps must be 1-D (K,), got shape {steps.shape}")
+    _check_increasing(steps, fn)
     if series.ndim < 1 or series.shape[0] != steps.shape[0]:
         raise ValueError(
             f"{fn}: {name} must have shape (K, ...) with K = {steps.shape[0]} (from checkpoint_steps), "
@@ -113,7 +132,8 @@ def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> 
     within = distance_to_final(series, scale) <= tol
     stays = jnp.flip(jnp.cumprod(jnp.flip(within).astype(jnp.int32))).astype(bool)
     dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
-    return jnp.where(jnp.all(jnp.isfinite(series)), steps[jnp.argmax(stays)].astype(dtype), jnp.nan)
+    ok = jnp.all(jnp.isfinite(series)) & _increasing(steps)
+    return jnp.where(ok, steps[jnp.argmax(stays)].astype(dtype), jnp.nan)
 
 
 settling_steps = settling_step
@@ -174,10 +194,11 @@ def quiet_step(checkpoint_steps, series, fraction: float = 0.05) -> jax.Array:
     c_k <= fraction * max_k c_k for every k >= k*. Unlike :func:`settling_step` it never compares
     with the last snapshot, so a run stopped early does not settle "by construction" at its end:
     the answer is NaN when the last interval is still above the threshold (the series is still
-    moving), and NaN for a series with non-finite values.
+    moving), and NaN for a series with non-finite values. Checkpoint steps that do not increase
+    strictly are a ValueError eagerly and give NaN traced.
 
     Args:
-      checkpoint_steps: (K,) increasing steps of the checkpoints, K >= 2.
+      checkpoint_steps: (K,) strictly increasing steps of the checkpoints, K >= 2.
       series: (K, ...) a snapshot per checkpoint.
       fraction: in (0, 1].
     Returns:
@@ -189,7 +210,7 @@ def quiet_step(checkpoint_steps, series, fraction: float = 0.05) -> jax.Array:
     dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
     rate = _rate(steps, series)
     k = _last_run_start(rate <= fraction * jnp.max(rate))
-    ok = jnp.all(jnp.isfinite(series)) & (k < rate.shape[0])
+    ok = jnp.all(jnp.isfinite(series)) & (k < rate.shape[0]) & _increasing(steps)
     return jnp.where(ok, steps[jnp.minimum(k, rate.shape[0] - 1)].astype(dtype), jnp.nan)
 
 
@@ -197,7 +218,7 @@ def change_per_step(checkpoint_steps, series) -> jax.Array:
     """(K - 1,) c_k = ||s_{k+1} - s_k|| / (t_{k+1} - t_k): how fast ``series`` moves between checkpoints.
 
     Args:
-      checkpoint_steps: (K,) increasing steps t_k, K >= 2.
+      checkpoint_steps: (K,) strictly increasing steps t_k, K >= 2 (a ValueError eagerly otherwise).
       series: (K, ...) a snapshot per checkpoint (Frobenius norm over the trailing axes).
     """
     steps, series = _check_series(checkpoint_steps, series, "change_per_step")
@@ -211,6 +232,7 @@ def _check_series(checkpoint_steps, series, fn: str):
         raise ValueError(f"{fn}: checkpoint_steps must be 1-D with at least 2 checkpoints, got shape {steps.shape}")
     if series.ndim < 1 or series.shape[0] != steps.shape[0]:
         raise ValueError(f"{fn}: series must have shape (K, ...) with K = {steps.shape[0]}, got shape {series.shape}")
+    _check_increasing(steps, fn)
     return steps, series
 
 
