@@ -3,11 +3,14 @@ when they can be seen; NaN where they cannot (inside ``jit``); never a plausible
 error from deep inside JAX that names neither.
 """
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numpy.lib import format as npy_format
 
 from _cli import TINY, cli_run
 
@@ -18,6 +21,7 @@ from gradattn.deep import DeepConfig
 from gradattn.dynamics import frame_before_precision, quiet_step, settling_step
 from gradattn.geometry import attention_entropy_bits, pca_spectrum
 from gradattn.studies.plateau import PlateauConfig
+from gradattn.tasks import StickyMarkov, embeddings_from_spec
 
 F32 = jnp.float32
 
@@ -136,6 +140,16 @@ def test_init_head_scale_must_be_finite_and_non_zero_in_its_dtype():
     assert all(np.asarray(p).tobytes() == np.asarray(q).tobytes() for p, q in zip(a, b))
 
 
+def test_sticky_markov_means_must_be_finite_in_float32(tmp_path):
+    mu = np.full((8, 20), 1e39)
+    with pytest.raises(ValueError, match=r"StickyMarkov: embeddings \(shape \(8, 20\)\) has values beyond float32's finite range"):
+        StickyMarkov(embeddings=mu)
+    np.save(tmp_path / "big.npy", mu)
+    with pytest.raises(ValueError, match="beyond float32's finite range"):
+        embeddings_from_spec(str(tmp_path / "big.npy"))
+    assert StickyMarkov(embeddings=np.full((8, 20), 3e38)).embeddings.max() == 3e38
+
+
 @pytest.mark.parametrize("field", ["plateau_tol", "settle_tol"])
 @pytest.mark.parametrize("value", [5.0, 1e30, 0.0, -0.1])
 def test_plateau_tolerances_are_fractions(field, value):
@@ -173,6 +187,52 @@ def test_settling_on_increasing_steps_is_unchanged():
     assert float(settling_step(steps, series, 0.1, "change")) == 10.0
     assert float(jax.jit(lambda t: settling_step(t, series, 0.1, "change"))(steps)) == 10.0
     assert float(quiet_step(steps, series, 0.5)) == 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# --embeddings
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["seed: 3", " seed:3", "seed:3 ", "seed:\t3", " reference", "reference\n"])
+def test_embeddings_spec_has_no_spaces(spec):
+    with pytest.raises(ValueError, match="embeddings_from_spec: .* no spaces"):
+        embeddings_from_spec(spec)
+
+
+def _npy_header_only(path, shape, descr="<f8", size=192):
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    data = buf.getvalue()
+    path.write_bytes(data + b"\0" * max(0, size - len(data)))
+    return str(path)
+
+
+def test_damaged_npy_header_is_one_line_before_any_allocation(tmp_path):
+    path = _npy_header_only(tmp_path / "damaged.npy", (200000, 100000))
+    with pytest.raises(ValueError, match=r"embeddings_from_spec: .*damaged.npy.*shape \(200000, 100000\).*at most 1024"):
+        embeddings_from_spec(path)
+
+
+def test_npy_shorter_than_its_header_says_is_refused(tmp_path):
+    path = _npy_header_only(tmp_path / "short.npy", (8, 20))
+    with pytest.raises(ValueError, match=r"embeddings_from_spec: .*short.npy.*192 bytes.*\(8, 20\) float64 needs 1280"):
+        embeddings_from_spec(path)
+
+
+@pytest.mark.parametrize("shape, descr, match", [((3,), "<f8", r"shape \(C, d\)"), ((8, 5000), "<f8", "at most 4096"),
+                                                 ((1, 20), "<f8", "at least 2"), ((8, 20), "<i8", "floating point")])
+def test_npy_header_is_checked_against_the_task(tmp_path, shape, descr, match):
+    path = _npy_header_only(tmp_path / "h.npy", shape, descr, size=0)
+    with pytest.raises(ValueError, match=match):
+        embeddings_from_spec(path)
+
+
+def test_command_line_damaged_npy_is_one_line(capsys, tmp_path):
+    path = _npy_header_only(tmp_path / "damaged.npy", (200000, 100000))
+    code, out, err = cli_run(["em-vs-sgd", "--seeds", "1", "--embeddings", path] + TINY, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--embeddings" in err and "(200000, 100000)" in err
 
 
 # --------------------------------------------------------------------------------------------

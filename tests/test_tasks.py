@@ -230,7 +230,7 @@ def test_replace_and_json_round_trip():
 
 def test_embeddings_from_spec(tmp_path):
     assert embeddings_from_spec("reference") == {"embeddings": "reference"}
-    assert embeddings_from_spec(" seed:12 ") == {"embed_seed": 12}
+    assert embeddings_from_spec("seed:12") == {"embed_seed": 12}
     mu = np.random.default_rng(1).standard_normal((8, 20))
     np.save(tmp_path / "mu.npy", mu)
     spec = embeddings_from_spec(str(tmp_path / "mu.npy"))
@@ -250,6 +250,8 @@ def test_embeddings_from_spec_errors(tmp_path):
         ("seed:-1", "non-negative integer"),
         ("seed:1.5", "non-negative integer"),
         ("seed:", "non-negative integer"),
+        (" seed:12 ", "no spaces around the spec"),
+        ("seed: 12", "no sign and no spaces"),
         ("referencee", "expected 'reference', 'seed:N'"),
         ("", "expected"),
         (str(tmp_path / "missing.npy"), "no such file"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 import os
 from functools import cached_property
 from typing import Any
@@ -32,8 +33,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.lib import format as npy_format
 
-from gradattn._checks import check_fields, check_int, check_number, is_traced, option, parse_int
+from gradattn._checks import (
+    FLOAT32_MAX,
+    check_fields,
+    check_int,
+    check_number,
+    check_prng_key,
+    is_traced,
+    option,
+    parse_int,
+)
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 from gradattn.sweeps import MAX_SEED
 
@@ -89,7 +100,49 @@ def _means_array(value, fn: str, name: str) -> np.ndarray:
         raise ValueError(f"{fn}: {name} must have shape (C, d) with C, d >= 1, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{fn}: {name} (shape {arr.shape}) contains non-finite values")
+    if np.abs(arr).max() > FLOAT32_MAX:
+        raise ValueError(
+            f"{fn}: {name} (shape {arr.shape}) has values beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}, "
+            f"max |x| = {float(np.abs(arr).max()):.4g}); tasks are sampled in float32, where they would be inf"
+        )
     return arr
+
+
+def _npy_header(path: str, text: str, fn: str) -> tuple[tuple, np.dtype]:
+    """The shape and dtype that the ``.npy`` file at ``path`` declares, checked against the task's
+    bounds on C x d and against the file's size, before any array is allocated: a damaged header
+    claiming (200000, 100000) float64 must be one line, not numpy's MemoryError."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+            offset = f.tell()
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{fn}: {text!r}: not a readable .npy array ({err})") from None
+    where = f"the array in {text!r}"
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{fn}: {where} must be floating point (C, d), got dtype {dtype} with shape {shape}")
+    if len(shape) != 2:
+        raise ValueError(f"{fn}: {where} must have shape (C, d) with C, d >= 1, got shape {shape}")
+    bounds = {f.name: f.metadata for f in dataclasses.fields(StickyMarkov) if f.name in ("n_symbols", "d_embed")}
+    for name, dim in (("n_symbols", shape[0]), ("d_embed", shape[1])):
+        lo, hi = bounds[name]["minimum"], bounds[name]["maximum"]
+        if not lo <= dim <= hi:
+            what = "C (n_symbols)" if name == "n_symbols" else "d (d_embed)"
+            raise ValueError(f"{fn}: {where} has shape {shape}: {what} = {dim} must be at least {lo} and at most {hi}")
+    need = math.prod(shape) * dtype.itemsize
+    if size < offset + need:
+        raise ValueError(
+            f"{fn}: {text!r}: the file is {size} bytes, but its header's {shape} {dtype} needs {need} bytes of data "
+            f"after the {offset}-byte header (a truncated or damaged file)"
+        )
+    return shape, dtype
 
 
 def embeddings_from_spec(text: str) -> dict[str, Any]:
@@ -101,25 +154,33 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
     Use as ``StickyMarkov(**embeddings_from_spec(s))``; the array's shape is checked against the task's
     sizes there.
 
+    The spec has no spaces around it, and none in ``seed:N`` (as every integer of the command line);
+    a ``.npy`` file's header is read first, and its shape checked against the task's bounds on C and
+    d and against the file's size, before the array is loaded.
+
     Raises:
       TypeError: ``text`` is not a string.
-      ValueError: an unknown form, a bad seed, a missing or unreadable file, an array that is not
-        2-D, not floating or not finite. Each message names the spec.
+      ValueError: an unknown form, spaces, a bad seed, a missing or unreadable file, a header whose
+        shape the task cannot take or that the file is too short for, an array that is not 2-D, not
+        floating or not finite (in float32). Each message names the spec.
     """
     fn = "embeddings_from_spec"
     if not isinstance(text, str):
         raise TypeError(f"{fn}: the spec must be a string, got {type(text).__name__}")
-    spec = text.strip()
+    if text != text.strip():
+        raise ValueError(f"{fn}: {text!r}: no spaces around the spec ('reference', 'seed:N' or a path to a .npy file)")
+    spec = text
     if spec == "reference":
         return {"embeddings": "reference"}
     if spec.startswith("seed:"):
-        body = spec[len("seed:"):].strip()
-        try:  # ASCII digits only: no sign, no float, no empty seed; the bound of embed_seed
+        body = spec[len("seed:"):]
+        try:  # ASCII digits only: no sign, no spaces, no float, no empty seed; the bound of embed_seed
             seed = parse_int(body) if body[:1] not in "+-" else None
             seed = check_int("embed_seed", seed, fn, minimum=0, maximum=MAX_SEED)
         except (TypeError, ValueError):
             raise ValueError(
-                f"{fn}: {text!r}: the seed in seed:N must be a non-negative integer below 2^64 in ASCII digits, got {body!r}"
+                f"{fn}: {text!r}: the seed in seed:N must be a non-negative integer below 2^64 in ASCII digits "
+                f"with no sign and no spaces, got {body!r}"
             ) from None
         return {"embed_seed": seed}
     if spec.lower().endswith(".npy"):
@@ -127,6 +188,7 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
             raise ValueError(f"{fn}: {text!r}: no such file")
         if not os.path.isfile(spec):
             raise ValueError(f"{fn}: {text!r}: not a regular file")
+        _npy_header(spec, text, fn)
         try:
             arr = np.load(spec, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
@@ -353,6 +415,7 @@ class StickyMarkov:
         """
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"StickyMarkov.sample: dtype must be floating point, got {dtype}")
+        check_prng_key("key", key, "StickyMarkov.sample")
         k_first, k_chain, k_noise = jax.random.split(key, 3)
         p = self.transition_matrix  # zeros on the diagonal at self_prob = 0: log 0 = -inf, without numpy's warning
         log_p = jnp.asarray(np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), -np.inf), jnp.float32)
