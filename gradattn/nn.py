@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gradattn._checks import check_int, check_number
+from gradattn._checks import check_array, check_int, check_number, check_prng_key
 from gradattn.head import HeadParams, causal_mask, forward, init_head
 
 LAYER_NORM_EPS = 1e-5
@@ -229,8 +229,9 @@ class Transformer(nnx.Module):
         """Logits ``(N, C)`` of one sequence ``x (N, d_in)``.
 
         Args:
-          x: (N, d_in) inputs, floating point.
-          dropout_key: a PRNG key turns dropout on (training); ``None`` (default) is evaluation mode.
+          x: (N, d_in) inputs, floating point, N >= 1.
+          dropout_key: a PRNG key (``jax.random.key(seed)``, not an int) turns dropout on
+            (training); ``None`` (default) is evaluation mode.
           perturb: optional :class:`HeadTaps` of arrays added to every head's scores, attention
             weights, values or contexts (leading axes (n_layers, n_heads)); pass zeros and
             differentiate to get the loss's gradient with respect to those intermediates.
@@ -238,13 +239,18 @@ class Transformer(nnx.Module):
         Returns:
           ``logits``, or ``(logits, taps)`` with ``return_taps``.
         """
+        check_array("x", x, "Transformer")
         if jnp.ndim(x) != 2 or jnp.shape(x)[1] != self.d_in:
             raise ValueError(
                 f"Transformer: x must have shape (N, d_in) with d_in = {self.d_in}, got shape {tuple(jnp.shape(x))}; "
                 "use jax.vmap for batches"
             )
+        if jnp.shape(x)[0] < 1:
+            raise ValueError(f"Transformer: x must have at least one position, got shape {tuple(jnp.shape(x))}")
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise TypeError(f"Transformer: x must be floating point, got dtype {jnp.result_type(x)}")
+        if dropout_key is not None:
+            check_prng_key("dropout_key", dropout_key, "Transformer")
         perturb = HeadTaps() if perturb is None else perturb
         if not isinstance(perturb, HeadTaps):
             raise TypeError(f"Transformer: perturb must be a HeadTaps or None, got {type(perturb).__name__}")

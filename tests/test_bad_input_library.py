@@ -17,11 +17,12 @@ from _cli import TINY, cli_run
 import gradattn as ga
 from gradattn._checks import check_int32_range, parse_float
 from gradattn._math import entropy_bits
-from gradattn.deep import DeepConfig
+from gradattn.deep import DeepConfig, deep_law_errors
 from gradattn.dynamics import frame_before_precision, quiet_step, settling_step
 from gradattn.geometry import attention_entropy_bits, pca_spectrum
+from gradattn.nn import Transformer
 from gradattn.studies.plateau import PlateauConfig
-from gradattn.tasks import StickyMarkov, embeddings_from_spec
+from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, embeddings_from_spec
 
 F32 = jnp.float32
 
@@ -168,6 +169,12 @@ def test_deep_settle_tol_is_a_fraction(value):
         DeepConfig(settle_tol=value)
 
 
+def test_transformer_refuses_a_sequence_of_no_positions():
+    model = Transformer(4, 8, 1, 2, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Transformer: x must have at least one position, got shape \(0, 4\)"):
+        model(jnp.ones((0, 4)))
+
+
 @pytest.mark.parametrize("steps", [[3, 2, 1], [0, 1, 1], [0, 2, 1]])
 def test_settling_steps_must_increase(steps):
     series = np.arange(6.0).reshape(3, 2)
@@ -244,6 +251,26 @@ def test_raw_key_data_of_the_wrong_width_names_the_key():
     with pytest.raises(TypeError, match=r"init_head: key as raw uint32 key data must have shape \(2,\).*got shape \(3,\)"):
         ga.init_head(np.array([1, 2, 3], np.uint32), 4, 3, 3, 5)
     ga.init_head(np.array([1, 2], np.uint32), 4, 3, 3, 5)
+
+
+@pytest.mark.parametrize("task", [StickyMarkov(seq_len=8), DirichletHMM(seq_len=8), BijectionElimination(n_symbols=3)])
+@pytest.mark.parametrize("key", [0, np.array([1, 2, 3], np.uint32), jax.random.split(jax.random.key(0), 2)])
+def test_task_sample_needs_one_key(task, key):
+    name = type(task).__name__
+    with pytest.raises(TypeError, match=rf"{name}.sample: key (must be|as raw uint32 key data must have shape)"):
+        task.sample(key)
+
+
+def test_transformer_dropout_key_must_be_a_key():
+    model = Transformer(4, 8, 1, 2, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"Transformer: dropout_key must be a PRNG key .*a seed is not a key"):
+        model(jnp.ones((5, 4)), dropout_key=0)
+    model(jnp.ones((5, 4)), dropout_key=jax.random.key(0))
+
+
+def test_deep_law_errors_key_must_be_a_key():
+    with pytest.raises(TypeError, match=r"deep_law_errors: key must be a PRNG key"):
+        deep_law_errors(0)
 
 
 def test_lists_where_arrays_are_expected_are_named():

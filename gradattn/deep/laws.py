@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gradattn import laws
-from gradattn._checks import check_int, check_labels, check_weights
+from gradattn._checks import check_array, check_int, check_labels, check_prng_key, check_weights
 from gradattn.head import causal_mask, normalised_weights, token_losses
 from gradattn.nn import HeadTaps, Transformer
 from gradattn.verify import relative_error
@@ -96,8 +96,9 @@ def pure_apply(graphdef):
 def _check_xy(model, x, y, weights, fn):
     if not isinstance(model, Transformer):
         raise TypeError(f"{fn}: model must be a gradattn.nn.Transformer, got {type(model).__name__}")
-    if jnp.ndim(x) != 2 or jnp.shape(x)[1] != model.d_in:
-        raise ValueError(f"{fn}: x must have shape (N, d_in) with d_in = {model.d_in}, got shape {tuple(jnp.shape(x))}")
+    check_array("x", x, fn)
+    if jnp.ndim(x) != 2 or jnp.shape(x)[1] != model.d_in or jnp.shape(x)[0] < 1:
+        raise ValueError(f"{fn}: x must have shape (N, d_in) with N >= 1 and d_in = {model.d_in}, got shape {tuple(jnp.shape(x))}")
     check_labels(y, jnp.shape(x)[0], model.n_classes, fn)
     check_weights(weights, jnp.shape(x)[0], fn)
 
@@ -148,6 +149,7 @@ def deep_law_errors(key=None, *, n: int = 13, d_in: int = 5, d_model: int = 8, n
     both relative to max |dL/ds|. ``worst_rel_error`` is the largest of them. Python floats.
     """
     key = jax.random.key(0) if key is None else key
+    check_prng_key("key", key, "deep_law_errors")
     n, d_in, d_model, n_layers, n_heads = (check_int(name, val, "deep_law_errors") for name, val in
                                            (("n", n), ("d_in", d_in), ("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)))
     if d_model % n_heads:

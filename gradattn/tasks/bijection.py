@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from gradattn._checks import check_int, check_labels, check_weights, concrete, option
+from gradattn._checks import check_int, check_labels, check_prng_key, check_weights, concrete, option
 from gradattn.bayes import loss_from_log_predictive
 
 MAX_SYMBOLS = 1024
@@ -155,6 +155,7 @@ class BijectionElimination:
         """
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"BijectionElimination.sample: dtype must be floating point, got {dtype}")
+        check_prng_key("key", key, "BijectionElimination.sample")
         k_order, k_pi = jax.random.split(key)
         symbols = jnp.arange(self.n_symbols, dtype=jnp.int32)
         return self.encode(jax.random.permutation(k_order, symbols), jax.random.permutation(k_pi, symbols), dtype)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_labels, check_number, check_weights, concrete
+from gradattn._checks import check_int, check_labels, check_number, check_prng_key, check_weights, concrete
 from gradattn.bayes import entropy_from_log, forward_algorithm, loss_from_log_predictive
 
 
@@ -149,6 +149,7 @@ class DirichletHMM:
         """
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"DirichletHMM.sample: dtype must be floating point, got {dtype}")
+        check_prng_key("key", key, "DirichletHMM.sample")
         k_first, k_chain, k_obs = jax.random.split(key, 3)
         with np.errstate(divide="ignore"):
             log_a = jnp.asarray(np.log(self.transition_matrix), jnp.float32)
