@@ -41,6 +41,7 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.cluster`: seed sweeps over several processes (hosts), and sweeps that resume after a stop.
 * `gradattn.resume`: the directory of finished sweep chunks that lets a stopped sweep resume.
 * `gradattn.experiments`: one skeleton for experiments over seeds, and the paper's EM-vs-SGD experiment.
+* `gradattn.memory`: how much memory an experiment needs, estimated before it compiles, and what a device holds.
 * `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
 * `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:
     * `gradattn.tasks.base`: what a task must offer to be trained on, diagnosed and compared;

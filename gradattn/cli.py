@@ -65,7 +65,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradattn import _compile_cache, cluster, deep, experiments, resume, studies, tasks
+from gradattn import _compile_cache, cluster, deep, experiments, memory, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
 from gradattn._io import check_output_path, same_file, write_json
 from gradattn._version import __version__
@@ -580,6 +580,10 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
     """The sweep of ``command`` with ``config`` over ``seeds``, then the report (by process 0 only);
     with ``reference`` (``(path, results)`` of an earlier run), whether the per-seed numbers equal it."""
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
+    try:  # what can be checked before any JAX backend starts, so before a multi-process run joins
+        memory.check_memory_before_start(command.experiment, config, args.chunk_size, n_seeds=len(seeds))
+    except memory.MemoryEstimateError as err:
+        parser.error(_memory_refusal(err, command, config))
     if flags is not None and (status := _join(parser, flags)) is not None:  # every check passed: connect
         return status
     try:
@@ -587,6 +591,8 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
                               checkpoint_dir=args.checkpoint_dir, per_seed_curves=args.per_seed_curves)
     except resume.SweepRefused as err:  # found at start-up, before any seed was computed
         parser.error(str(err))
+    except memory.MemoryEstimateError as err:  # against this process's devices, before compiling
+        parser.error(_memory_refusal(err, command, config))
     except resume.CheckpointWriteError as err:  # the disk filled up or turned read-only mid-sweep
         unwritten = " and ".join(repr(p) for p in (out, plot) if p is not None)
         note = f"; {unwritten} not written (the run is incomplete)" if unwritten else ""
@@ -599,6 +605,13 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
     if reference is not None:
         print(_compare_per_seed(*reference, results))
     return status
+
+
+def _memory_refusal(err: Exception, command, config) -> str:
+    """A memory refusal (:mod:`gradattn.memory`) in the words of the command line: without the
+    library function's name, every size as the flag that sets it."""
+    text = str(err).split(": ", 1)[-1].replace("chunk_size=", "--chunk-size ").replace("chunk_size", "--chunk-size")
+    return _as_flags(text, (command.config_type, type(config.task)))
 
 
 def _per_seed_arrays(results: dict) -> dict[str, np.ndarray]:

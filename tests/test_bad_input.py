@@ -376,3 +376,33 @@ def test_laws_check_errors_checks_its_sizes_at_the_door(kwargs, exc, name):
 
     with pytest.raises(exc, match=rf"laws_check_errors: {name}\b"):
         laws_check_errors(**kwargs)
+
+
+TOO_BIG_TOGETHER = [
+    (["em-vs-sgd", "--seeds", "1", "--steps", "2", "--chunk-size", "65536"],
+     ("--chunk-size 65536 seeds", "(1 seed, padded to the chunk)", "TiB", "use a smaller --chunk-size")),
+    (["em-vs-sgd", "--d-embed", "4096", "--n-symbols", "1024", "--seq-len", "65537", "--d-k", "4096", "--d-v", "4096"],
+     ("--seq-len 65537", "--d-embed 4096", "--n-symbols 1024", "--d-k 4096", "--d-v 4096", "GiB")),
+    (["manifold", "--heldout", "4096", "--seq-len", "65537"], ("--heldout 4096", "--seq-len 65537", "TiB")),
+    (["bijection", "--n-symbols", "1024", "--heldout", "1000000", "--batch", "65536"],
+     ("--n-symbols 1024", "--heldout 1000000", "--batch 65536", "TiB")),
+    (["plateau", "--seq-len", "65537", "--settle-rows", "65536", "--checkpoint-every", "1"],
+     ("--seq-len 65537", "--settle-rows 65536", "--checkpoint-every 1", "PiB")),
+]
+
+
+@pytest.mark.parametrize("args,needles", TOO_BIG_TOGETHER)
+def test_sizes_too_big_together_for_memory_are_refused_before_any_work(tmp_path, monkeypatch, args, needles):
+    """Sizes each within their bounds but too big together are refused from the configuration's
+    memory estimate, in one line naming them as flags, before any sweep starts."""
+    from gradattn import experiments, memory
+
+    monkeypatch.setattr(memory, "physical_memory", lambda: 16 << 30)  # the same host on every machine
+
+    def sweep(*a, **k):
+        raise AssertionError("the sweep was reached")
+
+    monkeypatch.setattr(experiments, "cluster_sweep", sweep)
+    proc = gradattn([*args, "--out", "r.json", "--no-progress", "--no-compilation-cache"], tmp_path)
+    assert_refused(proc, "needs at least", "more than the host's physical memory (16 GiB)", *needles)
+    assert os.listdir(tmp_path) == []

@@ -4,7 +4,6 @@ anything is traced or compiled."""
 
 import dataclasses
 import os
-import time
 
 import jax
 import pytest
@@ -91,10 +90,8 @@ def test_sizes_too_big_together_are_refused_in_one_line_before_compiling(monkeyp
         raise AssertionError("the sweep was reached: the run was traced and compiled")
 
     monkeypatch.setattr(experiments, "cluster_sweep", sweep)
-    t0 = time.perf_counter()
     with pytest.raises(memory.MemoryEstimateError) as info:
         call()
-    assert time.perf_counter() - t0 < 2.0
     message = str(info.value)
     assert "\n" not in message and isinstance(info.value, ValueError)
     assert "needs an estimated" in message and "more than the host's physical memory (16 GiB)" in message
