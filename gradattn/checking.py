@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
+from gradattn._checks import check_int32_range
+
 DEFAULT_ERRORS = checkify.user_checks | checkify.index_checks | checkify.nan_checks
 """What :func:`checked` checks by default: the input checks above, out-of-bounds indexing, and NaN
 created by any operation."""
@@ -65,7 +67,8 @@ def checked(fn, *, errors=DEFAULT_ERRORS, jit: bool = True, static_argnames=("ca
     Returns:
       a function with ``fn``'s signature and results that raises ``checkify.JaxRuntimeError`` when a
       check fails (an invalid label, a negative or all-zero weight vector, a non-finite x, NaN made
-      inside, an index out of bounds).
+      inside, an index out of bounds), and a ValueError, before compiling, for numpy int64 labels
+      beyond int32 while x64 is off (which ``jit`` would cut to their low 32 bits).
     """
     if not callable(fn):
         raise TypeError(f"checked: fn must be callable, got {fn!r}")
@@ -82,6 +85,10 @@ def checked(fn, *, errors=DEFAULT_ERRORS, jit: bool = True, static_argnames=("ca
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # With x64 off, jit keeps only the low 32 bits of an int64 label (2^32 + 1 arrives as 1, a
+        # valid label): refuse such labels here, before they cross into the compiled function.
+        y = kwargs["y"] if "y" in kwargs else (args[2] if len(args) > 2 else None)
+        check_int32_range("y", y, "checked")
         err, out = run(*args, **kwargs)
         err.throw()
         return out

@@ -85,6 +85,18 @@ def test_int64_labels_beyond_int32_are_refused_before_they_cross_jit():
 # --------------------------------------------------------------------------------------------
 
 
+def test_checked_refuses_int64_labels_that_jit_would_cut_to_32_bits():
+    with jax.enable_x64(False):
+        params, x = _head32()
+        y = np.array([0, 1, 2, 3, 4, 2**32 + 1], np.int64)
+        safe = ga.checked(ga.dense_loss)
+        with pytest.raises(ValueError, match=r"checked: y \(shape \(6,\), int64\) holds values in \[0, 4294967297\]"):
+            safe(params, x, y)
+        with pytest.raises(ValueError, match="beyond int32"):
+            safe(params, x, y=y)
+        assert np.isfinite(safe(params, x, y % 5))
+
+
 def test_parse_float_refuses_non_zero_numbers_that_are_0_in_float32():
     with pytest.raises(ValueError, match="'1e-50' is not 0 but rounds to 0 in float32"):
         parse_float("1e-50", float32=True)
