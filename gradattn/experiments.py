@@ -37,7 +37,7 @@ from gradattn.head import forward, init_head, token_losses
 from gradattn.memory import check_memory
 from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.provenance import finish, provenance
-from gradattn.sweeps import default_chunk_size, experiment_seeds, sweep
+from gradattn.sweeps import check_devices, default_chunk_size, experiment_seeds, sweep
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train
 
@@ -134,7 +134,7 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
                 f"{fn}: devices picks devices of one process; in a run of {jax.process_count()} processes leave it None "
                 "(the seeds then run over every process's local devices)"
             )
-        devices = list(devices)
+        devices = check_devices(devices, fn)
     to_dict = getattr(config, "to_dict", None)
     if checkpoint_dir is not None and not callable(to_dict):
         raise TypeError(f"{fn}: a checkpoint_dir needs a config with a to_dict() method (a JSON-able description of "

@@ -142,7 +142,7 @@ def seed_keys(seeds) -> jax.Array:
     return _keys_from_ints(seed_ints(seeds), "sweep")
 
 
-def _check_devices(devices, fn: str = "sweep") -> list:
+def check_devices(devices, fn: str = "sweep") -> list:
     """``devices`` as a list: distinct ``jax.Device`` objects of this process and of one platform
     (``jax.devices()`` when None). A TypeError or ValueError naming ``devices`` and what was given
     otherwise, before anything is traced."""
@@ -247,7 +247,7 @@ def sweep(
     n = keys.shape[0]
     _check_distinct(keys)
     chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, "sweep")
-    devices = _check_devices(devices)
+    devices = check_devices(devices)
     per_call = chunk_size * len(devices)
 
     run, sharding, count = _compiled(fn, tuple(devices), progress or ticks)

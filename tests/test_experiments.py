@@ -233,3 +233,9 @@ def test_config_from_dict_round_trips_every_experiment_config():
         config_from_dict(EmVsSgdConfig, {**EmVsSgdConfig().to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="unknown task"):
         config_from_dict(EmVsSgdConfig, {"task": {"name": "Nope"}})
+
+
+@pytest.mark.parametrize("devices", ["cpu", ["cpu"], [0]])
+def test_devices_that_are_not_jax_devices_are_refused_in_the_experiments_name(devices):
+    with pytest.raises(TypeError, match=r"em_vs_sgd: devices must"):
+        experiments.em_vs_sgd(1, EmVsSgdConfig(steps=2), devices=devices)
