@@ -63,7 +63,6 @@ from typing import NamedTuple, NoReturn
 
 import jax
 import numpy as np
-from matplotlib.figure import Figure
 
 from gradattn import _compile_cache, cluster, deep, experiments, memory, resume, studies, tasks
 from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
@@ -443,6 +442,8 @@ def _outputs(args, parser) -> tuple[_Target | None, _Target | None]:
         if out is not None and same_file(out.path, plot.path):
             parser.error(f"--out {args.out!r} and --plot {args.plot!r} name the same file ({plot.path})")
         suffix = os.path.splitext(plot.path)[1].lstrip(".").lower()
+        from matplotlib.figure import Figure  # only when a figure is asked for: --help stays quick
+
         formats = Figure().canvas.get_supported_filetypes()
         if suffix not in formats:
             parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")

@@ -75,3 +75,11 @@ def test_pallas_is_imported_only_when_its_path_is_resolved():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_command_line_imports_matplotlib_only_to_draw():
+    # `gradattn --help` and every refusal before a run come without matplotlib's import.
+    code = ("import sys\nimport gradattn.cli, gradattn.studies\n"
+            "assert 'matplotlib' not in sys.modules\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from matplotlib.figure import Figure
 
 from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
@@ -365,6 +364,8 @@ def plot_bijection(results: dict, path: str | os.PathLike | None = None, *, dpi:
     the data; integer position ticks. Saved atomically when ``path`` is given; returns the Figure."""
     models, positions, exact, n_seeds = _check_results(results, "plot_bijection")
     t = np.asarray(positions)
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
+
     fig = Figure(figsize=(12, 5.2), layout="constrained")
     ax_kl, ax_h = fig.subplots(1, 2)
     colors = {"head_init": "tab:gray", "head": "tab:blue", "deep_init": "tab:olive", "deep": "tab:red"}
