@@ -7,12 +7,14 @@
   coordinator, num_processes, process_id (optional: join a multi-process run);
   checkpoint_dir, fingerprint (optional); pause (seconds each call sleeps on the host);
   exit_before_sweep: "crash" (os._exit(3)) or "exit" (a clean sys.exit(0)) before the sweep;
-  crash_after_calls: k (os._exit(3) in the middle of its (k+1)-th call); both in process exit_process (1).
+  crash_after_calls: k (os._exit(3) in the middle of its (k+1)-th call); both in process exit_process (1);
+  kill: "sigkill" to die by SIGKILL instead of os._exit(3).
 It prints one JSON line: the process id, the sweep's wall time and the process's.
 """
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -37,10 +39,16 @@ CRASH_AFTER = ARGS.get("crash_after_calls") if ARGS.get("process_id") == ARGS.ge
 CALLS = [0]
 
 
+def _die():
+    if ARGS.get("kill") == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
 def _pause():
     CALLS[0] += 1
     if CRASH_AFTER is not None and CALLS[0] > CRASH_AFTER:
-        os._exit(3)  # a node lost in the middle of the sweep
+        _die()  # a node lost in the middle of the sweep
     time.sleep(PAUSE)
 
 
@@ -57,7 +65,7 @@ def fn(key):
 if ARGS.get("exit_before_sweep") and ARGS.get("process_id") == ARGS.get("exit_process", 1):
     print(json.dumps({"process": ARGS.get("process_id"), "exiting": ARGS["exit_before_sweep"]}), flush=True)
     if ARGS["exit_before_sweep"] == "crash":
-        os._exit(3)
+        _die()
     sys.exit(0)
 
 SEEDS = ARGS.get("seeds_by_process", {}).get(str(ARGS.get("process_id")), ARGS["seeds"])

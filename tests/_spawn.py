@@ -77,3 +77,12 @@ def assert_same(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+LOST = ("another process of the run has most likely died or been stopped", "died or was stopped (its connection",
+        "left the run before the sweep ended", "process 0 stopped the run")
+"""The phrases of gradattn.cluster's one-line messages for a process of the run that is gone."""
+
+
+def says_a_process_was_lost(text: str) -> bool:
+    return any(phrase in text for phrase in LOST)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _cli import TINY, cli_run
-from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one
+from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one, says_a_process_was_lost
 
 from gradattn import cli, cluster, deep, experiments
 
@@ -142,15 +142,13 @@ def test_a_process_that_dies_stops_the_others(tmp_path, how):
     runs = run_cluster({"mode": "cluster", "seeds": SEEDS, "chunk_size": 1, "out": str(tmp_path / "d"), "exit_process": 1,
                         **death}, devices=[1, 1, 1], timeout=180)
     elapsed = time.monotonic() - t0
-    said = ["ours" if "another process has most likely died" in r["err"] else "jax" for r in runs]
-    print(f"\n{how}: the others ended after {elapsed:.1f} s, status {[r['rc'] for r in runs]}, message {said}")
-    for i in (0, 2):
-        assert runs[i]["rc"] != 0
+    print(f"\n{how}: the others ended after {elapsed:.1f} s, status {[r['rc'] for r in runs]}")
+    for i in (0, 2):  # one line naming the cause, the documented status, no C++ abort
+        assert runs[i]["rc"] == cluster.PEER_LOST_EXIT, runs[i]["err"][-3000:]
         assert not os.path.exists(tmp_path / f"d.{i}.npz")
         err = runs[i]["err"]
-        assert ("another process has most likely died" in err
-                or "JAX distributed service detected fatal errors" in err), err[-3000:]
-    assert elapsed < 150  # heartbeat and shutdown timeouts of 5 and 10 s, plus start-up on a busy machine
+        assert len(err.strip().splitlines()) == 1 and says_a_process_was_lost(err), err[-3000:]
+    assert elapsed < 150  # start-up on a busy machine; the loss itself is seen at once
 
 
 @pytest.mark.slow
@@ -168,6 +166,7 @@ def test_processes_given_different_seeds_refuse_to_sweep(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--coordinator", "localhost"], "argument --coordinator: coordinator must be HOST:PORT"),
     (["--coordinator", "127.0.0.1:0", "--num-processes", "2", "--process-id", "0"], "a port in 1..65535"),
+    (["--coordinator", "999.999.999.999:23470", "--num-processes", "2", "--process-id", "1"], "not a valid IPv4 address"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], "missing --process-id"),
     (["--process-id", "0"], "missing --coordinator, --num-processes"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id: must be in [0, 1]"),
