@@ -14,8 +14,8 @@ import glob
 import json
 import math
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable
 from typing import IO
 
@@ -118,9 +118,10 @@ def check_output_path(path: str | os.PathLike) -> str:
         in which no file can be created).
     """
     target = resolve_target(path)
-    directory, name = os.path.split(target)
+    directory = os.path.dirname(target)
+    probe = _temp_path(target)
     try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
         raise ValueError(f"{os.fspath(path)!r}: cannot create a file in directory {directory!r}: {err.strerror or err}") from None
     os.close(fd)
@@ -128,7 +129,14 @@ def check_output_path(path: str | os.PathLike) -> str:
     return target
 
 
-def _alive(pid: int) -> bool:
+def _temp_path(target: str) -> str:
+    """A new temp file name beside ``target``: ``.<name>.gradattn-<pid>-<random>.tmp``."""
+    directory, name = os.path.split(target)
+    return os.path.join(directory, f".{name}{_TAG}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (someone else's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +156,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     removed = []
     for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}{_TAG}*.tmp")):
         pid_text = os.path.basename(tmp)[len(name) + 1 + len(_TAG):].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             try:
                 os.unlink(tmp)
                 removed.append(tmp)
@@ -157,31 +165,42 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it to ``path``.
+def replace_whole(target: str, tmp: str, write: Callable[[IO], None], *, binary: bool = False) -> None:
+    """Replace ``target`` whole or not at all: create the new file ``tmp`` beside it, call
+    ``write(f)`` on it, fsync it, then rename it to ``target`` (``os.replace``).
 
-    ``path`` must be a regular file or not exist yet; a symlink is followed and its target replaced
-    (:func:`resolve_target`). On any error the temp file is removed and ``path`` is left as it was.
-    The file gets the ordinary permissions of the process umask (``mkstemp`` alone would leave it
-    0600). Stale temp files of the same target are removed first (:func:`remove_stale_temps`).
+    ``tmp`` gets the ordinary permissions of the process umask. On any error after it was created,
+    ``tmp`` is removed where the file system still allows it (one that turned read-only does not:
+    the caller's stale-temp removal takes it later) and the error is raised; ``target`` is left as
+    it was. The one place in the library that renames a file onto a result.
     """
-    target = resolve_target(path)
-    remove_stale_temps(target)
-    directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}{_TAG}{os.getpid()}-", suffix=".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, then rename it to ``path``
+    (:func:`replace_whole`).
+
+    ``path`` must be a regular file or not exist yet; a symlink is followed and its target replaced
+    (:func:`resolve_target`). On any error the temp file is removed and ``path`` is left as it was.
+    The file gets the ordinary permissions of the process umask. Stale temp files of the same
+    target are removed first (:func:`remove_stale_temps`).
+    """
+    target = resolve_target(path)
+    remove_stale_temps(target)
+    replace_whole(target, _temp_path(target), write, binary=binary)
 
 
 def finite_json(obj):

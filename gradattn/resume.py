@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from gradattn._io import process_alive, replace_whole
+
 FORMAT = "gradattn-sweep-chunks 1"
 MANIFEST = "manifest.json"
 _CHUNK_PREFIX = "chunk-"
@@ -110,7 +112,8 @@ def _host() -> str:
 
 
 def _write_replace(path: str, data: bytes) -> None:
-    """``data`` to ``path`` whole or not at all: a temp file beside it, fsync, ``os.replace``.
+    """``data`` to ``path`` whole or not at all: a temp file beside it, fsync, ``os.replace``
+    (:func:`gradattn._io.replace_whole`).
 
     The temp name carries the host and the pid (``.<name>.gradattn-tmp-<host>-<pid>-<random>``),
     so that processes of several hosts sharing one directory never take each other's temp files for
@@ -118,19 +121,7 @@ def _write_replace(path: str, data: bytes) -> None:
     """
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}{_TMP}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:  # never created, or a file system that turned read-only: the next run removes it
-            pass
-        raise
+    replace_whole(path, tmp, lambda f: f.write(data), binary=True)
 
 
 def _remove_stale_temps(directory: str) -> None:
@@ -140,13 +131,7 @@ def _remove_stale_temps(directory: str) -> None:
         rest = os.path.basename(tmp).split(prefix, 1)
         if len(rest) != 2 or not rest[1].split("-", 1)[0].isdigit():
             continue
-        pid = int(rest[1].split("-", 1)[0])
-        try:
-            os.kill(pid, 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if process_alive(int(rest[1].split("-", 1)[0])):
             continue
         try:
             os.unlink(tmp)
