@@ -53,7 +53,9 @@ import os
 import re
 import selectors
 import socket
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -780,6 +782,45 @@ def sweep_manifest(fn, keys: jax.Array, chunk_size: int, fingerprint: dict | Non
     )
 
 
+def _check_checkpoint_dir(checkpoint_dir) -> str:
+    """``checkpoint_dir`` as a path if it is an existing directory in which files can be created, or
+    a path whose longest existing part is one (the sweep creates the rest); SweepRefused (one line
+    naming checkpoint_dir) otherwise, TypeError for a non-path. Checked by creating a probe file."""
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"cluster_sweep: checkpoint_dir must be a path (str or os.PathLike), got {type(checkpoint_dir).__name__}")
+    path = os.fspath(checkpoint_dir)
+    if not isinstance(path, str):
+        raise TypeError(f"cluster_sweep: checkpoint_dir must be a str path, got {path!r}")
+    if not path:
+        raise resume.SweepRefused("cluster_sweep: checkpoint_dir '' is an empty path; give the path of a directory")
+    head, rest = path, 0
+    while True:
+        try:
+            st = os.stat(head or os.curdir)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            parent = os.path.dirname(head.rstrip(os.sep)) if head.rstrip(os.sep) else head
+            if parent == head:
+                raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be created: no part of it exists") from None
+            head, rest = parent, rest + 1
+        except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES, ...
+            raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be used: {_one_line(e.strerror or e)}") from None
+    where = head or os.curdir
+    if not stat.S_ISDIR(st.st_mode):
+        what = "exists and is not a directory" if not rest else f"cannot be created: {where!r} is not a directory"
+        raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".gradattn-probe-")
+    except OSError as e:
+        inside = "" if not rest else f" (in {where!r}, where it would be created)"
+        raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be used: cannot create files{inside}: "
+                                  f"{_one_line(e.strerror or e)}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return path
+
+
 def cluster_sweep(
     fn: Callable[[jax.Array], Any],
     seeds: Sequence[int] | jax.Array,
@@ -813,8 +854,9 @@ def cluster_sweep(
       the pytree of ``fn``'s output with numpy leaves of shape ``(n_seeds, ...)``, on every process.
     Raises:
       gradattn.resume.SweepRefused (a ValueError): a checkpoint directory of another
-        configuration (or one that cannot be used); processes given different seeds, chunk sizes
-        or fingerprints. Raised before anything is computed.
+        configuration, or one that cannot be one (a path under a regular file, a directory in
+        which files cannot be created: checked first, before ``fn`` is traced); processes given
+        different seeds, chunk sizes or fingerprints. Raised before anything is computed.
       ValueError, TypeError: bad arguments (a checkpoint_dir without a fingerprint, ...).
       Nothing for a lost process: another process of the run that dies, is stopped or leaves
         before the sweep ends ends this one too, at once, with one line on stderr and exit status
@@ -840,6 +882,14 @@ def _cluster_sweep(fn: Callable[[jax.Array], Any], seeds, chunk_size: int | None
             "cluster_sweep: a checkpoint_dir needs a fingerprint (a JSON-able dict of everything fn depends on: "
             "config, task, version), so that a directory of another configuration is never mixed in"
         )
+    door: ValueError | None = None  # a checkpoint directory that cannot be used: refused before anything is traced or computed
+    if checkpoint_dir is not None:
+        try:
+            _check_checkpoint_dir(checkpoint_dir)
+        except resume.SweepRefused as e:
+            if jax.process_count() == 1:
+                raise
+            door = e  # refused by every process together, below (alone, the others would wait for this one)
     out_shape = jax.eval_shape(fn, keys[0])  # one trace: the manifest, and buffers for every process
     manifest = sweep_manifest(fn, keys, chunk_size, fingerprint, out_shape)
     key_data = np.asarray(jax.random.key_data(keys))
@@ -860,8 +910,11 @@ def _cluster_sweep(fn: Callable[[jax.Array], Any], seeds, chunk_size: int | None
     leaf_specs, treedef = jax.tree.flatten(out_shape)
     buffers = [np.zeros((n, *a.shape), a.dtype) for a in leaf_specs]
     have = np.zeros(n, bool)
-    store, error = None, None
-    if checkpoint_dir is not None:
+    store: resume.ChunkStore | None = None
+    error: Exception | None = None
+    if door is not None:
+        error = door
+    elif checkpoint_dir is not None:
         try:
             store = resume.open_store(checkpoint_dir, manifest)
             position: dict[bytes, list[int]] = {}
@@ -873,7 +926,7 @@ def _cluster_sweep(fn: Callable[[jax.Array], Any], seeds, chunk_size: int | None
                         have[i] = True
                         for buf, leaf in zip(buffers, chunk_leaves):
                             buf[i] = leaf[r]
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # refused, or cannot be written: every process stops together
             error = e
     if n_proc > 1:
         flags = _allgather(np.concatenate([[error is not None], have]).astype(np.uint8), "comparing the checkpoints")

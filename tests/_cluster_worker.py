@@ -5,7 +5,8 @@
   seeds, chunk_size, out (an .npz path this process writes its whole result to);
   seeds_by_process (optional): {"<process id>": seeds} overriding seeds for some processes;
   coordinator, num_processes, process_id (optional: join a multi-process run);
-  checkpoint_dir, fingerprint (optional); pause (seconds each call sleeps on the host);
+  checkpoint_dir, fingerprint (optional); checkpoint_dir_by_process (optional): {"<process id>": dir};
+  pause (seconds each call sleeps on the host);
   exit_before_sweep: "crash" (os._exit(3)) or "exit" (a clean sys.exit(0)) before the sweep;
   crash_after_calls: k (os._exit(3) in the middle of its (k+1)-th call); both in process exit_process (1);
   kill: "sigkill" to die by SIGKILL instead of os._exit(3).
@@ -75,7 +76,8 @@ if ARGS["mode"] == "ref":
 else:
     out = cluster.cluster_sweep(
         fn, SEEDS, chunk_size=ARGS["chunk_size"],
-        checkpoint_dir=ARGS.get("checkpoint_dir"), fingerprint=ARGS.get("fingerprint"),
+        checkpoint_dir=ARGS.get("checkpoint_dir_by_process", {}).get(str(ARGS.get("process_id")), ARGS.get("checkpoint_dir")),
+        fingerprint=ARGS.get("fingerprint"),
     )
 sweep_s = time.perf_counter() - t
 np.savez(ARGS["out"], **out)

@@ -1,8 +1,8 @@
 """A multi-process run that cannot start or cannot go on ends in one line naming the cause and a
 documented exit status, never in a hang or a C++ abort: a malformed or unresolvable coordinator,
 a coordinator port already in use, a process 0 that cannot be reached, processes given different
-process counts or the same id, and a process killed in the middle of a sweep (the chunks it
-finished stay on disk).
+process counts or the same id, a process killed in the middle of a sweep (the chunks it finished
+stay on disk), and a checkpoint directory that cannot be one.
 
 Every run that could reach JAX's distributed runtime runs in a subprocess with a time limit."""
 
@@ -16,6 +16,7 @@ import textwrap
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one, says_a_process_was_lost
@@ -298,3 +299,68 @@ def test_a_process_lost_while_the_others_compute_ends_them_at_once(tmp_path):
     assert r["rc"] == cluster.PEER_LOST_EXIT, r["err"][-3000:]
     assert len(r["err"].strip().splitlines()) == 1 and says_a_process_was_lost(r["err"]), r["err"][-3000:]
     assert "Check failure" not in r["err"] and "Terminating process" not in r["err"]
+
+
+# ---- a checkpoint directory that cannot be one: refused at the door ----
+
+
+def _traced_fn(calls):
+    def fn(key):
+        calls.append(1)
+        return {"x": jax.random.normal(key, (2,))}
+    return fn
+
+
+@pytest.mark.parametrize("where, why", [
+    ("{file}/ck", "cannot be created: '{file}' is not a directory"),
+    ("{file}/a/b", "cannot be created: '{file}' is not a directory"),
+    ("{file}", "exists and is not a directory"),
+    ("/proc/gradattn-ck", "cannot create files"),
+    ("", "empty path"),
+])
+def test_a_checkpoint_dir_that_cannot_be_one_is_refused_before_anything_runs(tmp_path, where, why):
+    if where.startswith("/proc") and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("x")
+    where, why = (s.replace("{file}", str(tmp_path / "file")) for s in (where, why))
+    calls = []
+    with pytest.raises(resume.SweepRefused) as e:
+        cluster.cluster_sweep(_traced_fn(calls), [0, 1], chunk_size=1, checkpoint_dir=where, fingerprint={"t": 1})
+    message = str(e.value)
+    assert message.startswith("cluster_sweep: checkpoint_dir") and why in message and len(message.splitlines()) == 1
+    assert calls == []  # refused before fn was traced
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_dir_one_process_cannot_use_stops_every_process(tmp_path):
+    (tmp_path / "file").write_text("x")
+    runs = run_cluster({"mode": "cluster", "seeds": SEEDS, "chunk_size": 1, "out": str(tmp_path / "r"), "fingerprint": {"t": 1},
+                        "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_dir_by_process": {"1": str(tmp_path / "file" / "ck")}},
+                       devices=[1, 1], timeout=180)
+    assert "checkpoint_dir" in runs[1]["err"] and "is not a directory" in runs[1]["err"], runs[1]["err"][-3000:]
+    assert "process(es) [1] refused their checkpoint directory" in runs[0]["err"], runs[0]["err"][-3000:]
+    for i, r in enumerate(runs):
+        assert r["rc"] == 1 and "SweepRefused" in r["err"] and not os.path.exists(tmp_path / f"r.{i}.npz")  # an uncaught exception
+        assert "Check failure" not in r["err"] and not says_a_process_was_lost(r["err"])  # both stop together, cleanly
+    assert not _chunks(tmp_path / "ck")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user (root may write anywhere)")
+def test_a_checkpoint_dir_in_a_read_only_directory_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(resume.SweepRefused, match="cannot create files"):
+            cluster.cluster_sweep(_traced_fn([]), [0], chunk_size=1, checkpoint_dir=str(ro / "ck"), fingerprint={"t": 1})
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_usable_checkpoint_dir_still_works(tmp_path):
+    out = cluster.cluster_sweep(_traced_fn([]), [0, 1], chunk_size=1, checkpoint_dir=str(tmp_path / "a" / "b"),
+                                fingerprint={"t": 1})
+    assert out["x"].shape == (2, 2) and np.isfinite(out["x"]).all()
+    assert len(_chunks(tmp_path / "a" / "b")) == 2
+    assert not [f for f in os.listdir(tmp_path / "a" / "b") if f.startswith(".gradattn-probe-")]
