@@ -103,40 +103,16 @@ def em_like(value_lr=0.1, routing_lr=0.01, base: Callable[..., optax.GradientTra
     return optax.multi_transform({VALUE: base(value_lr), ROUTING: base(routing_lr)}, param_labels())
 
 
-class GatedState(NamedTuple):
-    """State of :func:`gated`: the number of updates seen, and the inner optimiser's state."""
-
-    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count (optax's name for it)
-    inner: Any
-
-
-def gated(inner: optax.GradientTransformation, active: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
-    """``inner`` applied only on the steps ``t`` (0, 1, ...) where ``active(t)`` is True.
-
-    On the other steps the update is exactly zero and the inner state (momenta, counts) is left
-    untouched, so the inner optimiser sees only the steps on which it acts. ``t`` is kept in this
-    transformation's own state; everything is pure and jit-able.
-    """
-
-    def init_fn(params):
-        return GatedState(count=jnp.zeros((), jnp.int32), inner=inner.init(params))
-
-    def update_fn(updates, state, params=None):
-        on = jnp.asarray(active(state.count), bool)
-        new_updates, new_inner = inner.update(updates, state.inner, params)
-        new_updates = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_inner, state.inner)
-        return new_updates, GatedState(count=state.count + 1, inner=new_inner)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def alternating(value_lr=0.1, routing_lr=0.01, period: int = 1, base: Callable[..., optax.GradientTransformation] = optax.sgd):
     """Strictly alternating value-only and routing-only steps (block-coordinate EM).
 
     Step ``t`` (counted from 0) is a value step when ``(t // period) % 2 == 0``: only ``w_v`` moves,
     by ``base(value_lr)``; otherwise it is a routing step: only ``w_q, w_k, w_o`` move, by
     ``base(routing_lr)``. With ``period=1``: value, routing, value, routing, ...
+
+    Each group's optimiser is wrapped in ``optax.transforms.conditionally_mask``, which counts the
+    steps itself: on the other group's steps its update is exactly zero and its own state (momenta,
+    Adam's step count) is left untouched, so it sees only the steps on which it acts.
     """
     _check_lr("value_lr", value_lr, "alternating")
     _check_lr("routing_lr", routing_lr, "alternating")
@@ -146,8 +122,8 @@ def alternating(value_lr=0.1, routing_lr=0.01, period: int = 1, base: Callable[.
     phase = lambda t: (t // period) % 2  # noqa: E731
     return optax.multi_transform(
         {
-            VALUE: gated(base(value_lr), lambda t: phase(t) == 0),
-            ROUTING: gated(base(routing_lr), lambda t: phase(t) == 1),
+            VALUE: optax.transforms.conditionally_mask(base(value_lr), lambda t: phase(t) == 0),
+            ROUTING: optax.transforms.conditionally_mask(base(routing_lr), lambda t: phase(t) == 1),
         },
         param_labels(),
     )
