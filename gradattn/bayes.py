@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_labels, check_number, check_weights, concrete, is_traced
-from gradattn._math import LN2
+from gradattn._math import LN2, entropy_from_log
 
 
 def _check_model(transition_matrix, embeddings, x, fn: str):
@@ -189,12 +189,6 @@ def bayes_entropy(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Arr
     """
     log_pred = bayes_log_predictive(transition_matrix, embeddings, x, noise_std=noise_std)
     return entropy_from_log(log_pred)
-
-
-def entropy_from_log(log_p):
-    """-sum_c p_c log p_c over the last axis of log-probabilities, with 0 log 0 = 0."""
-    p = jnp.exp(log_p)
-    return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, log_p, 0.0), 0.0), axis=-1)
 
 
 def bayes_filter_entropy(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_int, check_labels, check_number, check_prng_key, check_weights, concrete
-from gradattn.bayes import entropy_from_log, forward_algorithm, loss_from_log_predictive
+from gradattn._math import entropy_from_log, entropy_nats
+from gradattn.bayes import forward_algorithm, loss_from_log_predictive
 
 
 def stationary_distribution(transition_matrix: np.ndarray) -> np.ndarray:
@@ -40,10 +41,6 @@ def stationary_distribution(transition_matrix: np.ndarray) -> np.ndarray:
     pi = np.linalg.lstsq(system, rhs, rcond=None)[0]
     pi = np.clip(pi, 0.0, None)
     return pi / pi.sum()
-
-
-def _row_entropy(p: np.ndarray) -> np.ndarray:
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +124,7 @@ class DirichletHMM:
         """sum_k pi(k) H((A B)[k]) in nats: the expected loss per position of an oracle that knows
         the hidden state z_t (its predictive of o_{t+1} is row z_t of A B). A floor below the Bayes
         predictor's loss, which must infer z_t from the observations."""
-        return float(self.initial_distribution @ _row_entropy(self.transition_matrix @ self.emission_matrix))
+        return float(self.initial_distribution @ entropy_nats(self.transition_matrix @ self.emission_matrix, xp=np))
 
     def to_dict(self) -> dict:
         """JSON-ready fields under the class name; :meth:`from_dict` rebuilds an equal task."""

@@ -45,6 +45,7 @@ from gradattn._checks import (
     option,
     parse_int,
 )
+from gradattn._math import entropy_nats
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
 from gradattn.sweeps import MAX_SEED
 
@@ -376,8 +377,7 @@ class StickyMarkov:
         (P is circulant, so its stationary distribution is uniform and this is the oracle's
         expected loss per position.)
         """
-        p = self.transition_matrix
-        return float(np.mean(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)))
+        return float(np.mean(entropy_nats(self.transition_matrix, xp=np)))
 
     def to_dict(self) -> dict:
         """JSON-ready: the sizes, ``noise_std`` and ``embeddings`` as ``"reference"``, ``"seed:N"`` or
