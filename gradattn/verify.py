@@ -17,9 +17,11 @@ from gradattn.blocked import blocked_loss_and_grads
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 
 
-def relative_error(a, r) -> float:
-    """``max |a - r| / max |r|`` as a Python float (the denominator kept above the dtype's tiny)."""
-    return float(jnp.max(jnp.abs(a - r)) / jnp.maximum(jnp.max(jnp.abs(r)), jnp.finfo(jnp.result_type(r)).tiny))
+def relative_error(a, r, floor=None) -> float:
+    """``max |a - r| / max |r|`` as a Python float, the denominator kept above ``floor`` (default:
+    the tiny of ``r``'s dtype; a larger floor measures an all-zero ``r`` on that scale)."""
+    floor = jnp.finfo(jnp.result_type(r)).tiny if floor is None else floor
+    return float(jnp.max(jnp.abs(a - r)) / jnp.maximum(jnp.max(jnp.abs(r)), floor))
 
 
 def random_instance(key, *, n, d_in, d_k, d_v, n_classes):

@@ -21,14 +21,12 @@ from gradattn.blocked import (
 )
 from gradattn.head import dense_loss, forward
 from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
+from gradattn.verify import relative_error
 
 
 def rel_err(a, b):
-    """Largest |a - b| over the leaves, relative to the largest |b| of each leaf (floor 1e-30)."""
-    return max(
-        float(jnp.max(jnp.abs(u - v)) / jnp.maximum(jnp.max(jnp.abs(v)), 1e-30))
-        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
+    """The largest verify.relative_error over the leaves (each relative to its own largest |b|, floor 1e-30)."""
+    return max(relative_error(u, v, 1e-30) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def assert_close(a, b, tol):
