@@ -261,7 +261,7 @@ def snapshots(params_series: HeadParams, x: jax.Array, rows=None, causal: bool =
             blocks.finish(blk, ctx[-1][0, 0])
         s = (q[rows] @ k.T) / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype))
         if causal:
-            s = jnp.where(jnp.arange(n)[None, :] <= rows[:, None], s, -jnp.inf)
+            s = jnp.where(causal_visible(rows.shape[0], n, query_positions=rows), s, -jnp.inf)
         return Snapshots(alpha=jax.nn.softmax(s, axis=-1), values=v, contexts=jnp.concatenate(ctx))
 
     return jax.lax.map(one, params_series)
