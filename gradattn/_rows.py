@@ -117,7 +117,8 @@ def masked_scores(q_r: jax.Array, k: jax.Array, r0: int, causal: bool) -> jax.Ar
     return s
 
 
-def causal_visible(n_rows: int, n_keys: int, row_offset: int = 0, query_positions: jax.Array | None = None) -> jax.Array:
+def causal_visible(n_rows: int, n_keys: int, row_offset: int = 0,
+                   query_positions: jax.Array | None = None) -> jax.Array:
     """(n_rows, n_keys) boolean, True where key j may be attended by query i (j <= i, the diagonal
     kept), the query of each row being i = row_offset + row, or ``query_positions[row]`` when that
     (n_rows,) integer array is given (rows gathered in any order). The one causal mask of the library."""
