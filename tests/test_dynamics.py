@@ -8,6 +8,7 @@ import pytest
 from gradattn import blocked_loss_and_grads, dense_loss, forward, init_head, upstream_grad
 from gradattn.dynamics import (
     FeedbackRecord,
+    StepFeedback,
     distance_to_final,
     feedback_probe,
     feedback_stats,
@@ -148,13 +149,14 @@ def test_feedback_stats_match_dense_reference(block_size):
     g = jax.jit(blocked_loss_and_grads)(p0, x, y)[1]
     p1 = jax.tree.map(lambda a, b: a - 0.3 * b, p0, g)
     s = stats_fn(p0, p1, x, y, block_size=block_size)
+    assert type(s) is StepFeedback  # the one type of the statistics, step_feedback's too
     ref = dense_feedback(p0, p1, x, y)
     np.testing.assert_allclose(
         [s.sign_agreement, s.sign_agreement_weighted, s.value_alignment, s.value_alignment_weighted], ref, rtol=1e-10
     )
     alpha = np.asarray(jax.jit(forward)(p0, x).alpha)
     ent = -np.sum(np.where(alpha > 0, alpha * np.log2(np.where(alpha > 0, alpha, 1.0)), 0.0)) / 12
-    np.testing.assert_allclose(s.attention_entropy_bits, ent, rtol=1e-10)
+    np.testing.assert_allclose(s.entropy_bits, ent, rtol=1e-10)
 
 
 def test_value_only_step_in_value_space_aligns_perfectly():
@@ -180,10 +182,10 @@ def test_probe_inside_training_scan_under_vmap():
 
     _, hist = jax.jit(jax.vmap(run))(stack(ps), jnp.stack(xs), jnp.stack(ys))
     rec = hist["checkpoints"]
-    assert isinstance(rec, FeedbackRecord)
+    assert isinstance(rec, FeedbackRecord) and type(rec.stats) is StepFeedback
     assert rec.stats.sign_agreement.shape == (2, 2)
     assert rec.params.w_q.shape == (2, 2, 6, 4)
-    np.testing.assert_allclose(rec.stats.loss, hist["loss"][:, ::4], rtol=1e-5)
+    np.testing.assert_allclose(rec.loss, hist["loss"][:, ::4], rtol=1e-5)
     np.testing.assert_allclose(rec.params.w_v[0, 0], ps[0].w_v)
     # The default probe has the same output structure.
     _, h2 = training.train(ps[0], xs[0], ys[0], opt, 4, checkpoint_every=4, probe=feedback_probe)

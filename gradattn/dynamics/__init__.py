@@ -14,7 +14,6 @@ Three subjects, one module each, every public name re-exported here:
 
 from gradattn.dynamics.feedback import (
     FeedbackRecord,
-    FeedbackStats,
     Snapshots,
     StepFeedback,
     feedback_probe,
@@ -42,7 +41,6 @@ from gradattn.dynamics.settling import (
 
 __all__ = [
     "FeedbackRecord",
-    "FeedbackStats",
     "FirstOrderReport",
     "FrameBeforePrecision",
     "RoutingFeedback",

@@ -22,15 +22,21 @@ from gradattn._rows import RowBlocks, causal_visible, masked_scores
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import advantage, compatibility, output_error_rows, value_grad
 
-__all__ = ["FeedbackRecord", "FeedbackStats", "Snapshots", "StepFeedback", "feedback_probe", "feedback_stats",
-           "make_feedback_probe", "snapshots", "step_feedback"]
+__all__ = ["FeedbackRecord", "Snapshots", "StepFeedback", "feedback_probe", "feedback_stats", "make_feedback_probe",
+           "snapshots", "step_feedback"]
 
 
-class FeedbackStats(NamedTuple):
-    """Feedback-loop statistics of one step theta -> theta' (a pytree of scalars).
+def _attention_rows(q_r, k, r0: int, causal: bool):
+    """alpha for query rows r0:r0+|R| against keys ``k`` (|R|, len(k)): the blocked pass's masked scores."""
+    return jax.nn.softmax(masked_scores(q_r / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype)), k, r0, causal), axis=-1)
+
+
+class StepFeedback(NamedTuple):
+    """Feedback-loop statistics of one step theta -> theta' (a pytree of scalars): what
+    :func:`feedback_stats` returns, and :func:`step_feedback` (for the deep model, one per head).
 
     Attributes:
-      loss: L(theta), before the step.
+      entropy_bits: mean over queries of -sum_j alpha_ij log2 alpha_ij, before the step.
       sign_agreement: over the entries (i, j) that can move (j <= i when causal, i with at least two
         visible keys, alpha_ij > 0, a_ij != 0), the fraction with sign(a_ij) = sign(Delta alpha_ij),
         where a is the advantage before the step and Delta alpha = alpha(theta') - alpha(theta).
@@ -40,26 +46,7 @@ class FeedbackStats(NamedTuple):
         - v_j(theta) is the measured move of value j.
       value_alignment_weighted: the same mean weighted by ||dL/dv_j|| (values that carry error count
         more), equal to sum_j (Delta v_j . -dL/dv_j / ||Delta v_j||) / sum_j ||dL/dv_j||.
-      attention_entropy_bits: mean over queries of -sum_j alpha_ij log2 alpha_ij, before the step.
     """
-
-    loss: jax.Array
-    sign_agreement: jax.Array
-    sign_agreement_weighted: jax.Array
-    value_alignment: jax.Array
-    value_alignment_weighted: jax.Array
-    attention_entropy_bits: jax.Array
-
-
-def _attention_rows(q_r, k, r0: int, causal: bool):
-    """alpha for query rows r0:r0+|R| against keys ``k`` (|R|, len(k)): the blocked pass's masked scores."""
-    return jax.nn.softmax(masked_scores(q_r / jnp.sqrt(jnp.asarray(k.shape[1], k.dtype)), k, r0, causal), axis=-1)
-
-
-class StepFeedback(NamedTuple):
-    """The feedback statistics of one step without the loss: what :func:`step_feedback` returns
-    (for the deep model, one per head). Definitions as in :class:`FeedbackStats`
-    (``entropy_bits`` is its ``attention_entropy_bits``)."""
 
     entropy_bits: jax.Array
     sign_agreement: jax.Array
@@ -118,19 +105,25 @@ def feedback_stats(
     weights=None,
     causal: bool = True,
     block_size: int | None = None,
-) -> FeedbackStats:
+) -> StepFeedback:
     """The feedback-loop statistics of the step ``params_before -> params_after`` (docs/theory.md).
 
     The routing law says dL/ds_ij = -alpha_ij a_ij, so a step raises s_ij, and to first order alpha_ij,
     where the advantage a_ij > 0 (for a step on the scores themselves; through W_Q, W_K the frame
     couples the entries, which is what makes the agreement an empirical question). The value law
     says Delta v_j = -eta sum_i alpha_ij u_i for a step on the values themselves; through W_V the
-    input Gram matrix couples them. See :class:`FeedbackStats` for the exact definitions.
+    input Gram matrix couples them. See :class:`StepFeedback` for the exact definitions.
 
     Works over static blocks of ``block_size`` query rows (default: the blocked pass's
     :func:`gradattn.blocked.default_block_size`): no N x N matrix is ever built, so it is cheap
     enough to run inside a vmapped training scan. Shapes: x (N, d_in), y (N,).
     """
+    return _loss_and_feedback(params_before, params_after, x, y, weights, causal, block_size)[1]
+
+
+def _loss_and_feedback(params_before, params_after, x, y, weights, causal, block_size):
+    """``(loss, stats)``: L(theta) before the step, computed block by block with the statistics, and
+    :func:`feedback_stats`."""
     n, *_ = check_head_inputs(params_before, x, y, weights, fn="feedback_stats")
     check_head_inputs(params_after, x, y, weights, fn="feedback_stats")
     shapes_before = [np.shape(a) for a in params_before]
@@ -166,26 +159,25 @@ def feedback_stats(
         dv = dv.at[:keys].add(value_grad(a0, u))
         blocks.finish(blk, loss, ent)
 
-    f = _feedback(sums, ent, n, dv, v_after - v0)
-    return FeedbackStats(loss, f.sign_agreement, f.sign_agreement_weighted, f.value_alignment,
-                         f.value_alignment_weighted, f.entropy_bits)
+    return loss, _feedback(sums, ent, n, dv, v_after - v0)
 
 
 class FeedbackRecord(NamedTuple):
-    """What :func:`feedback_probe` records at a checkpoint: the statistics and the parameters
-    before the step (cheap: four small matrices), from which attention and values at that checkpoint
-    can be recomputed afterwards (:func:`snapshots`)."""
+    """What :func:`feedback_probe` records at a checkpoint: the statistics, the parameters before the
+    step (cheap: four small matrices), from which attention and values at that checkpoint can be
+    recomputed afterwards (:func:`snapshots`), and the loss L(theta) before the step."""
 
-    stats: FeedbackStats
+    stats: StepFeedback
     params: HeadParams
+    loss: jax.Array
 
 
 def feedback_probe(state_before, state_after, x, y) -> FeedbackRecord:
     """A probe for :func:`gradattn.training.train`: ``probe(state_before, state_after, x, y)``.
 
-    Records :func:`feedback_stats` of the checkpoint's step and the parameters before it. Pure; runs
-    inside the training scan and under vmap over seeds. For position weights or a non-causal head,
-    use :func:`make_feedback_probe`.
+    Records :func:`feedback_stats` of the checkpoint's step, and the parameters and the loss before
+    it. Pure; runs inside the training scan and under vmap over seeds. For position weights or a
+    non-causal head, use :func:`make_feedback_probe`.
     """
     return make_feedback_probe()(state_before, state_after, x, y)
 
@@ -194,8 +186,8 @@ def make_feedback_probe(weights=None, causal: bool = True, block_size: int | Non
     """A :func:`feedback_probe` with fixed position ``weights``, ``causal`` flag and row block size."""
 
     def probe(state_before, state_after, x, y) -> FeedbackRecord:
-        stats = feedback_stats(state_before.params, state_after.params, x, y, weights, causal, block_size)
-        return FeedbackRecord(stats=stats, params=state_before.params)
+        loss, stats = _loss_and_feedback(state_before.params, state_after.params, x, y, weights, causal, block_size)
+        return FeedbackRecord(stats=stats, params=state_before.params, loss=loss)
 
     return probe
 
