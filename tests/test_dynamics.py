@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gradattn import blocked_loss_and_grads, dense_loss, forward, init_head, upstream_grad
+from gradattn import blocked_loss_and_grads, dense_loss, dynamics, forward, init_head, upstream_grad
 from gradattn.dynamics import (
     FeedbackRecord,
     StepFeedback,
@@ -17,7 +17,6 @@ from gradattn.dynamics import (
     make_feedback_probe,
     routing_feedback_identity,
     settling_step,
-    settling_steps,
     snapshots,
 )
 from gradattn.laws import advantage, compatibility, value_grad
@@ -255,7 +254,7 @@ def test_settling_step_constructed():
     assert int(settling_step(steps, s2, tol=0.1)) == 80
     # Never outside the band: the first checkpoint.
     assert int(settling_step(steps, jnp.ones((10, 3, 4)), tol=0.1)) == 0
-    assert settling_steps is settling_step
+    assert not hasattr(dynamics, "settling_steps")  # one name
     # vmap over seeds.
     both = jnp.stack([series, s2])
     np.testing.assert_array_equal(jax.vmap(lambda s: settling_step(steps, s, 0.1))(both), [50, 80])

@@ -36,7 +36,6 @@ from gradattn.dynamics.settling import (
     plateau_step,
     quiet_step,
     settling_step,
-    settling_steps,
 )
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "quiet_step",
     "routing_feedback_identity",
     "settling_step",
-    "settling_steps",
     "snapshots",
     "step_feedback",
 ]

@@ -25,7 +25,6 @@ __all__ = [
     "plateau_step",
     "quiet_step",
     "settling_step",
-    "settling_steps",
 ]
 
 
@@ -134,9 +133,6 @@ def _settling_step(checkpoint_steps, series, tol, scale, name: str, fn: str) -> 
     dtype = steps.dtype if jnp.issubdtype(steps.dtype, jnp.floating) else jnp.result_type(float)
     ok = jnp.all(jnp.isfinite(series)) & _increasing(steps)
     return jnp.where(ok, steps[jnp.argmax(stays)].astype(dtype), jnp.nan)
-
-
-settling_steps = settling_step
 
 
 class FrameBeforePrecision(NamedTuple):
