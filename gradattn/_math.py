@@ -1,5 +1,5 @@
 """Small numerical pieces used in more than one module: log 2, entropy in nats and in bits (of
-probabilities or of log-probabilities), the norm of a pytree."""
+probabilities or of log-probabilities), and optax's norm of a pytree."""
 
 from __future__ import annotations
 
@@ -40,6 +40,5 @@ def entropy_from_log(log_p: jax.Array, axis: int = -1) -> jax.Array:
     return _entropy(jnp, p, jnp.where(positive, log_p, 0.0), positive, axis)
 
 
-def tree_norm(tree, squared: bool = False) -> jax.Array:
-    """The Euclidean norm of all the leaves of a pytree together (``optax.tree_utils.tree_norm``)."""
-    return optax.tree_utils.tree_norm(tree, squared=squared)
+tree_norm = optax.tree_utils.tree_norm
+"""optax's Euclidean norm of all the leaves of a pytree together, itself (not a copy)."""

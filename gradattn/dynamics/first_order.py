@@ -18,9 +18,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optax.tree_utils import tree_norm
 
 from gradattn._checks import check_head_inputs, check_number, is_traced
-from gradattn._math import tree_norm
 from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
 from gradattn.head import (
     HeadOutputs,
