@@ -165,7 +165,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def replace_whole(target: str, tmp: str, write: Callable[[IO], None], *, binary: bool = False) -> None:
+def replace_whole(target: str, tmp: str, write: Callable[[IO], object], *, binary: bool = False) -> None:
     """Replace ``target`` whole or not at all: create the new file ``tmp`` beside it, call
     ``write(f)`` on it, fsync it, then rename it to ``target`` (``os.replace``).
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from optax.tree_utils import tree_norm
+import optax
 
 from gradattn._checks import check_head_inputs, check_number, is_traced
 from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
@@ -120,7 +120,7 @@ def first_order_report(
 
     loss, g = blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
     stepped = jax.tree.map(lambda p, d: p - lr * d, params, g)
-    predicted = -lr * tree_norm(g, squared=True)
+    predicted = -lr * optax.tree_utils.tree_norm(g, squared=True)
     actual = blocked_loss_unchecked(stepped, x, y, weights, causal) - loss
 
     out = forward_unchecked(params, x, causal)
