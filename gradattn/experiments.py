@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 
 from gradattn import tasks as task_classes
 from gradattn._checks import check_fields, check_int, option
+from gradattn._io import finite_json
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
 from gradattn.head import forward, init_head, token_losses
@@ -216,11 +216,7 @@ def logit_metrics(logits, y) -> dict:
 
 def json_floats(a):
     """``a`` as a Python float, or nested lists of them, with non-finite values as None (valid JSON)."""
-    a = np.asarray(a, np.float64)
-    if a.ndim == 0:
-        v = float(a)
-        return v if math.isfinite(v) else None
-    return [json_floats(b) for b in a]
+    return finite_json(np.asarray(a, np.float64).tolist())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_dense_feedback_core_equals_the_blocked_statistics():
             return dense, feedback_stats(p0, p1, x, y, block_size=5)
 
         dense, ref = both(p0, p1, x, y)
-        for a, b in ((dense.entropy_bits, ref.attention_entropy_bits), (dense.sign_agreement, ref.sign_agreement),
+        for a, b in ((dense.entropy_bits, ref.entropy_bits), (dense.sign_agreement, ref.sign_agreement),
                      (dense.sign_agreement_weighted, ref.sign_agreement_weighted),
                      (dense.value_alignment, ref.value_alignment),
                      (dense.value_alignment_weighted, ref.value_alignment_weighted)):
