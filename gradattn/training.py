@@ -14,8 +14,10 @@ pytree, so any optax optimiser plugs in. The paper's two readings of "EM-like" t
   ``W_Q, W_K, W_O`` move, and so on, starting with the values at step 0.
 
 :func:`make_step` builds ``step(state, x, y) -> (state, metrics)`` from an optimiser and a gradient
-source (``"auto"`` by default: the laws, on the path fastest on the backend); :func:`train` runs ``steps`` of them as one
-``lax.scan`` (PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
+source (``"auto"`` by default: the laws, on the path fastest on the backend), on one sequence or a
+batch of sequences (the mean of their gradients); :func:`optimizer_step` is its update, the one every
+training loop of the library takes. :func:`train` runs ``steps`` of them as one ``lax.scan``
+(PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
 """
 
 # No `from __future__ import annotations` here: the NamedTuples' field annotations must be objects,
@@ -25,12 +27,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from gradattn._checks import check_float32, check_int, check_number, is_traced
+from gradattn._checks import check_array, check_float32, check_head_inputs, check_int, check_number, concrete, is_traced
 from gradattn._math import tree_norm
 from gradattn._progress import with_ticks
-from gradattn.head import HeadParams
+from gradattn.head import HeadParams, dense_loss
+from gradattn.laws import autodiff_loss_and_grads
 from gradattn.paths import resolve_grad_source
 
 VALUE = "value"
@@ -140,31 +144,120 @@ def _check_optimizer(optimizer, fn: str) -> None:
         raise TypeError(f"{fn}: optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
 
 
+def optimizer_step(optimizer: optax.GradientTransformation, grads, opt_state, params):
+    """One optimiser step on a gradient: ``(new_params, new_opt_state)``.
+
+    ``updates, new_opt_state = optimizer.update(grads, opt_state, params)``, then
+    ``new_params = optax.apply_updates(params, updates)``. ``params`` and ``grads`` are any pytrees
+    of one structure (a :class:`~gradattn.head.HeadParams`, a flax ``nnx.State``); pure, jit- and
+    vmap-able. :func:`make_step` (gradients from a law path), the deep run and the studies
+    (gradients from ``jax.value_and_grad``) all take their steps through it.
+    """
+    _check_optimizer(optimizer, "optimizer_step")
+    grads_tree, params_tree = str(jax.tree.structure(grads)), str(jax.tree.structure(params))
+    if grads_tree != params_tree:
+        raise ValueError(
+            f"optimizer_step: grads and params must be pytrees of one structure, got {grads_tree} and {params_tree}"
+        )
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _check_data(params, x, y, weights, fn: str) -> bool:
+    """The data of one step: one sequence (x (N, d_in), y (N,)) or a batch (x (B, N, d_in),
+    y (B, N)), told apart by the rank of x; weights (N,), or (B, N) for a batch. Returns whether it
+    is a batch. Each sequence's own checks (sizes against params, dtypes, labels in range) are the
+    gradient path's; a concrete batch has them here, sequence by sequence, since under ``vmap``
+    its values are no longer concrete."""
+    check_array("x", x, fn)
+    check_array("y", y, fn)
+    xs, ys = tuple(np.shape(x)), tuple(np.shape(y))
+    if len(xs) not in (2, 3):
+        raise ValueError(
+            f"{fn}: x must be (N, d_in) for one sequence or (B, N, d_in) for a batch of B sequences, got shape {xs}"
+        )
+    batch = len(xs) == 3
+    if ys != xs[:-1]:
+        want = f"(B, N) = {xs[:-1]}" if batch else f"(N,) = {xs[:-1]}"
+        raise ValueError(f"{fn}: y must have shape {want} to match x of shape {xs}, got y of shape {ys}")
+    if weights is not None:
+        check_array("weights", weights, fn)
+        ws = tuple(np.shape(weights))
+        if ws != xs[-2:-1] and not (batch and ws == xs[:-1]):
+            want = f"(N,) = {xs[-2:-1]} or (B, N) = {xs[:-1]}" if batch else f"(N,) = {xs[-2:-1]}"
+            raise ValueError(f"{fn}: weights must have shape {want} to match x of shape {xs}, got shape {ws}")
+    if not batch:
+        return False
+    if xs[0] < 1:
+        raise ValueError(f"{fn}: a batch must hold at least one sequence, got x of shape {xs}")
+    xc, yc, wc = concrete(x), concrete(y), None if weights is None else concrete(weights)
+    if xc is not None and yc is not None and (weights is None or wc is not None):
+        for b in range(xs[0]):
+            w_b = None if wc is None else (wc[b] if wc.ndim == 2 else wc)
+            check_head_inputs(params, xc[b], yc[b], w_b, fn=f"{fn} (sequence {b} of the batch)")
+    return True
+
+
+def _batch_loss_and_grads(loss_and_grads, params, x, y, weights, causal):
+    """The mean over a batch (x (B, N, d_in), y (B, N)) of each sequence's loss and gradients from
+    the path ``loss_and_grads``, vmapped over the sequences; weights (N,) shared or (B, N).
+
+    The autodiff path differentiates the batch's mean loss itself (``jax.value_and_grad`` of the
+    mean of the sequences' dense losses), the reference the laws are held to; by linearity that is
+    the mean of the sequences' gradients, to rounding."""
+    w_axis = None if weights is None or np.ndim(weights) == 1 else 0
+    if loss_and_grads is autodiff_loss_and_grads:
+
+        def batch_loss(p):
+            losses = jax.vmap(lambda xb, yb, wb: dense_loss(p, xb, yb, wb, causal), in_axes=(0, 0, w_axis))(x, y, weights)
+            return jnp.mean(losses)
+
+        return jax.value_and_grad(batch_loss)(params)
+    losses, grads = jax.vmap(lambda xb, yb, wb: loss_and_grads(params, xb, yb, wb, causal),
+                             in_axes=(0, 0, w_axis))(x, y, weights)
+    return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+
+
 def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weights=None, causal: bool = True):
-    """A pure training step ``step(state, x, y) -> (new_state, metrics)``.
+    """A pure training step ``step(state, x, y, weights=None) -> (new_state, metrics)``.
 
     One step: ``(L, g) = grad_source(params, x, y, weights, causal)``, then
-    ``updates, opt_state = optimizer.update(g, opt_state, params)`` and
-    ``params <- optax.apply_updates(params, updates)``.
+    ``(params, opt_state) = optimizer_step(optimizer, g, opt_state, params)`` (:func:`optimizer_step`).
+
+    ``x`` is one sequence (N, d_in) with ``y`` (N,), or a batch of B sequences (B, N, d_in) with
+    ``y`` (B, N); the rank of ``x`` decides, and shapes that do not match are a ValueError naming
+    them. For a batch, ``L`` is the mean over the sequences of each one's (weighted) mean loss and
+    ``g`` its gradient: the mean of the B sequences' gradients, each from ``grad_source`` (vmapped
+    over the batch), so every path serves batches; under ``"autodiff"``, ``jax.value_and_grad`` of
+    the batch's mean loss itself (the same to rounding).
 
     Args:
       optimizer: any optax GradientTransformation over HeadParams.
       grad_source: ``"auto"`` (default: the blocked pass on CPU, the dense laws on GPU/TPU),
         ``"blocked"``, ``"dense"``, ``"autodiff"``, ``"pallas"``, or a callable
-        ``(params, x, y, weights, causal) -> (loss, grads)`` (see :func:`gradattn.paths.resolve_grad_source`).
-      weights: optional (N,) position weights, fixed for the run.
+        ``(params, x, y, weights, causal) -> (loss, grads)`` of one sequence (see
+        :func:`gradattn.paths.resolve_grad_source`).
+      weights: optional position weights, fixed for the run: (N,), shared by every sequence of a
+        batch, or (B, N) for a batch. A ``weights`` given to ``step`` replaces them for that step.
       causal: mask future keys.
     Returns:
       ``step``; its metrics are scalars: ``loss`` (before the update), ``grad_norm_value``
       (||dL/dW_V||) and ``grad_norm_routing`` (||(dL/dW_Q, dL/dW_K, dL/dW_O)||).
     """
     _check_optimizer(optimizer, "make_step")
-    loss_and_grads = resolve_grad_source(grad_source)
+    return _make_step(optimizer, resolve_grad_source(grad_source), weights, causal, "step")
 
-    def step(state: TrainState, x: jax.Array, y: jax.Array):
-        loss, grads = loss_and_grads(state.params, x, y, weights, causal)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+
+def _make_step(optimizer, loss_and_grads, default_weights, causal, fn: str):
+    """:func:`make_step` with the gradient path resolved; ``fn`` names the data's errors."""
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array, weights=None):
+        weights = default_weights if weights is None else weights
+        if _check_data(state.params, x, y, weights, fn):
+            loss, grads = _batch_loss_and_grads(loss_and_grads, state.params, x, y, weights, causal)
+        else:
+            loss, grads = loss_and_grads(state.params, x, y, weights, causal)
+        params, opt_state = optimizer_step(optimizer, grads, state.opt_state, state.params)
         metrics = {
             "loss": loss,
             "grad_norm_value": tree_norm(grads.w_v),
