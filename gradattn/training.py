@@ -17,7 +17,8 @@ pytree, so any optax optimiser plugs in. The paper's two readings of "EM-like" t
 source (``"auto"`` by default: the laws, on the path fastest on the backend), on one sequence or a
 batch of sequences (the mean of their gradients); :func:`optimizer_step` is its update, the one every
 training loop of the library takes. :func:`train` runs ``steps`` of them as one ``lax.scan``
-(PureJaxRL style), so a whole run jit-compiles and vmaps over parameters and data.
+(PureJaxRL style), on fixed data or a fresh draw per step, so a whole run jit-compiles and vmaps
+over parameters and data.
 """
 
 # No `from __future__ import annotations` here: the NamedTuples' field annotations must be objects,
@@ -276,8 +277,8 @@ def params_probe(state_before: TrainState, state_after: TrainState, x: jax.Array
 
 def train(
     params: HeadParams,
-    x: jax.Array,
-    y: jax.Array,
+    x,
+    y,
     optimizer: optax.GradientTransformation,
     steps: int,
     *,
@@ -287,21 +288,26 @@ def train(
     checkpoint_every: int | None = None,
     probe: Probe | None = None,
 ):
-    """Full-batch training on one sequence for ``steps`` updates, as one ``lax.scan``.
+    """``steps`` updates of :func:`make_step`, as one ``lax.scan``: on one sequence or one batch
+    throughout (full-batch training), or on fresh data at every step from ``data(t) -> (x, y)``.
 
     Pure and jit-compatible (``optimizer``, ``steps``, ``grad_source``, ``causal``,
-    ``checkpoint_every`` and ``probe`` are static Python values; close over them), and vmap-able
-    over ``params``, ``x`` and ``y``.
+    ``checkpoint_every``, ``probe`` and a data function are static Python values; close over them),
+    and vmap-able over ``params``, ``x`` and ``y``.
 
     Args:
       params: HeadParams at step 0.
-      x: (N, d_in) inputs.  y: (N,) integer targets.
+      x, y: the data of every step: x (N, d_in) and integer targets y (N,) for one sequence, or
+        x (B, N, d_in) and y (B, N) for a batch (as in :func:`make_step`). Or ``x`` a callable
+        ``data(t) -> (x, y)`` and ``y`` None: the data of step t (an int32 scalar), called once per
+        step inside the scan, as in :func:`train_arms` (e.g. a batch sampled from a key folded with t).
       optimizer: an optax GradientTransformation (e.g. :func:`sgd`, :func:`em_like`).
       steps: number of updates (a positive integer of any integral type, e.g. ``np.int64``).
       grad_source, weights, causal: as in :func:`make_step`.
       checkpoint_every: ``k`` dividing ``steps``; if given, ``probe(state_before, state_after, x, y)``
         is recorded for the first step of each segment of ``k`` steps, i.e. at steps 0, k, 2k, ...
-        (``steps // k`` checkpoints), by :func:`scan_steps`.
+        (``steps // k`` checkpoints), by :func:`scan_steps`, with that step's data (a data
+        function is called once more there, for the probe).
       probe: any pure function of ``(state_before, state_after, x, y)`` returning a pytree; by
         default :func:`params_probe` (the parameters before the checkpoint's step).
     Returns:
@@ -323,15 +329,35 @@ def train(
     if probe is not None and not callable(probe):
         raise TypeError(f"train: probe must be a callable (state_before, state_after, x, y) -> pytree, got {probe!r}")
     probe = params_probe if probe is None else probe
+    if callable(x):
+        if y is not None:
+            raise TypeError(f"train: y must be None when x is a data function t -> (x, y), got {type(y).__name__}")
+        data = x
+    else:
+        if y is None:
+            raise TypeError("train: y is None; give the targets y, or a data function t -> (x, y) as x with y None")
+        _check_data(params, x, y, weights, "train")
+        data = lambda t: (x, y)  # noqa: E731
 
-    step = make_step(optimizer, grad_source, weights, causal)
-    final, history, checkpoints = scan_steps(
-        lambda state, t: step(state, x, y), init_state(params, optimizer), steps, checkpoint_every,
-        lambda before, after, t: probe(before, after, x, y),
+    step = _make_step(optimizer, resolve_grad_source(grad_source), weights, causal, "train")
+    final, history, checkpoints = _scan_on_data(
+        step, init_state(params, optimizer), data, steps, checkpoint_every,
+        lambda before, after, t: probe(before, after, *data(t)),
     )
     if checkpoints is not None:
         history["checkpoints"] = checkpoints
     return final, history
+
+
+def _scan_on_data(step, carry, data, steps: int, every: int | None = None, probe=None):
+    """:func:`scan_steps` of ``step(carry, x, y)`` on ``(x, y) = data(t)``, called once per step t
+    of the scan body (shared by every arm of :func:`train_arms`); ``probe(before, after, t)``."""
+
+    def body(carry, t):
+        x, y = data(t)
+        return step(carry, x, y)
+
+    return scan_steps(body, carry, steps, every, probe)
 
 
 def scan_steps(step, carry, steps: int, every: int | None = None, probe=None):
@@ -373,7 +399,8 @@ def train_arms(params: HeadParams, optimizers: dict, data: Callable[[jax.Array],
     Args:
       params: HeadParams at step 0, shared by every arm.
       optimizers: a non-empty dict of optax GradientTransformations, by arm name.
-      data: ``t -> (x (N, d_in), y (N,))``, the batch of step t (an int32 scalar).
+      data: ``t -> (x, y)``, the data of step t (an int32 scalar): one sequence, x (N, d_in) and
+        y (N,), or a batch, x (B, N, d_in) and y (B, N) (as in :func:`make_step`).
       steps: number of updates per arm.
       grad_source: as in :func:`make_step`.
       checkpoint_every: ``k`` dividing ``steps``: the parameters of every arm before steps 0, k, 2k, ...
@@ -393,13 +420,14 @@ def train_arms(params: HeadParams, optimizers: dict, data: Callable[[jax.Array],
         checkpoint_every = check_int("checkpoint_every", checkpoint_every, "train_arms")
         if steps % checkpoint_every:
             raise ValueError(f"train_arms: checkpoint_every={checkpoint_every} must divide steps={steps}")
-    step_of = {name: make_step(optimizer, grad_source) for name, optimizer in optimizers.items()}
+    loss_and_grads = resolve_grad_source(grad_source)
+    step_of = {name: _make_step(optimizer, loss_and_grads, None, True, "train_arms")
+               for name, optimizer in optimizers.items()}
 
-    def step(states, t):
-        x, y = data(t)
+    def step(states, x, y):
         new = {name: step_of[name](states[name], x, y) for name in optimizers}
         return {name: s for name, (s, _) in new.items()}, {name: m["loss"] for name, (_, m) in new.items()}
 
     start = {name: init_state(params, optimizer) for name, optimizer in optimizers.items()}
-    return scan_steps(step, start, steps, checkpoint_every,
-                      lambda before, after, t: {name: s.params for name, s in before.items()})
+    return _scan_on_data(step, start, data, steps, checkpoint_every,
+                         lambda before, after, t: {name: s.params for name, s in before.items()})

@@ -453,6 +453,8 @@ def test_step_checks_shapes_at_the_door(x_shape, y_shape, w_shape, match):
             training.make_step(opt, grad_source)(state, x, y, w)
         with pytest.raises(ValueError, match=match):  # traced, too: the shapes decide
             jax.jit(training.make_step(opt, grad_source))(state, x, y, w)
+    with pytest.raises(ValueError, match=match.replace("step: ", "train: ")):
+        training.train(params, x, y, opt, 2, weights=w)
 
 
 def test_a_concrete_batch_is_checked_sequence_by_sequence():
@@ -482,3 +484,42 @@ def test_optimizer_step_is_update_then_apply():
         training.optimizer_step(opt, grads[:3], s0, params)
     with pytest.raises(TypeError, match="optimizer_step: optimizer must be an optax GradientTransformation"):
         training.optimizer_step(object(), grads, s0, params)
+
+
+def test_train_on_a_data_function_draws_fresh_data_every_step():
+    """train(params, data, None, ...) takes step t on data(t), as train_arms does (one arm of
+    train_arms gives the same losses bit for bit) and as a loop of make_step does; the probe sees
+    the checkpoint step's data; a fixed batch trains as a data function returning it."""
+    params, _, _ = batch_case(1, seed=28)
+    n, d_in, c = 7, 4, 3
+
+    def data(t):
+        k = jax.random.fold_in(jax.random.key(29), t)
+        return jax.random.normal(k, (2, n, d_in), jnp.float64), jax.random.randint(k, (2, n), 0, c)
+
+    opt = training.em_like(0.1, 0.01)
+
+    def probe(before, after, x_, y_):
+        return x_
+
+    final, hist = jax.jit(lambda p: training.train(p, data, None, opt, 6, checkpoint_every=3, probe=probe))(params)
+    state, step, losses = training.init_state(params, opt), jax.jit(training.make_step(opt)), []
+    for t in range(6):
+        state, m = step(state, *data(t))
+        losses.append(m["loss"])
+    np.testing.assert_allclose(hist["loss"], losses, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+    np.testing.assert_array_equal(hist["checkpoints"], np.stack([data(0)[0], data(3)[0]]))
+    _, arm, _ = jax.jit(lambda p: training.train_arms(p, {"em": opt}, data, 6))(params)
+    np.testing.assert_array_equal(arm["em"], jax.jit(lambda p: training.train(p, data, None, opt, 6))(params)[1]["loss"])
+    xb, yb = data(0)
+    _, fixed = training.train(params, xb, yb, opt, 3)
+    _, as_fn = training.train(params, lambda t: (xb, yb), None, opt, 3)
+    np.testing.assert_array_equal(fixed["loss"], as_fn["loss"])
+    with pytest.raises(TypeError, match="train: y must be None when x is a data function"):
+        training.train(params, data, yb, opt, 3)
+    with pytest.raises(TypeError, match="train: y is None; give the targets y, or a data function"):
+        training.train(params, xb, None, opt, 3)
+    with pytest.raises(ValueError, match=r"train: y must have shape \(B, N\)"):
+        training.train(params, lambda t: (xb, yb[:1]), None, opt, 3)
