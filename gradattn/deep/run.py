@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
@@ -31,7 +30,7 @@ from gradattn.deep.laws import deep_law_errors, laws_of, mean_loss, pure_apply
 from gradattn.dynamics import StepFeedback, settling_step, step_feedback
 from gradattn.experiments import Experiment, json_floats, logit_metrics, run_experiment, seed_std
 from gradattn.head import token_losses
-from gradattn.training import scan_steps
+from gradattn.training import optimizer_step, scan_steps
 
 
 def make_deep_run(config: DeepConfig = DeepConfig()):
@@ -84,8 +83,7 @@ def _make_deep_run(config: DeepConfig):
             p, opt_state = carry
             x, y = data(t)
             value, grads = jax.value_and_grad(loss)(p, x, y, jax.random.fold_in(k_drop, t))
-            updates, opt_state = tx.update(grads, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), value
+            return optimizer_step(tx, grads, opt_state, p), value
 
         def probe(before, after, t0):
             x, y = data(t0)
