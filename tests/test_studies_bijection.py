@@ -4,15 +4,18 @@ config errors, JSON and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gradattn._io import write_json
+from gradattn.head import dense_loss, init_head
 from gradattn.studies.bijection import (
     METRICS,
     MODELS,
@@ -25,6 +28,7 @@ from gradattn.studies.bijection import (
     position_metrics,
 )
 from gradattn.tasks import BijectionElimination
+from gradattn.training import scan_steps
 
 TINY = BijectionConfig(task=BijectionElimination(4), steps=100, batch=16, heldout=64, d_k=4, d_v=8, d_model=16,
                        n_layers=1, n_heads=2)
@@ -190,6 +194,7 @@ def test_json_report_and_plot(runs, tmp_path):
         ({"deep_dropout": 1.0}, "deep_dropout"),
         ({"d_model": 10, "n_heads": 3}, "d_model"),
         ({"d_v": 0}, "d_v"),
+        ({"head_grad_source": "numeric"}, "head_grad_source"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, name):
@@ -202,6 +207,8 @@ def test_config_type_errors():
         BijectionConfig(task="k=8")
     with pytest.raises(TypeError, match="steps"):
         BijectionConfig(steps=2.5)
+    with pytest.raises(TypeError, match="head_grad_source"):
+        BijectionConfig(head_grad_source=len)
     with pytest.raises(TypeError, match="BijectionConfig"):
         make_bijection_run({"steps": 3})
     with pytest.raises(TypeError, match="BijectionConfig"):
@@ -211,3 +218,38 @@ def test_config_type_errors():
     # em_like takes its value rate; its to_dict is JSON
     cfg = BijectionConfig(head_optimizer="em_like", head_value_lr=0.5, head_schedule="constant")
     assert json.loads(json.dumps(cfg.to_dict()))["head_value_lr"] == 0.5
+
+
+SMALL = BijectionConfig(task=BijectionElimination(4), steps=6, batch=3, heldout=4, d_k=4, d_v=8, d_model=8, n_layers=1,
+                        n_heads=1)
+
+
+def test_the_head_trains_on_the_laws_and_autodiff_is_the_batch_loss_differentiated():
+    """The head's steps take their gradients from head_grad_source: the default ("autodiff") is
+    Adam on jax.value_and_grad of the batch's mean dense loss (written out below, compiled as a
+    program of its own, so equal to the last float32 bit or so), and the blocked laws give the
+    same numbers to float32 rounding. The deep model does not depend on the head's path."""
+    assert BijectionConfig().head_grad_source == "autodiff"
+    key = jax.random.key(5)
+    auto = jax.jit(make_bijection_run(SMALL))(key)
+    laws = jax.jit(make_bijection_run(dataclasses.replace(SMALL, head_grad_source="blocked")))(key)
+
+    task, tx = SMALL.task, SMALL.head_tx()
+    k_data, _, k_head, _, _ = jax.random.split(key, 5)
+    samples = jax.vmap(lambda k: task.sample(k, jnp.float32))
+
+    def step(carry, t):
+        p, s = carry
+        x, y = samples(jax.random.split(jax.random.fold_in(k_data, t), SMALL.batch))
+        value, grads = jax.value_and_grad(lambda p: jnp.mean(jax.vmap(lambda a, b: dense_loss(p, a, b))(x, y)))(p)
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), value
+
+    head0 = init_head(k_head, task.d_in, SMALL.d_k, SMALL.d_v, task.n_classes, SMALL.init_scale, jnp.float32)
+    _, curve, _ = jax.jit(lambda p: scan_steps(step, (p, tx.init(p)), SMALL.steps))(head0)
+    np.testing.assert_allclose(auto["head_curve"], curve, rtol=1e-6)
+    np.testing.assert_allclose(laws["head_curve"], auto["head_curve"], rtol=1e-5)
+    for metric in METRICS:
+        np.testing.assert_allclose(laws[f"head_{metric}"], auto[f"head_{metric}"], rtol=1e-4, atol=1e-6)
+    for name in ("deep_curve", "deep_kl", "head_init_kl"):
+        np.testing.assert_array_equal(laws[name], auto[name])

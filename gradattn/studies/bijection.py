@@ -21,7 +21,8 @@ weaker statistic than the KL: a model can match the entropy at every position wi
 
 The single head (:func:`gradattn.head.init_head`, the paper's N(0, s^2) initialisation) trains by
 Adam, SGD or the EM-like two-timescale SGD (:func:`gradattn.training.em_like`), its rates constant
-or annealed to 0 along a cosine; the deep model
+or annealed to 0 along a cosine, through :func:`gradattn.training.train` on a fresh batch at every
+step, its gradients from the path ``head_grad_source``; the deep model
 (:class:`gradattn.nn.Transformer`) by the deep protocol's clipped AdamW with a cosine rate and
 dropout (:func:`gradattn.deep.config.deep_optimizer`), vmapped over the samples of a batch.
 """
@@ -43,10 +44,11 @@ from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
-from gradattn.head import dense_loss_unchecked, forward_unchecked, init_head
+from gradattn.head import forward_unchecked, init_head
+from gradattn.paths import GRAD_SOURCE_NAMES
 from gradattn.plotting import atomic_savefig, integer_ticks, pm_phrase, std_array
 from gradattn.tasks import BijectionElimination
-from gradattn.training import em_like, scan_steps, sgd
+from gradattn.training import em_like, optimizer_step, scan_steps, sgd, train
 
 HEAD_OPTIMIZERS = ("adam", "sgd", "em_like")
 HEAD_SCHEDULES = ("cosine", "constant")
@@ -76,6 +78,10 @@ class BijectionConfig:
       head_schedule: ``"cosine"`` (every rate of the head annealed to 0 along a cosine over
         ``steps``, as the deep model's) or ``"constant"``. With a constant rate the fresh-sample
         gradient noise keeps the head's read-out jittering, a floor under its gap.
+      head_grad_source: the gradient path of the head's steps (:func:`gradattn.training.make_step`
+        on each batch): ``"autodiff"`` (the default: ``jax.value_and_grad`` of the batch's mean
+        dense loss) or a path of the laws, ``"blocked"``, ``"dense"``, ``"pallas"``, ``"auto"``
+        (the mean of the samples' gradients, each from the laws); the same numbers to rounding.
       d_model, n_layers, n_heads: the deep model's sizes.
       deep_lr, deep_weight_decay, deep_clip, deep_dropout: its AdamW protocol (peak rate annealed
         to 0 along a cosine over ``steps``, decoupled weight decay, global-norm clipping, dropout
@@ -98,6 +104,8 @@ class BijectionConfig:
     head_value_lr: float = option(0.2, help="single head: W_V's rate under em_like", minimum=0.0)
     head_schedule: str = option("cosine", help="single head: rates annealed to 0 along a cosine over the steps, "
                                 "or constant", choices=HEAD_SCHEDULES)
+    head_grad_source: str = option("autodiff", help="single head: gradient path of its training steps",
+                                   choices=GRAD_SOURCE_NAMES)
     d_model: int = option(32, help="deep model: width", minimum=1, maximum=4096)
     n_layers: int = option(2, help="deep model: transformer blocks", minimum=1, maximum=64)
     n_heads: int = option(2, help="deep model: heads per block", minimum=1, maximum=256)
@@ -217,17 +225,9 @@ def _make_bijection_run(config: BijectionConfig):
         # The single head.
         head0 = init_head(k_head, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
 
-        def head_loss(p, x, y):
-            return jnp.mean(jax.vmap(lambda xi, yi: dense_loss_unchecked(p, xi, yi))(x, y))
-
-        def head_step(carry, t):
-            p, s = carry
-            x, y = batch_at(k_data, t)
-            value, grads = jax.value_and_grad(head_loss)(p, x, y)
-            updates, s = head_tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), value
-
-        (head, _), head_curve, _ = scan_steps(head_step, (head0, head_tx.init(head0)), config.steps)
+        final, history = train(head0, lambda t: batch_at(k_data, t), None, head_tx, config.steps,
+                               grad_source=config.head_grad_source)
+        head, head_curve = final.params, history["loss"]
 
         # The deep model.
         graphdef, deep0 = nnx.split(init_model(deep_cfg, k_deep), nnx.Param)
@@ -242,8 +242,7 @@ def _make_bijection_run(config: BijectionConfig):
             p, s = carry
             x, y = batch_at(k_data, t)
             value, grads = jax.value_and_grad(deep_loss)(p, x, y, jax.random.fold_in(k_drop, t))
-            updates, s = deep_tx.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), value
+            return optimizer_step(deep_tx, grads, s, p), value
 
         (deep, _), deep_curve, _ = scan_steps(deep_step, (deep0, deep_tx.init(deep0)), config.steps)
 
