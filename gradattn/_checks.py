@@ -209,6 +209,16 @@ def check_labels(y, n: int, n_classes: int, fn: str) -> None:
         )
 
 
+def check_divides_steps(name: str, value: int, steps: int, fn: str) -> None:
+    """``value``, a positive int (a checkpoint interval or count), must divide ``steps``.
+
+    Raises:
+      ValueError: ``"{fn}: {name}={value} must divide steps={steps}"``.
+    """
+    if steps % value:
+        raise ValueError(f"{fn}: {name}={value} must divide steps={steps}")
+
+
 def check_int32_range(name: str, a, fn: str) -> None:
     """``a``, a concrete numpy 64-bit integer array, must fit 32 bits where JAX runs with x64 off.
 

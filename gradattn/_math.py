@@ -1,5 +1,5 @@
 """Small numerical pieces used in more than one module: log 2, entropy in nats and in bits (of
-probabilities or of log-probabilities), and optax's norm of a pytree."""
+probabilities or of log-probabilities)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 LN2 = math.log(2.0)
 """ln 2: nats per bit."""
@@ -39,6 +38,3 @@ def entropy_from_log(log_p: jax.Array, axis: int = -1) -> jax.Array:
     positive = p > 0
     return _entropy(jnp, p, jnp.where(positive, log_p, 0.0), positive, axis)
 
-
-tree_norm = optax.tree_utils.tree_norm
-"""optax's Euclidean norm of all the leaves of a pytree together, itself (not a copy)."""

@@ -30,9 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax.tree_utils import tree_norm
 
-from gradattn._checks import check_array, check_float32, check_head_inputs, check_int, check_number, concrete, is_traced
-from gradattn._math import tree_norm
+from gradattn._checks import (
+    check_array,
+    check_divides_steps,
+    check_float32,
+    check_head_inputs,
+    check_int,
+    check_number,
+    concrete,
+    is_traced,
+)
 from gradattn._progress import with_ticks
 from gradattn.head import HeadParams, dense_loss
 from gradattn.laws import autodiff_loss_and_grads
@@ -319,11 +328,7 @@ def train(
     _check_optimizer(optimizer, "train")
     if checkpoint_every is not None:
         checkpoint_every = check_int("checkpoint_every", checkpoint_every, "train")
-        if steps % checkpoint_every:
-            raise ValueError(
-                f"train: checkpoint_every={checkpoint_every} must divide steps={steps} "
-                f"(checkpoints are taken at steps 0, k, 2k, ...)"
-            )
+        check_divides_steps("checkpoint_every", checkpoint_every, steps, "train")
     if probe is not None and checkpoint_every is None:
         raise ValueError("train: probe is given but checkpoint_every is None; pass checkpoint_every=k to record it")
     if probe is not None and not callable(probe):
@@ -418,8 +423,7 @@ def train_arms(params: HeadParams, optimizers: dict, data: Callable[[jax.Array],
         raise TypeError(f"train_arms: data must be a callable t -> (x, y), got {data!r}")
     if checkpoint_every is not None:
         checkpoint_every = check_int("checkpoint_every", checkpoint_every, "train_arms")
-        if steps % checkpoint_every:
-            raise ValueError(f"train_arms: checkpoint_every={checkpoint_every} must divide steps={steps}")
+        check_divides_steps("checkpoint_every", checkpoint_every, steps, "train_arms")
     loss_and_grads = resolve_grad_source(grad_source)
     step_of = {name: _make_step(optimizer, loss_and_grads, None, True, "train_arms")
                for name, optimizer in optimizers.items()}

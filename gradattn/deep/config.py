@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradattn._checks import check_deep_model_size, check_float32, check_unused_option, option
+from gradattn._checks import check_deep_model_size, check_divides_steps, check_float32, check_unused_option, option
 from gradattn.experiments import check_config, config_dict
 from gradattn.nn import Transformer
 from gradattn.tasks import StickyMarkov, Task
@@ -89,8 +89,8 @@ class DeepConfig:
             object.__setattr__(self, "n_checkpoints", k)
         if self.d_model % self.n_heads:
             raise ValueError(f"{fn}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_checkpoints and self.steps % self.n_checkpoints:
-            raise ValueError(f"{fn}: n_checkpoints={self.n_checkpoints} must divide steps={self.steps}")
+        if self.n_checkpoints:
+            check_divides_steps("n_checkpoints", self.n_checkpoints, self.steps, fn)
         check_unused_option(fn, self, "value_lr_multiplier", active=self.schedule == "two_timescale",
                             needs='schedule="two_timescale"')
         two = self.schedule == "two_timescale"

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import option
+from gradattn._checks import check_divides_steps, option
 from gradattn._math import entropy_bits
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
@@ -103,8 +103,7 @@ class PlateauConfig:
         fn = "PlateauConfig"
         check_config(self, fn)
         resolve_grad_source(self.grad_source)
-        if self.steps % self.checkpoint_every:
-            raise ValueError(f"{fn}: checkpoint_every={self.checkpoint_every} must divide steps={self.steps}")
+        check_divides_steps("checkpoint_every", self.checkpoint_every, self.steps, fn)
         if self.steps // self.checkpoint_every < 2:
             raise ValueError(f"{fn}: steps={self.steps} / checkpoint_every={self.checkpoint_every} gives fewer than 2 snapshots")
         if 2 * self.plateau_window > self.steps:
