@@ -216,10 +216,10 @@ def blocked_pass(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
     n, *_ = check_head_inputs(params, x, y, weights, fn="blocked_pass")
     block_size = _check_block_size(block_size, "blocked_pass")
     causal = check_bool("causal", causal, "blocked_pass")
-    return blocked_pass_unchecked(params, x, y, weights, causal, block_size)
+    return _blocked_pass_unchecked(params, x, y, weights, causal, block_size)
 
 
-def blocked_pass_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> BlockedPass:
+def _blocked_pass_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> BlockedPass:
     """:func:`blocked_pass` for input already validated."""
     return _in_seed_groups(_blocked_pass, causal, block_size, x.shape[0])(params, x, y, weights)
 
@@ -307,10 +307,10 @@ def blocked_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, c
     check_head_inputs(params, x, y, weights, fn="blocked_loss")
     block_size = _check_block_size(block_size, "blocked_loss")
     causal = check_bool("causal", causal, "blocked_loss")
-    return blocked_loss_unchecked(params, x, y, weights, causal, block_size)
+    return _blocked_loss_unchecked(params, x, y, weights, causal, block_size)
 
 
-def blocked_loss_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> jax.Array:
+def _blocked_loss_unchecked(params, x, y, weights=None, causal=True, block_size=None) -> jax.Array:
     """:func:`blocked_loss` for input already validated."""
     return _in_seed_groups(_blocked_loss, causal, block_size, x.shape[0])(params, x, y, weights)
 
@@ -349,10 +349,10 @@ def blocked_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weigh
     check_head_inputs(params, x, y, weights, fn="blocked_loss_and_grads")
     block_size = _check_block_size(block_size, "blocked_loss_and_grads")
     causal = check_bool("causal", causal, "blocked_loss_and_grads")
-    return blocked_loss_and_grads_unchecked(params, x, y, weights, causal, block_size)
+    return _blocked_loss_and_grads_unchecked(params, x, y, weights, causal, block_size)
 
 
-def blocked_loss_and_grads_unchecked(params, x, y, weights=None, causal=True, block_size=None):
+def _blocked_loss_and_grads_unchecked(params, x, y, weights=None, causal=True, block_size=None):
     """:func:`blocked_loss_and_grads` for input already validated."""
     return _in_seed_groups(_blocked_loss_and_grads, causal, block_size, x.shape[0])(params, x, y, weights)
 
@@ -413,11 +413,11 @@ def loss_fn(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _loss_with_blocked_vjp(params, x, y, weights, causal, block_size):
-    return blocked_loss_unchecked(params, x, y, weights, causal, block_size)
+    return _blocked_loss_unchecked(params, x, y, weights, causal, block_size)
 
 
 def _vjp_forward(params, x, y, weights, causal, block_size):
-    fused = blocked_pass_unchecked(params, x, y, weights, causal, block_size)
+    fused = _blocked_pass_unchecked(params, x, y, weights, causal, block_size)
     return fused.loss, (params, x, weights, fused)
 
 

@@ -15,7 +15,7 @@ A label outside [0, C) has no loss: where one arrives unchecked (under ``jit``, 
 be inspected), its token loss is NaN, and so are the loss and every gradient of every path, never
 a finite number. :func:`gradattn.checking.checked` turns it into an error instead.
 
-The public functions here validate their input (:mod:`gradattn._checks`); the ``*_unchecked``
+The public functions here validate their input (:mod:`gradattn._checks`); the private ``_*_unchecked``
 forms are what the library calls once the input has been validated at its door.
 """
 
@@ -119,10 +119,10 @@ def forward(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutput
     """The forward pass for one sequence ``x (N, d_in)``, keeping every intermediate (shapes in
     :class:`HeadOutputs`). ``causal`` must be a bool."""
     check_head_inputs(params, x, fn="forward")
-    return forward_unchecked(params, x, check_bool("causal", causal, "forward"))
+    return _forward_unchecked(params, x, check_bool("causal", causal, "forward"))
 
 
-def forward_unchecked(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
+def _forward_unchecked(params: HeadParams, x: jax.Array, causal: bool = True) -> HeadOutputs:
     """:func:`forward` for input already validated."""
     n = x.shape[0]
     q = x @ params.w_q
@@ -171,11 +171,11 @@ def dense_loss(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, cau
     a bool.
     """
     check_head_inputs(params, x, y, weights, fn="dense_loss")
-    return dense_loss_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss"))
+    return _dense_loss_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss"))
 
 
-def dense_loss_unchecked(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:
+def _dense_loss_unchecked(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True) -> jax.Array:
     """:func:`dense_loss` for input already validated."""
-    out = forward_unchecked(params, x, causal)
+    out = _forward_unchecked(params, x, causal)
     return jnp.sum(normalised_weights(weights, x.shape[0], out.logits.dtype) * token_losses(out.logits, y))
 

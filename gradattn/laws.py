@@ -29,8 +29,8 @@ from gradattn._checks import check_bool, check_head_inputs, check_labels, check_
 from gradattn.head import (
     HeadOutputs,
     HeadParams,
-    dense_loss_unchecked,
-    forward_unchecked,
+    _dense_loss_unchecked,
+    _forward_unchecked,
     label_factor,
     normalised_weights,
     token_losses,
@@ -137,12 +137,12 @@ def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights
     Shapes: x (N, d_in), y (N,), weights (N,) or None; returns a scalar and a HeadParams.
     """
     check_head_inputs(params, x, y, weights, fn="dense_loss_and_grads")
-    return dense_loss_and_grads_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss_and_grads"))
+    return _dense_loss_and_grads_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss_and_grads"))
 
 
-def dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causal: bool = True):
+def _dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causal: bool = True):
     """:func:`dense_loss_and_grads` for input already validated."""
-    out = forward_unchecked(params, x, causal)
+    out = _forward_unchecked(params, x, causal)
     w = normalised_weights(weights, x.shape[0], out.logits.dtype)
     loss = jnp.sum(w * token_losses(out.logits, y))
     e = output_error_rows(out.logits, y, w)
@@ -162,4 +162,4 @@ def autodiff_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weig
     """``(loss, grads)`` by XLA's own reverse mode: ``jax.value_and_grad(dense_loss)``. The reference."""
     check_head_inputs(params, x, y, weights, fn="autodiff_loss_and_grads")
     causal = check_bool("causal", causal, "autodiff_loss_and_grads")
-    return jax.value_and_grad(dense_loss_unchecked)(params, x, y, weights, causal)
+    return jax.value_and_grad(_dense_loss_unchecked)(params, x, y, weights, causal)

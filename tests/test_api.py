@@ -83,3 +83,18 @@ def test_the_command_line_imports_matplotlib_only_to_draw():
             "assert 'matplotlib' not in sys.modules\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_no_module_has_a_public_unchecked_twin():
+    # Each function is public once, with its checks; what the library calls after validating at its
+    # door is private.
+    import importlib
+    import pkgutil
+
+    public = []
+    for info in pkgutil.walk_packages(ga.__path__, "gradattn."):
+        if info.name in ("gradattn.__main__",):
+            continue
+        module = importlib.import_module(info.name)
+        public += [f"{info.name}.{n}" for n in vars(module) if n.endswith("_unchecked") and not n.startswith("_")]
+    assert not public, public

@@ -21,13 +21,13 @@ import numpy as np
 import optax
 
 from gradattn._checks import check_head_inputs, check_number, is_traced
-from gradattn.blocked import blocked_loss_and_grads_unchecked, blocked_loss_unchecked
+from gradattn.blocked import _blocked_loss_and_grads_unchecked, _blocked_loss_unchecked
 from gradattn.head import (
     HeadOutputs,
     HeadParams,
+    _dense_loss_unchecked,
+    _forward_unchecked,
     causal_mask,
-    dense_loss_unchecked,
-    forward_unchecked,
     normalised_weights,
     token_losses,
 )
@@ -118,12 +118,12 @@ def first_order_report(
         raise ValueError(f"first_order_report: value_param must be 'values' or 'w_v', got {value_param!r}")
     lr = _checked_lr(lr, x, "first_order_report")
 
-    loss, g = blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
+    loss, g = _blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
     stepped = jax.tree.map(lambda p, d: p - lr * d, params, g)
     predicted = -lr * optax.tree_utils.tree_norm(g, squared=True)
-    actual = blocked_loss_unchecked(stepped, x, y, weights, causal) - loss
+    actual = _blocked_loss_unchecked(stepped, x, y, weights, causal) - loss
 
-    out = forward_unchecked(params, x, causal)
+    out = _forward_unchecked(params, x, causal)
     wn = normalised_weights(weights, n, out.logits.dtype)
     u = output_error_rows(out.logits, y, wn) @ params.w_o.T
     dv_law = value_grad(out.alpha, u)
@@ -138,7 +138,7 @@ def first_order_report(
         delta_v_law = -lr * (x @ (x.T @ dv_law))
         # autodiff of the dense loss: loss_fn's reverse rule *is* the blocked value law, so it
         # could not disagree with the prediction
-        dw_v = jax.grad(lambda w: dense_loss_unchecked(params._replace(w_v=w), x, y, weights, causal))(params.w_v)
+        dw_v = jax.grad(lambda w: _dense_loss_unchecked(params._replace(w_v=w), x, y, weights, causal))(params.w_v)
         delta_v = x @ (-lr * dw_v)
     v_new = out.v + delta_v
     mask = causal_mask(n) if causal else jnp.ones((n, n), bool)
@@ -204,13 +204,13 @@ def routing_feedback_identity(params: HeadParams, x: jax.Array, y: jax.Array, lr
     """
     n, *_ = check_head_inputs(params, x, y, weights, fn="routing_feedback_identity")
     lr = _checked_lr(lr, x, "routing_feedback_identity")
-    loss, g = blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
+    loss, g = _blocked_loss_and_grads_unchecked(params, x, y, weights, causal)
     stepped = params._replace(w_q=params.w_q - lr * g.w_q, w_k=params.w_k - lr * g.w_k)
-    out = forward_unchecked(params, x, causal)
+    out = _forward_unchecked(params, x, causal)
     wn = normalised_weights(weights, n, out.logits.dtype)
     u = output_error_rows(out.logits, y, wn) @ params.w_o.T
     a = advantage(out.alpha, compatibility(u, out.v))
-    aggregate = jnp.sum(a * (forward_unchecked(stepped, x, causal).alpha - out.alpha))
+    aggregate = jnp.sum(a * (_forward_unchecked(stepped, x, causal).alpha - out.alpha))
     predicted = lr * (jnp.sum(g.w_q * g.w_q) + jnp.sum(g.w_k * g.w_k))
     return RoutingFeedback(aggregate=aggregate, predicted=predicted, ratio=aggregate / predicted,
-                           loss_change=blocked_loss_unchecked(stepped, x, y, weights, causal) - loss)
+                           loss_change=_blocked_loss_unchecked(stepped, x, y, weights, causal) - loss)

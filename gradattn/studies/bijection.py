@@ -44,7 +44,7 @@ from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
-from gradattn.head import forward_unchecked, init_head
+from gradattn.head import _forward_unchecked, init_head
 from gradattn.paths import GRAD_SOURCE_NAMES
 from gradattn.plotting import atomic_savefig, integer_ticks, pm_phrase, std_array
 from gradattn.tasks import BijectionElimination
@@ -248,8 +248,8 @@ def _make_bijection_run(config: BijectionConfig):
 
         out = {"head_curve": head_curve, "deep_curve": deep_curve}
         models = {
-            "head_init": lambda x: forward_unchecked(head0, x).logits,
-            "head": lambda x: forward_unchecked(head, x).logits,
+            "head_init": lambda x: _forward_unchecked(head0, x).logits,
+            "head": lambda x: _forward_unchecked(head, x).logits,
             "deep_init": lambda x: apply(deep0, x),
             "deep": lambda x: apply(deep, x),
         }
