@@ -20,7 +20,7 @@ which is only good for checking that the script works):
    :func:`pallas_cost` for what is counted).
 4. tiles: the Pallas float32 path at 64 seeds for a few (block_q, block_k).
 
-Paths: pallas_float32 / pallas_tf32 / pallas_bfloat16 (gradattn.pallas.pallas_loss_and_grads at
+Paths: pallas_float32 / pallas_tf32 / pallas_bfloat16 (gradattn.grads.pallas.pallas_loss_and_grads at
 each dot precision), blocked (gradattn.blocked_loss_and_grads), dense (gradattn.dense_loss_and_grads,
 the laws on whole N x N matrices), autodiff (jax.value_and_grad(gradattn.dense_loss)).
 
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import _harness as H  # noqa: E402
 
 import gradattn as ga  # noqa: E402
-from gradattn.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _lanes, _tile, pallas_loss_and_grads  # noqa: E402
+from gradattn.grads.pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, _lanes, _tile, pallas_loss_and_grads  # noqa: E402
 
 HEAD, LR, INIT_SCALE, CHECK_TOL = H.HEAD, H.LR, H.INIT_SCALE, H.CHECK_TOL
 PATHS = ("pallas_float32", "pallas_tf32", "pallas_bfloat16", "blocked", "dense", "autodiff")
@@ -149,7 +149,7 @@ def pallas_cost(n: int, block_q: int, block_k: int) -> dict:
     ``compulsory_bytes``: every kernel input and output read or written once. The truth on a GPU
     lies between the two (L2 holds K and V of a seed: 2 x 2048 x 16 x 4 bytes).
 
-    Tiles and padded sizes follow the kernels' own rules (``gradattn.pallas._tile`` and ``_lanes``).
+    Tiles and padded sizes follow the kernels' own rules (``gradattn.grads.pallas._tile`` and ``_lanes``).
     """
     bq, bk = _tile(block_q, n), _tile(block_k, n)
     n_pad = -(-n // max(bq, bk)) * max(bq, bk)

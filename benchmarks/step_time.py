@@ -129,7 +129,7 @@ def jax_worker(spec):
         jax.block_until_ready(s1)
         state.update(f=compiled, s=s1)
         return {"compile_s": compile_s, "check": check, "device": str(jax.devices()[0]),
-                "attends_through_output": ga.blocked.attends_through_output(params)}
+                "attends_through_output": ga.grads.blocked.attends_through_output(params)}
 
     def timed(steps):
         f = state["f"]

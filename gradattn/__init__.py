@@ -9,10 +9,10 @@ The surface, from the bottom up:
 * the first-order laws, each under its own name (:mod:`gradattn.laws`): ``output_error``,
   ``upstream_grad``, ``compatibility``, ``advantage``, ``routing_grad``, ``value_grad``, ...;
 * whole gradients, one name per path: ``dense_loss_and_grads`` (the laws on N x N matrices),
-  ``blocked_loss_and_grads`` (the laws over blocks of query rows, :mod:`gradattn.blocked`),
-  ``gradattn.pallas.pallas_loss_and_grads`` (fused kernels; imported only when used), ``autodiff_loss_and_grads``
+  ``blocked_loss_and_grads`` (the laws over blocks of query rows, :mod:`gradattn.grads.blocked`),
+  ``gradattn.grads.pallas.pallas_loss_and_grads`` (fused kernels; imported only when used), ``autodiff_loss_and_grads``
   (``jax.value_and_grad`` of the dense loss); ``loss_fn`` differentiates by the blocked pass;
-  the paths by name, and ``"auto"``, the backend's choice: :mod:`gradattn.paths`;
+  the paths by name, and ``"auto"``, the backend's choice: :mod:`gradattn.grads`;
 * training (:mod:`gradattn.training`): optax transformations (``sgd``, ``em_like``,
   ``alternating``) and ``train``, a whole run as one ``lax.scan``;
 * tasks (:mod:`gradattn.tasks`): ``StickyMarkov``, ``DirichletHMM``, ``BijectionElimination``, any ``Task``;
@@ -31,10 +31,11 @@ Every public module, one line each (the names that ``import gradattn`` brings in
 others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 
 * `gradattn.head`: one attention head, its forward pass and its cross-entropy loss, written densely.
-* `gradattn.laws`: the first-order laws, each under its own name, and the dense and autodiff gradients.
-* `gradattn.blocked`: the laws over blocks of query rows: exact, causal, never N x N.
-* `gradattn.pallas`: the head and its laws as two fused Pallas kernels, tiled like flash attention.
-* `gradattn.paths`: the named gradient paths of one head, and the backend's choice among them.
+* `gradattn.laws`: the first-order laws of one head, each under its own name.
+* `gradattn.grads`: the gradient paths of one head (one contract, ``GradPath``), by name, and the backend's choice:
+    * `gradattn.grads.dense`: the laws on whole N x N matrices, and autodiff of the dense loss (the reference);
+    * `gradattn.grads.blocked`: the laws over blocks of query rows: exact, causal, never N x N;
+    * `gradattn.grads.pallas`: the head and its laws as two fused Pallas kernels, tiled like flash attention.
 * `gradattn.checking`: a checked mode: invalid input inside compiled code becomes an error, not a NaN.
 * `gradattn.training`: optax optimisers, a pure step, and a whole run as one ``lax.scan``.
 * `gradattn.sweeps`: a pure experiment ``fn(key) -> pytree`` over many seeds: vmap, chunks, devices.
@@ -71,17 +72,16 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 
 import importlib as _importlib
 
-from gradattn import bayes, dynamics, geometry, paths, provenance, tasks, training, verify
+from gradattn import bayes, dynamics, geometry, grads, provenance, tasks, training, verify
 from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
-from gradattn.blocked import blocked_loss_and_grads, loss_fn
 from gradattn.checking import checked
 from gradattn.experiments import EmVsSgdConfig, em_vs_sgd
+from gradattn.grads.blocked import blocked_loss_and_grads, loss_fn
+from gradattn.grads.dense import autodiff_loss_and_grads, dense_loss_and_grads
 from gradattn.head import HeadOutputs, HeadParams, dense_loss, forward, init_head, token_losses
 from gradattn.laws import (
     advantage,
-    autodiff_loss_and_grads,
     compatibility,
-    dense_loss_and_grads,
     key_grad,
     output_error,
     output_weight_grad,
@@ -99,6 +99,7 @@ from gradattn.training import (
     em_like,
     init_state,
     make_step,
+    optimizer_step,
     param_labels,
     sgd,
     train,
@@ -139,6 +140,7 @@ __all__ = [
     "param_labels",
     "init_state",
     "make_step",
+    "optimizer_step",
     "train",
     "train_arms",
     # tasks, seeds, experiments
@@ -157,7 +159,7 @@ __all__ = [
     "dynamics",
     "geometry",
     "nn",
-    "paths",
+    "grads",
     "plotting",
     "provenance",
     "studies",

@@ -33,9 +33,9 @@ from gradattn._checks import check_fields, check_int, option
 from gradattn._io import finite_json
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
+from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.head import forward, init_head, token_losses
 from gradattn.memory import check_memory
-from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.provenance import finish, provenance
 from gradattn.sweeps import check_devices, default_chunk_size, experiment_seeds, sweep
 from gradattn.tasks import StickyMarkov, Task
@@ -239,7 +239,7 @@ class EmVsSgdConfig:
       d_k, d_v: head sizes; d_in and C come from the task.
       init_scale: every parameter is N(0, init_scale^2); must be > 0 (at 0 every score is 0 and
         the gradients of W_Q and W_K vanish for good).
-      grad_source: how gradients are computed (:func:`gradattn.paths.resolve_grad_source`):
+      grad_source: how gradients are computed (:func:`gradattn.grads.resolve_grad_source`):
         "auto" (the path measured fastest on the backend), "blocked", "dense", "autodiff", "pallas".
 
     The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command

@@ -36,7 +36,6 @@ from gradattn._checks import (
     check_prng_key,
     is_real_number,
 )
-from gradattn._rows import causal_visible
 
 
 class HeadParams(NamedTuple):
@@ -108,6 +107,19 @@ def init_head(key, d_in: int, d_k: int, d_v: int, n_classes: int, scale: float =
         w_v=draw(k_v, (d_in, d_v)),
         w_o=draw(k_o, (d_v, n_classes)),
     )
+
+
+def causal_visible(n_rows: int, n_keys: int, row_offset: int = 0,
+                   query_positions: jax.Array | None = None) -> jax.Array:
+    """(n_rows, n_keys) boolean, True where key j may be attended by query i (j <= i, the diagonal
+    kept), the query of each row being i = row_offset + row, or ``query_positions[row]`` when that
+    (n_rows,) integer array is given (rows gathered in any order). The one causal mask of the library."""
+    if query_positions is None:
+        rows = jax.lax.broadcasted_iota(jnp.int32, (n_rows, n_keys), 0) + row_offset
+    else:
+        rows = query_positions[:, None]
+    cols = jax.lax.broadcasted_iota(jnp.int32, (n_rows, n_keys), 1)
+    return cols <= rows
 
 
 def causal_mask(n: int) -> jax.Array:

@@ -13,10 +13,11 @@ Given the forward pass of :func:`gradattn.head.forward`, the gradient of the los
     dL/dk_j  = sum_i dL/ds_ij q_i / sqrt(d_k)                       key (frame)         (N, d_k)
     dL/dW_Q = X^T dL/dQ,  dL/dW_K = X^T dL/dK,  dL/dW_V = X^T dL/dV
 
-Nothing here calls autodiff except :func:`autodiff_loss_and_grads`, the reference; the tests check
+Nothing here calls autodiff (the reference, :func:`gradattn.grads.dense.autodiff_loss_and_grads`, is
+a gradient path); the tests check
 every line against ``jax.grad`` in float64. These are the dense forms, which build whole N x N
 matrices: use them to look at the dynamics. :func:`output_error_rows` is the output error of any
-set of rows, called by the dense laws, the blocked pass (:mod:`gradattn.blocked`) and the feedback
+set of rows, called by the dense laws, the blocked pass (:mod:`gradattn.grads.blocked`) and the feedback
 statistics alike.
 """
 
@@ -25,15 +26,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradattn._checks import check_bool, check_head_inputs, check_labels, check_matrix, check_weights
+from gradattn._checks import check_labels, check_matrix, check_weights
 from gradattn.head import (
     HeadOutputs,
     HeadParams,
-    _dense_loss_unchecked,
-    _forward_unchecked,
     label_factor,
     normalised_weights,
-    token_losses,
 )
 
 
@@ -129,37 +127,3 @@ def key_grad(ds: jax.Array, q: jax.Array) -> jax.Array:
 def projection_grads(x: jax.Array, dq: jax.Array, dk: jax.Array, dv: jax.Array, dw_o: jax.Array) -> HeadParams:
     """Chain the per-position gradients into the weights: dL/dW_Q = X^T dL/dQ, and so on."""
     return HeadParams(w_q=x.T @ dq, w_k=x.T @ dk, w_v=x.T @ dv, w_o=dw_o)
-
-
-def dense_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, grads)`` assembled from the laws above on whole N x N matrices (no autodiff).
-
-    Shapes: x (N, d_in), y (N,), weights (N,) or None; returns a scalar and a HeadParams.
-    """
-    check_head_inputs(params, x, y, weights, fn="dense_loss_and_grads")
-    return _dense_loss_and_grads_unchecked(params, x, y, weights, check_bool("causal", causal, "dense_loss_and_grads"))
-
-
-def _dense_loss_and_grads_unchecked(params: HeadParams, x, y, weights=None, causal: bool = True):
-    """:func:`dense_loss_and_grads` for input already validated."""
-    out = _forward_unchecked(params, x, causal)
-    w = normalised_weights(weights, x.shape[0], out.logits.dtype)
-    loss = jnp.sum(w * token_losses(out.logits, y))
-    e = output_error_rows(out.logits, y, w)
-    u = e @ params.w_o.T
-    ds = routing_grad(out.alpha, compatibility(u, out.v))
-    grads = projection_grads(
-        x,
-        dq=query_grad(ds, out.k),
-        dk=key_grad(ds, out.q),
-        dv=value_grad(out.alpha, u),
-        dw_o=output_weight_grad(out.context, e),
-    )
-    return loss, grads
-
-
-def autodiff_loss_and_grads(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, causal: bool = True):
-    """``(loss, grads)`` by XLA's own reverse mode: ``jax.value_and_grad(dense_loss)``. The reference."""
-    check_head_inputs(params, x, y, weights, fn="autodiff_loss_and_grads")
-    causal = check_bool("causal", causal, "autodiff_loss_and_grads")
-    return jax.value_and_grad(_dense_loss_unchecked)(params, x, y, weights, causal)

@@ -19,8 +19,8 @@ arrays, all float32 (or int32, or the two uint32 words of a key: 4 bytes an entr
 * one training step's work in the gradient path the run resolves (``"auto"`` as the backend
   chooses it, :mod:`gradattn._backend`): the N x N matrices of the dense and autodiff paths; for
   the blocked pass the (block x N) matrices of the query blocks in flight
-  (:mod:`gradattn._rows`), for one group of seeds at a time where the backend groups them
-  (:func:`gradattn.blocked.seed_group`); O(N d) for the Pallas kernels;
+  (:mod:`gradattn.grads._rows`), for one group of seeds at a time where the backend groups them
+  (:func:`gradattn.grads.blocked.seed_group`); O(N d) for the Pallas kernels;
 * the N x N attention of every evaluation pass (every experiment ends with dense forward passes of
   the trained heads), times the held-out sequences or samples evaluated together;
 * held-out sets, snapshots of attention rows and values, per-position measurements, loss curves.
@@ -164,7 +164,7 @@ def _resolve(grad_source: str, choices: BackendChoices) -> str:
 
 
 def block_rows(n: int, choices: BackendChoices) -> int:
-    """Rows per query block of the blocked pass at N = ``n`` (:func:`gradattn._rows.default_block_size`
+    """Rows per query block of the blocked pass at N = ``n`` (:func:`gradattn.grads._rows.default_block_size`
     for the backend of ``choices``, at most N)."""
     multiple = -(-n // (choices.max_blocks * choices.block_size))
     return min(n, choices.block_size * max(1, multiple))
@@ -172,7 +172,7 @@ def block_rows(n: int, choices: BackendChoices) -> int:
 
 def seeds_per_group(n: int, chunk: int, choices: BackendChoices) -> int:
     """Of ``chunk`` vmapped seeds, how many run the blocked pass at once at N = ``n``: the backend's
-    seed groups (:func:`gradattn.blocked.seed_group`), or all of them where it has none."""
+    seed groups (:func:`gradattn.grads.blocked.seed_group`), or all of them where it has none."""
     if choices.seed_group_bytes is None:
         return chunk
     return min(chunk, max(1, choices.seed_group_bytes // (BYTES * block_rows(n, choices) * n)))

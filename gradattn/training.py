@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.tree_utils import tree_norm
 
 from gradattn._checks import (
     check_array,
@@ -43,9 +42,8 @@ from gradattn._checks import (
     is_traced,
 )
 from gradattn._progress import with_ticks
-from gradattn.head import HeadParams, dense_loss
-from gradattn.laws import autodiff_loss_and_grads
-from gradattn.paths import resolve_grad_source
+from gradattn.grads import batch_loss_and_grads, resolve_grad_source
+from gradattn.head import HeadParams
 
 VALUE = "value"
 ROUTING = "routing"
@@ -208,26 +206,6 @@ def _check_data(params, x, y, weights, fn: str) -> bool:
     return True
 
 
-def _batch_loss_and_grads(loss_and_grads, params, x, y, weights, causal):
-    """The mean over a batch (x (B, N, d_in), y (B, N)) of each sequence's loss and gradients from
-    the path ``loss_and_grads``, vmapped over the sequences; weights (N,) shared or (B, N).
-
-    The autodiff path differentiates the batch's mean loss itself (``jax.value_and_grad`` of the
-    mean of the sequences' dense losses), the reference the laws are held to; by linearity that is
-    the mean of the sequences' gradients, to rounding."""
-    w_axis = None if weights is None or np.ndim(weights) == 1 else 0
-    if loss_and_grads is autodiff_loss_and_grads:
-
-        def batch_loss(p):
-            losses = jax.vmap(lambda xb, yb, wb: dense_loss(p, xb, yb, wb, causal), in_axes=(0, 0, w_axis))(x, y, weights)
-            return jnp.mean(losses)
-
-        return jax.value_and_grad(batch_loss)(params)
-    losses, grads = jax.vmap(lambda xb, yb, wb: loss_and_grads(params, xb, yb, wb, causal),
-                             in_axes=(0, 0, w_axis))(x, y, weights)
-    return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-
-
 def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weights=None, causal: bool = True):
     """A pure training step ``step(state, x, y, weights=None) -> (new_state, metrics)``.
 
@@ -246,7 +224,7 @@ def make_step(optimizer: optax.GradientTransformation, grad_source="auto", weigh
       grad_source: ``"auto"`` (default: the blocked pass on CPU, the dense laws on GPU/TPU),
         ``"blocked"``, ``"dense"``, ``"autodiff"``, ``"pallas"``, or a callable
         ``(params, x, y, weights, causal) -> (loss, grads)`` of one sequence (see
-        :func:`gradattn.paths.resolve_grad_source`).
+        :func:`gradattn.grads.resolve_grad_source`).
       weights: optional position weights, fixed for the run: (N,), shared by every sequence of a
         batch, or (B, N) for a batch. A ``weights`` given to ``step`` replaces them for that step.
       causal: mask future keys.
@@ -264,14 +242,14 @@ def _make_step(optimizer, loss_and_grads, default_weights, causal, fn: str):
     def step(state: TrainState, x: jax.Array, y: jax.Array, weights=None):
         weights = default_weights if weights is None else weights
         if _check_data(state.params, x, y, weights, fn):
-            loss, grads = _batch_loss_and_grads(loss_and_grads, state.params, x, y, weights, causal)
+            loss, grads = batch_loss_and_grads(loss_and_grads, state.params, x, y, weights, causal)
         else:
             loss, grads = loss_and_grads(state.params, x, y, weights, causal)
         params, opt_state = optimizer_step(optimizer, grads, state.opt_state, state.params)
         metrics = {
             "loss": loss,
-            "grad_norm_value": tree_norm(grads.w_v),
-            "grad_norm_routing": tree_norm((grads.w_q, grads.w_k, grads.w_o)),
+            "grad_norm_value": optax.tree_utils.tree_norm(grads.w_v),
+            "grad_norm_routing": optax.tree_utils.tree_norm((grads.w_q, grads.w_k, grads.w_o)),
         }
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 

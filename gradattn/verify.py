@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from gradattn import laws
 from gradattn._checks import MAX_HEAD_SIZE, check_bool, check_int, check_prng_key
-from gradattn.blocked import blocked_loss_and_grads
+from gradattn.grads.blocked import blocked_loss_and_grads
 from gradattn.head import causal_mask, dense_loss, forward, init_head, normalised_weights, token_losses
 
 

@@ -20,8 +20,8 @@ def test_all_is_exactly_the_public_names():
 
 
 @pytest.mark.parametrize("name, module", [
-    ("blocked_loss_and_grads", "gradattn.blocked"), ("loss_fn", "gradattn.blocked"),
-    ("dense_loss_and_grads", "gradattn.laws"), ("autodiff_loss_and_grads", "gradattn.laws"),
+    ("blocked_loss_and_grads", "gradattn.grads.blocked"), ("loss_fn", "gradattn.grads.blocked"),
+    ("dense_loss_and_grads", "gradattn.grads.dense"), ("autodiff_loss_and_grads", "gradattn.grads.dense"),
     ("train", "gradattn.training"), ("em_vs_sgd", "gradattn.experiments"),
     ("laws_check_errors", "gradattn.verify"), ("sweep", "gradattn.sweeps"), ("init_head", "gradattn.head"),
 ])
@@ -57,19 +57,19 @@ def test_import_is_light_and_heavy_modules_load_on_first_use():
 
 
 def test_modules_are_modules():
-    for name in ("bayes", "deep", "dynamics", "geometry", "nn", "paths", "plotting", "tasks", "training", "verify"):
+    for name in ("bayes", "deep", "dynamics", "geometry", "nn", "grads", "plotting", "tasks", "training", "verify"):
         assert isinstance(getattr(ga, name), types.ModuleType) and name in ga.__all__
 
 
 def test_pallas_is_imported_only_when_its_path_is_resolved():
     code = (
         "import sys, jax, gradattn as ga, jax.numpy as jnp\n"
-        "assert 'gradattn.pallas' not in sys.modules\n"
+        "assert 'gradattn.grads.pallas' not in sys.modules\n"
         "p, x, y = ga.init_head(jax.random.key(0), 3, 2, 2, 2), jnp.ones((4, 3)), jnp.zeros(4, int)\n"
         "ga.train(p, x, y, ga.sgd(0.1), 2, grad_source='blocked')\n"
-        "assert 'gradattn.pallas' not in sys.modules\n"
-        "ga.paths.resolve_grad_source('pallas')\n"
-        "assert 'gradattn.pallas' in sys.modules\n"
+        "assert 'gradattn.grads.pallas' not in sys.modules\n"
+        "ga.grads.resolve_grad_source('pallas')\n"
+        "assert 'gradattn.grads.pallas' in sys.modules\n"
         # Pallas's Triton backend (deprecated since jax 0.11) only when a kernel is compiled for a GPU.
         "assert 'jax.experimental.pallas.triton' not in sys.modules\n"
     )

@@ -283,7 +283,7 @@ def test_causal_must_be_a_bool(causal):
     with pytest.raises(TypeError, match="dense_loss: causal must be a bool"):
         ga.dense_loss(params, x, y, causal=causal)
     for fn in (ga.blocked_loss_and_grads, ga.loss_fn, ga.dense_loss_and_grads, ga.autodiff_loss_and_grads,
-               ga.blocked.blocked_pass, ga.blocked.blocked_loss):
+               ga.grads.blocked.blocked_pass, ga.grads.blocked.blocked_loss):
         with pytest.raises(TypeError, match=f"{fn.__name__}: causal must be a bool"):
             fn(params, x, y, causal=causal)
     np.testing.assert_array_equal(ga.forward(params, x, causal=np.bool_(False)).alpha, ga.forward(params, x, causal=False).alpha)

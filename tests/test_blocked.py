@@ -11,16 +11,17 @@ from hypothesis import given, settings, strategies as st
 from _cases import problem
 
 import gradattn as ga
-import gradattn.pallas
-from gradattn.blocked import (
+import gradattn.grads.pallas
+from gradattn.grads.blocked import (
     blocked_loss,
     blocked_loss_and_grads,
     default_block_size,
     loss_fn,
     query_blocks,
 )
+from gradattn.grads.dense import dense_loss_and_grads
 from gradattn.head import dense_loss, forward
-from gradattn.laws import compatibility, dense_loss_and_grads, output_error, routing_grad
+from gradattn.laws import compatibility, output_error, routing_grad
 from gradattn.verify import relative_error
 
 
@@ -52,7 +53,7 @@ def _blocked_dense_and_autodiff(params, x, y, w, causal, block_size):
 LAYOUTS = [(1, 8), (7, 8), (16, 8), (23, 8)]
 # Each layout causal and not, and across the eight cases every combination of causal, weighted
 # and the pass's two forms: over V (C >= d_v: 6 classes, d_v = 4) and over V W_O (C < d_v: 3
-# classes, d_v = 7; see gradattn.blocked.attends_through_output).
+# classes, d_v = 7; see gradattn.grads.blocked.attends_through_output).
 CASES = [(n, b, causal, causal == (i % 2 == 0), causal == (i < 2)) for i, (n, b) in enumerate(LAYOUTS)
          for causal in (True, False)]
 
@@ -67,7 +68,7 @@ def test_blocked_equals_dense_laws_and_autodiff(n, block_size, causal, weighted,
     per case (one compile per case)."""
     shape = dict(d_v=7, n_classes=3) if through_output else {}
     params, x, y, w = problem(n, seed=seed, weighted=weighted, **shape)
-    assert ga.blocked.attends_through_output(params) == through_output
+    assert ga.grads.blocked.attends_through_output(params) == through_output
     (loss, grads), loss_only, (dense_l, dense_g), (auto_l, auto_g) = _blocked_dense_and_autodiff(params, x, y, w, causal, block_size)
     assert_close(loss, auto_l, 1e-12)
     assert_close(dense_l, auto_l, 1e-12)
@@ -198,7 +199,8 @@ def test_loss_fn_still_validates_inputs_at_trace_time():
 
 def test_vmap_over_many_seeds_runs_in_groups_with_identical_values(monkeypatch):
     """Past seed_group seeds, vmap runs lax.map over groups (here 3 seeds, 7 seeds: 3 + 3 + 1)."""
-    from gradattn import _backend, blocked
+    from gradattn import _backend
+    from gradattn.grads import blocked
 
     monkeypatch.setattr(blocked, "backend_choices", lambda: _backend.CPU._replace(seed_group_bytes=3 * 4 * 10 * 10))
     assert blocked.seed_group(10) == 3
@@ -220,7 +222,12 @@ def test_vmap_over_many_seeds_runs_in_groups_with_identical_values(monkeypatch):
 def test_blocked_forms_are_the_named_laws_on_a_block():
     """The routing, key and value laws as the blocked pass writes them equal the named laws, over V
     and over V W_O (the logits' coordinates)."""
-    from gradattn.blocked import key_grad_block_t, output_value_grad_block_t, routing_grad_block, value_grad_block_t
+    from gradattn.grads.blocked import (
+        key_grad_block_t,
+        output_value_grad_block_t,
+        routing_grad_block,
+        value_grad_block_t,
+    )
     from gradattn.laws import key_grad, value_grad
 
     params, x, y, _ = problem(11, weighted=True)
@@ -271,7 +278,7 @@ LABEL_PATHS = {
     "dense": jax.jit(ga.dense_loss_and_grads),
     "autodiff": jax.jit(ga.autodiff_loss_and_grads),
     "loss_fn_vjp": jax.jit(jax.value_and_grad(loss_fn)),
-    "pallas": jax.jit(lambda *a: gradattn.pallas.pallas_loss_and_grads(*a, block_q=16, block_k=16)),  # interpreted here
+    "pallas": jax.jit(lambda *a: gradattn.grads.pallas.pallas_loss_and_grads(*a, block_q=16, block_k=16)),  # interpreted here
 }
 
 
@@ -328,7 +335,7 @@ def test_backend_choices_table():
 def test_materialised_transpose_is_the_exact_transpose(dtype):
     """The identity-product transpose the pass uses for X^T, Q^T and the value law's factor equals
     ``a.T`` bit for bit, in float32 and float64, for square and non-square arrays."""
-    from gradattn.blocked import materialised_transpose
+    from gradattn.grads.blocked import materialised_transpose
 
     with jax.enable_x64(dtype == jnp.float64):
         for shape in [(7, 3), (3, 7), (5, 5), (1, 4)]:

@@ -22,6 +22,7 @@ from gradattn.deep import (
     value_labels,
 )
 from gradattn.dynamics import feedback_stats, step_feedback
+from gradattn.grads.dense import dense_loss_and_grads
 from gradattn.head import forward, init_head, token_losses
 from gradattn.plotting import format_deep, plot_deep
 from gradattn.sweeps import seed_key, sweep
@@ -68,7 +69,7 @@ def test_dense_feedback_core_equals_the_blocked_statistics():
         p0 = init_head(jax.random.key(2), 6, 3, 4, 3, scale=0.8, dtype=f64)
         x = jax.random.normal(jax.random.key(3), (17, 6), f64)
         y = jax.random.randint(jax.random.key(4), (17,), 0, 3)
-        _, g = jax.jit(laws.dense_loss_and_grads)(p0, x, y)
+        _, g = jax.jit(dense_loss_and_grads)(p0, x, y)
         p1 = jax.tree.map(lambda a, d: a - 0.5 * d, p0, g)
 
         @jax.jit  # both sides compiled once rather than dispatched op by op

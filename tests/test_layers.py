@@ -53,23 +53,24 @@ def graph():
 def test_graph_is_parsed():
     edges = graph()
     assert "gradattn.head" in edges["gradattn.laws"]
-    assert "gradattn.laws" in edges["gradattn.blocked"]
-    assert "gradattn.paths" in edges["gradattn.training"]
+    assert "gradattn.laws" in edges["gradattn.grads.blocked"]
+    assert "gradattn.grads" in edges["gradattn.training"]
     assert {"gradattn.experiments", "gradattn.training", "gradattn.deep.config"} <= edges["gradattn.deep.run"]
     for name, deps in edges.items():  # every edge names a real module of the package
         assert deps <= set(MODULES), (name, deps - set(MODULES))
 
 
-CORE = {"gradattn._checks", "gradattn._backend", "gradattn._rows", "gradattn._math", "gradattn._vmap", "gradattn.head",
-        "gradattn.laws", "gradattn.blocked", "gradattn.paths", "gradattn.training", "gradattn.sweeps"}
+PATHS = {"gradattn.grads", "gradattn.grads.dense", "gradattn.grads.blocked", "gradattn.grads.pallas", "gradattn.grads._rows"}
+CORE = {"gradattn._checks", "gradattn._backend", "gradattn._math", "gradattn._vmap", "gradattn.head", "gradattn.laws",
+        *PATHS, "gradattn.training", "gradattn.sweeps"}
 UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn.plotting", "gradattn.cli"}
 
 
 @pytest.mark.parametrize("layer,forbidden", [
-    ("gradattn.head", {"gradattn.laws", "gradattn.blocked"}),
-    ("gradattn.laws", {"gradattn.blocked"}),
+    ("gradattn.head", {"gradattn.laws", *PATHS}),
+    ("gradattn.laws", PATHS),  # the laws only; the paths assemble them
     # training reaches the gradient paths only through the registry, which imports them when used
-    ("gradattn.training", {"gradattn.blocked", "gradattn.laws", "gradattn.pallas"}),
+    ("gradattn.training", {"gradattn.laws", *(PATHS - {"gradattn.grads"})}),
     ("gradattn.experiments", {"gradattn.deep", "gradattn.deep.run", "gradattn.cli", "gradattn.plotting"}),
     ("gradattn.deep.run", {"gradattn.cli", "gradattn.plotting"}),
     ("gradattn.plotting", {"gradattn.experiments", "gradattn.deep"}),
@@ -80,7 +81,7 @@ def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
 
 
 def test_nothing_imports_the_pallas_kernels_at_the_top():
-    assert not [m for m, deps in graph().items() if "gradattn.pallas" in deps]
+    assert not [m for m, deps in graph().items() if "gradattn.grads.pallas" in deps]
 
 
 def test_import_graph_has_no_cycle():
@@ -115,3 +116,12 @@ def test_no_library_import_inside_a_function():
                     if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("gradattn")):
                         offenders.append(f"{name}:{inner.lineno}")
     assert not offenders, offenders
+
+
+def test_every_gradient_path_lives_in_grads():
+    from gradattn import grads
+
+    assert all(module.startswith("gradattn.grads.") for module, _ in grads.GRAD_SOURCES.values())
+    defined = {name for name, path in MODULES.items() if "_loss_and_grads" in path.read_text()
+               and any(f"def {fn}(" in path.read_text() for _, fn in grads.GRAD_SOURCES.values())}
+    assert defined <= PATHS, defined - PATHS

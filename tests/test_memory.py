@@ -11,11 +11,11 @@ import pytest
 import gradattn as ga
 from gradattn import experiments, memory
 from gradattn._backend import ACCELERATOR, CPU
-from gradattn._rows import default_block_size
-from gradattn.blocked import seed_group
 from gradattn.deep import DeepConfig, deep_experiment
 from gradattn.deep.run import make_deep_run
 from gradattn.experiments import EmVsSgdConfig, Experiment, make_em_vs_sgd, run_experiment
+from gradattn.grads._rows import default_block_size
+from gradattn.grads.blocked import seed_group
 from gradattn.studies import bijection, manifold, plateau
 from gradattn.sweeps import seed_keys
 

@@ -21,10 +21,10 @@ import pytest
 from _cases import problem
 
 import gradattn as ga
-from gradattn.blocked import BlockedPass
+from gradattn.grads.blocked import BlockedPass
+from gradattn.grads.dense import dense_loss_and_grads
+from gradattn.grads.pallas import PRECISIONS, TRITON_MODULE, pallas_loss_and_grads, pallas_pass
 from gradattn.head import dense_loss
-from gradattn.laws import dense_loss_and_grads
-from gradattn.pallas import PRECISIONS, TRITON_MODULE, pallas_loss_and_grads, pallas_pass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import gradattn as ga
-from gradattn import _backend, paths, training
+from gradattn import _backend, grads, training
 
 ROUTING = ("w_q", "w_k", "w_o")
 
@@ -295,14 +295,14 @@ def test_grad_source_names_and_auto(monkeypatch):
         np.testing.assert_allclose(loss, runs["autodiff"], rtol=1e-12, err_msg=name)
     fused = training.train(params, x, y, opt, 2, grad_source="pallas")[1]["loss"]  # interpreted on a CPU
     np.testing.assert_allclose(fused, runs["autodiff"], rtol=1e-9)
-    assert paths.resolve_grad_source("blocked") is ga.blocked_loss_and_grads
-    assert paths.resolve_grad_source("dense") is ga.dense_loss_and_grads
+    assert grads.resolve_grad_source("blocked") is ga.blocked_loss_and_grads
+    assert grads.resolve_grad_source("dense") is ga.dense_loss_and_grads
     # "auto" runs whatever the backend table names, read when traced.
     calls = []
-    monkeypatch.setitem(paths.GRAD_SOURCES, "spy", ("gradattn.laws", "dense_loss_and_grads"))
-    monkeypatch.setattr(paths, "backend_choices", lambda: _backend.CPU._replace(grad_source="spy"))
-    monkeypatch.setattr(paths, "_load", lambda name: (calls.append(name), ga.dense_loss_and_grads)[1])
-    paths.auto_loss_and_grads(params, x, y)
+    monkeypatch.setitem(grads.GRAD_SOURCES, "spy", ("gradattn.grads.dense", "dense_loss_and_grads"))
+    monkeypatch.setattr(grads, "backend_choices", lambda: _backend.CPU._replace(grad_source="spy"))
+    monkeypatch.setattr(grads, "_load", lambda name: (calls.append(name), ga.dense_loss_and_grads)[1])
+    grads.auto_loss_and_grads(params, x, y)
     assert calls == ["spy"]
     calls = []
     training.train(params, x, y, opt, 2, grad_source=lambda *a: calls.append(1) or ga.dense_loss_and_grads(*a))

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradattn._checks import _shape, check_head_inputs, check_int, check_params, concrete
 from gradattn._math import entropy_bits
-from gradattn._rows import RowBlocks, causal_visible, masked_scores
+from gradattn.grads._rows import RowBlocks, causal_visible, masked_scores
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import advantage, compatibility, output_error_rows, value_grad
 
@@ -115,7 +115,7 @@ def feedback_stats(
     input Gram matrix couples them. See :class:`StepFeedback` for the exact definitions.
 
     Works over static blocks of ``block_size`` query rows (default: the blocked pass's
-    :func:`gradattn.blocked.default_block_size`): no N x N matrix is ever built, so it is cheap
+    :func:`gradattn.grads.blocked.default_block_size`): no N x N matrix is ever built, so it is cheap
     enough to run inside a vmapped training scan. Shapes: x (N, d_in), y (N,).
     """
     return _loss_and_feedback(params_before, params_after, x, y, weights, causal, block_size)[1]

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from gradattn._checks import check_head_inputs, check_number, is_traced
-from gradattn.blocked import _blocked_loss_and_grads_unchecked, _blocked_loss_unchecked
+from gradattn.grads.blocked import _blocked_loss_and_grads_unchecked, _blocked_loss_unchecked
 from gradattn.head import (
     HeadOutputs,
     HeadParams,
@@ -104,7 +104,7 @@ def first_order_report(
     Args:
       params: HeadParams.   x: (N, d_in).   y: (N,) int targets.
       lr: the step size eta (a positive scalar; may be traced).
-      weights, causal: as in :func:`gradattn.blocked.loss_fn`.
+      weights, causal: as in :func:`gradattn.grads.blocked.loss_fn`.
       value_param: how the value-only step is taken.
         ``"values"`` (default; the law as stated in docs/theory.md): the values v_j are moved directly,
         v'_j = v_j - eta dL/dv_j, so Delta b_ij = -eta u_i . sum_k alpha_kj u_k.
@@ -198,7 +198,7 @@ def routing_feedback_identity(params: HeadParams, x: jax.Array, y: jax.Array, lr
     Args:
       params: HeadParams.   x: (N, d_in).   y: (N,) int targets.
       lr: the step size eta (a positive scalar; may be traced).
-      weights, causal: as in :func:`gradattn.blocked.loss_fn`.
+      weights, causal: as in :func:`gradattn.grads.blocked.loss_fn`.
     Returns:
       a :class:`RoutingFeedback`. Builds (N, N) attention: for diagnostics at moderate N.
     """

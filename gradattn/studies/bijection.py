@@ -44,8 +44,8 @@ from gradattn._checks import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
+from gradattn.grads import GRAD_SOURCE_NAMES
 from gradattn.head import _forward_unchecked, init_head
-from gradattn.paths import GRAD_SOURCE_NAMES
 from gradattn.plotting import atomic_savefig, integer_ticks, pm_phrase, std_array
 from gradattn.tasks import BijectionElimination
 from gradattn.training import em_like, optimizer_step, scan_steps, sgd, train

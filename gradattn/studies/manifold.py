@@ -31,8 +31,8 @@ import numpy as np
 from gradattn._checks import option
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.geometry import covariate_r2, decoding_r2
+from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.head import forward, init_head, token_losses
-from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train_arms

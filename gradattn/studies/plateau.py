@@ -37,8 +37,8 @@ from gradattn._checks import check_divides_steps, option
 from gradattn._math import entropy_bits
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
+from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.head import forward, init_head, token_losses
-from gradattn.paths import GRAD_SOURCE_NAMES, resolve_grad_source
 from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
 from gradattn.training import em_like, sgd, train_arms

@@ -1,7 +1,7 @@
 """The laws evaluated over blocks of query rows: exact, causal, and never N x N.
 
 Every row of alpha, b and dL/ds belongs to one query, and the output error of query i needs only
-its own context g_i. So a block of query rows R = r0:r1 (:class:`gradattn._rows.RowBlocks`) runs the
+its own context g_i. So a block of query rows R = r0:r1 (:class:`gradattn.grads._rows.RowBlocks`) runs the
 forward pass *and* every law for its rows in one go, against the keys it can see (0:r1 when causal,
 0:N otherwise), keeping only (|R| x keys) matrices alive. Because every query's row is whole inside
 its block, no online softmax is needed: each block is the dense law restricted to its rows, and the
@@ -68,8 +68,9 @@ import jax.numpy as jnp
 
 from gradattn._backend import backend_choices
 from gradattn._checks import check_bool, check_head_inputs, check_int
-from gradattn._rows import RowBlocks, default_block_size, masked_scores, query_blocks
 from gradattn._vmap import grouped_vmap
+from gradattn.grads import BlockedPass
+from gradattn.grads._rows import RowBlocks, default_block_size, masked_scores, query_blocks
 from gradattn.head import HeadParams, normalised_weights, token_losses
 from gradattn.laws import compatibility, output_error_rows, output_weight_grad, query_grad
 
@@ -91,24 +92,6 @@ __all__ = [
     "value_grad_block_t",
     "weight_grad",
 ]
-
-
-class BlockedPass(NamedTuple):
-    """What one fused pass returns: the loss and the gradient at every position (a pytree).
-
-    Attributes:
-      loss: scalar L.
-      token_losses: (N,) CE_i = -log softmax(z_i)[y_i].
-      dq: (N, d_k) dL/dQ.    dk: (N, d_k) dL/dK.    dv: (N, d_v) dL/dV.
-      dw_o: (d_v, C) dL/dW_O.
-    """
-
-    loss: jax.Array
-    token_losses: jax.Array
-    dq: jax.Array
-    dk: jax.Array
-    dv: jax.Array
-    dw_o: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from gradattn._backend import backend_choices
 from gradattn._checks import check_int
+from gradattn.head import causal_visible
 
 
 def default_block_size(n: int) -> int:
@@ -115,16 +116,3 @@ def masked_scores(q_r: jax.Array, k: jax.Array, r0: int, causal: bool) -> jax.Ar
     if causal:
         s = jnp.where(causal_visible(s.shape[0], s.shape[1], r0), s, -jnp.inf)
     return s
-
-
-def causal_visible(n_rows: int, n_keys: int, row_offset: int = 0,
-                   query_positions: jax.Array | None = None) -> jax.Array:
-    """(n_rows, n_keys) boolean, True where key j may be attended by query i (j <= i, the diagonal
-    kept), the query of each row being i = row_offset + row, or ``query_positions[row]`` when that
-    (n_rows,) integer array is given (rows gathered in any order). The one causal mask of the library."""
-    if query_positions is None:
-        rows = jax.lax.broadcasted_iota(jnp.int32, (n_rows, n_keys), 0) + row_offset
-    else:
-        rows = query_positions[:, None]
-    cols = jax.lax.broadcasted_iota(jnp.int32, (n_rows, n_keys), 1)
-    return cols <= rows

@@ -78,7 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from gradattn._checks import check_head_inputs, check_int
-from gradattn.blocked import BlockedPass
+from gradattn.grads import BlockedPass
 from gradattn.head import HeadParams, label_factor, normalised_weights
 
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -252,7 +252,7 @@ def _triton_compiler_params():
         plgpu = importlib.import_module(TRITON_MODULE)
     except ImportError as err:
         raise RuntimeError(
-            f"gradattn.pallas: this jax ({jax.__version__}) has no Pallas Triton backend ({TRITON_MODULE}), "
+            f"gradattn.grads.pallas: this jax ({jax.__version__}) has no Pallas Triton backend ({TRITON_MODULE}), "
             "which the compiled kernels are written for. Run them in Pallas interpret mode (interpret=True), "
             "or take another gradient path (grad_source='dense' or 'blocked')."
         ) from err
@@ -377,7 +377,7 @@ def pallas_pass(params: HeadParams, x: jax.Array, y: jax.Array, weights=None, ca
                 interpret: bool | None = None) -> BlockedPass:
     """The loss and dL/dQ, dL/dK, dL/dV, dL/dW_O of one sequence from two fused Pallas kernels.
 
-    The same contract as :func:`gradattn.blocked.blocked_pass`: the module docstring gives the
+    The same contract as :func:`gradattn.grads.blocked.blocked_pass`: the module docstring gives the
     per-tile laws. No array larger than O(N (d_k + d_v + C)) is written to memory.
 
     Args:
