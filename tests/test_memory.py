@@ -47,9 +47,9 @@ AGAINST_XLA = [
                  id="manifold-heldout"),
     pytest.param(bijection.make_bijection_run,
                  bijection.BijectionConfig(steps=2, batch=4, heldout=256, task=ga.BijectionElimination(16)), 1,
-                 id="bijection-heldout"),
+                 id="bijection-heldout", marks=pytest.mark.slow),  # the two longest compiles: make test-all
     pytest.param(make_deep_run, DeepConfig(steps=2, d_model=8, n_layers=1, n_heads=2, task=S(seq_len=257)), 1,
-                 id="deep-laws"),
+                 id="deep-laws", marks=pytest.mark.slow),
 ]
 
 
