@@ -32,7 +32,7 @@ LAWS = (
     "projection_grads",
 )
 
-CORE_PAGES = ("head", "laws", "blocked", "training", "sweeps", "experiments", "bayes", "dynamics", "geometry", "tasks")
+CORE_PAGES = ("head", "laws", "grads", "grads.blocked", "grads.dense", "training", "sweeps", "experiments", "bayes", "dynamics", "geometry", "tasks")
 
 # pdoc's messages when a module cannot be imported or is documented twice.
 IMPORT_PROBLEMS = ("Cannot find spec", "Error importing", "Error loading", "Couldn't import", "ModuleNotFoundError",
