@@ -7,13 +7,9 @@ a function is called eagerly; under ``jit``/``vmap`` they cannot be inspected wi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import operator
-import re
-import types
-import typing
 
 import jax
 import jax.numpy as jnp
@@ -293,86 +289,13 @@ def check_matrix(name: str, a, shape: tuple, fn: str) -> None:
 # Configuration fields: bounds declared once, next to the field, for the library and the CLI
 # ---------------------------------------------------------------------------------------------
 
-BOUND_KEYS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
-
-
-_T = typing.TypeVar("_T")
-
-
-# Typed as dataclasses.field is: to a type checker the call is the field's default value, so that
-# `steps: int = option(1000, help=...)` checks 1000 against int (at run time it is a dataclasses.Field).
-@typing.overload
-def option(default: _T, *, help: str, **bounds: typing.Any) -> _T: ...
-@typing.overload
-def option(*, help: str, default_factory: typing.Callable[[], _T], **bounds: typing.Any) -> _T: ...
-@typing.overload
-def option(*, help: str, **bounds: typing.Any) -> typing.Any: ...
-
-
-def option(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, **bounds) -> typing.Any:
-    """A dataclass field carrying its command-line ``help`` and its bounds (``minimum``,
-    ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``; ``choices`` for a string; ``flag`` and
-    ``const`` for a switch that sets the field to ``const``) in its metadata. :func:`check_fields`
-    enforces them in the library and :mod:`gradattn.cli` makes a flag of each."""
-    unknown = set(bounds) - {*BOUND_KEYS, "choices", "flag", "const"}
-    if unknown:
-        raise TypeError(f"option: unknown metadata {sorted(unknown)}")
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, **bounds})
-
-
-def field_kind(cls, name: str) -> tuple[type, bool]:
-    """The base type (int, float, bool, str or another class) of field ``name`` of dataclass
-    ``cls``, and whether ``None`` is allowed (an ``X | None`` annotation)."""
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
-    if args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else object), type(None) in args
-    return hint, False
-
-
-def check_field(cls, name: str, val, fn: str):
-    """``val`` checked against the type and the bounds declared for field ``name`` of ``cls``
-    (see :func:`option`), and normalised: sizes to ``int``, rates to ``float``."""
-    meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
-    kind, optional = field_kind(cls, name)
-    bounds = {k: meta[k] for k in BOUND_KEYS if k in meta}
-    if val is None and optional:
-        return None
-    if kind is bool:
-        if not isinstance(val, (bool, np.bool_)):
-            raise TypeError(f"{fn}: {name} must be a bool, got {val!r}")
-        return bool(val)
-    if kind is int:
-        return check_int(name, val, fn, minimum=bounds.get("minimum"), maximum=bounds.get("maximum"))
-    if kind is float:
-        val = check_number(name, val, fn, **bounds)
-        check_float32(fn, {name: val})  # runs compute in float32: a larger value would be inf there
-        return val
-    if kind is str:
-        if not isinstance(val, str):
-            raise TypeError(f"{fn}: {name} must be a string, got {val!r}")
-        if "choices" in meta and val not in meta["choices"]:
-            raise ValueError(f"{fn}: {name} must be one of {tuple(meta['choices'])}, got {val!r}")
-        return val
-    return val
-
-
-def check_fields(obj, fn: str, *, store: bool = True) -> None:
-    """Every field of the dataclass ``obj`` declared with :func:`option`, checked by
-    :func:`check_field`; with ``store`` (a frozen config's ``__post_init__``) the normalised values
-    are written back."""
-    for f in dataclasses.fields(obj):
-        if "help" not in f.metadata:
-            continue
-        val = check_field(type(obj), f.name, getattr(obj, f.name), fn)
-        if store:
-            object.__setattr__(obj, f.name, val)
-
 
 # --------------------------------------------------------------------------------------------
 # Text to numbers (the command line), bounds shared by the command line and the library
 # --------------------------------------------------------------------------------------------
+
+MAX_SEED = 2**64 - 1
+"""Seeds are integers in [0, 2^64): each gives its own key (:func:`gradattn.sweeps.seed_key`)."""
 
 MAX_HEAD_SIZE = 4096
 """Largest head size (d_in, d_k, d_v, C) that :func:`gradattn.head.init_head` and the command take."""
@@ -385,70 +308,6 @@ FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 def float32_underflows(val: float) -> bool:
     """Whether ``val`` is non-zero but rounds to 0 in float32 (``|val|`` below about 7e-46)."""
     return val != 0.0 and float(np.float32(val)) == 0.0
-
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_MAX_DIGITS = 1000
-
-
-def _text_shown(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:37] + "...")
-
-
-def parse_int(text: str) -> int:
-    """The integer written in ``text``: ASCII decimal digits ``0-9`` with an optional sign, nothing else.
-
-    Stricter than ``int()``, which also takes surrounding spaces, underscores (``"1_0"`` is 10) and
-    every Unicode decimal digit (Arabic-Indic ``"٣"``, full-width ``"３"``).
-
-    Raises:
-      TypeError: ``text`` is not a string.
-      ValueError: anything else than an optional sign and 1 to 1000 ASCII digits; the message says why.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"parse_int: text must be a string, got {type(text).__name__}")
-    if not _INT_TEXT.fullmatch(text):
-        raise ValueError(
-            f"{_text_shown(text)} is not an integer written in ASCII digits 0-9 (an optional sign; no spaces, "
-            "underscores, decimal point or other digits)"
-        )
-    if len(text.lstrip("+-")) > _MAX_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('+-'))} digits is too large (at most {_MAX_DIGITS} digits)")
-    return int(text)
-
-
-def parse_float(text: str, *, float32: bool = False) -> float:
-    """The finite number written in ``text``: ASCII digits, an optional sign, decimal point and exponent.
-
-    Stricter than ``float()``, which also takes ``"nan"``, ``"inf"``, surrounding spaces, underscores
-    and non-ASCII digits. With ``float32=True`` the value must also be finite in float32
-    (``|x| <= FLOAT32_MAX``): a learning rate of ``1e300`` would be inf once the run casts it; and a
-    non-zero value must stay non-zero there: ``1e-50`` would be 0 (a rate of 0, a run that never
-    moves), so only ``0`` itself means zero.
-
-    Raises:
-      TypeError: ``text`` is not a string.
-      ValueError: not such a number, beyond float64's (float32's) finite range, or (with
-        ``float32``) non-zero but 0 in float32.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"parse_float: text must be a string, got {type(text).__name__}")
-    if len(text) > _MAX_DIGITS or not _FLOAT_TEXT.fullmatch(text):
-        raise ValueError(
-            f"{_text_shown(text)} is not a finite number written in ASCII (digits 0-9, an optional sign, "
-            "decimal point and exponent, as 0.01 or 1e-3)"
-        )
-    val = float(text)
-    if not math.isfinite(val):
-        raise ValueError(f"{_text_shown(text)} is beyond the finite range of a float")
-    if float32 and abs(val) > FLOAT32_MAX:
-        raise ValueError(f"{_text_shown(text)} is beyond float32's finite range (|x| <= {FLOAT32_MAX:.4g}; runs compute in float32)")
-    if float32 and float32_underflows(val):
-        raise ValueError(
-            f"{_text_shown(text)} is not 0 but rounds to 0 in float32 (non-zero values need |x| >= {FLOAT32_TINY:.2g}; "
-            "runs compute in float32)"
-        )
-    return val
 
 
 def check_float32(fn: str, values: dict) -> None:
@@ -542,58 +401,3 @@ def check_prng_key(name: str, key, fn: str) -> None:
     raise TypeError(f"{fn}: {name} must be a PRNG key such as jax.random.key(0), got {key!r} of type {type(key).__name__}{seed_hint}")
 
 
-def check_unused_option(fn: str, config, name: str, *, active: bool, needs: str) -> None:
-    """A dataclass field ``name`` of ``config`` set away from its default while the option it belongs
-    to (``needs``) is off would be silently ignored: a ValueError instead."""
-    default = {f.name: f.default for f in dataclasses.fields(config)}[name]
-    val = getattr(config, name)
-    if not active and val != default:
-        raise ValueError(f"{fn}: {name}={val!r} has no effect without {needs}; give {needs} or leave {name} at its default {default!r}")
-
-
-MAX_DEEP_BYTES = 64 << 30
-"""Largest estimated memory of one deep run (one seed, float32) that a config may need."""
-MAX_DEEP_STEP_FLOPS = 1e14
-"""Largest estimated floating-point operations of one training step of the deep model."""
-
-
-def deep_model_estimate(d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int, n_positions: int,
-                        n_checkpoints: int = 0) -> dict:
-    """Rough size of one deep run (one seed, float32): ``params``, ``attention`` (floats in the
-    (n_layers, n_heads, N, N) attention weights), ``bytes`` and ``step_flops``.
-
-    ``bytes`` counts the parameters with their gradient, AdamW's two moments, the update and one
-    copy per dynamics checkpoint; eight float32 copies of the attention (scores, weights and what the
-    backward pass and the laws at a checkpoint keep of them); and the activations (24 floats per
-    position, layer and model dimension, the feed-forward's four-fold width included).
-    ``step_flops`` is three forward passes' worth (forward and backward): the matmuls (2 N per
-    parameter), scores and contexts (4 N^2 d_model per layer) and the softmax (5 N^2 per head).
-    """
-    d, L, n = d_model, n_layers, n_positions
-    params = L * (12 * d * d + 13 * d) + d_in * d + 3 * d + d * n_classes + n_classes
-    attention = L * n_heads * n * n
-    floats = (5 + n_checkpoints) * params + 8 * attention + 24 * L * n * d + n * (d_in + 3 * n_classes)
-    flops = 3 * (2 * n * params + 4 * L * n * n * d + 5 * attention)
-    return {"params": params, "attention": attention, "bytes": 4 * floats, "step_flops": float(flops)}
-
-
-def check_deep_model_size(fn: str, d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int,
-                          n_positions: int, n_checkpoints: int = 0) -> None:
-    """The deep model of these sizes on ``n_positions`` positions must fit :data:`MAX_DEEP_BYTES` per
-    seed and :data:`MAX_DEEP_STEP_FLOPS` per step (:func:`deep_model_estimate`).
-
-    Each size can be within its own bound while the combination (wide, deep, many heads, long
-    sequence) would need terabytes and compile for many minutes before failing.
-
-    Raises:
-      ValueError: naming the sizes, the estimate and the limits.
-    """
-    est = deep_model_estimate(d_in, d_model, n_layers, n_heads, n_classes, n_positions, n_checkpoints)
-    if est["bytes"] > MAX_DEEP_BYTES or est["step_flops"] > MAX_DEEP_STEP_FLOPS:
-        raise ValueError(
-            f"{fn}: d_model={d_model}, n_layers={n_layers}, n_heads={n_heads} (d_in={d_in}, C={n_classes}) on "
-            f"N={n_positions} positions would need about {est['bytes'] / 2**30:.3g} GiB per seed "
-            f"({est['params']:.3g} parameters, attention n_layers x n_heads x N x N = {est['attention']:.3g} floats) "
-            f"and {est['step_flops']:.3g} FLOPs per step; the limits are {MAX_DEEP_BYTES / 2**30:.0f} GiB and "
-            f"{MAX_DEEP_STEP_FLOPS:.0e} FLOPs: use a smaller model or a shorter sequence"
-        )

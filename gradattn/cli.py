@@ -22,7 +22,7 @@ config, seeds and chunk size), prints the summary and says whether every per-see
 file's (they do, bit for bit, on the same jax version and machine type).
 
 The flags of an experiment are made from its config's fields and the task's (each field declares
-its help and bounds once, with :func:`gradattn._checks.option`; the library enforces the same).
+its help and bounds once, with :func:`gradattn._config.option`; the library enforces the same).
 Every argument is checked (sizes against upper bounds too, and that the output files can be
 written) before any work starts; bad input gives a one-line error on stderr and exit status 2.
 Options are spelled out (no prefixes) and given once each; one that another option's value leaves
@@ -65,11 +65,13 @@ import jax
 import numpy as np
 
 from gradattn import _compile_cache, cluster, deep, experiments, memory, resume, studies, tasks
-from gradattn._checks import check_field, check_int, field_kind, parse_float, parse_int
+from gradattn._checks import MAX_SEED, check_int
+from gradattn._config import check_field, field_kind
 from gradattn._io import check_output_path, same_file, write_json
+from gradattn._parse import parse_float, parse_int
 from gradattn._version import __version__
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
-from gradattn.sweeps import MAX_SEED, seed_key
+from gradattn.sweeps import seed_key
 from gradattn.verify import laws_check_errors
 
 MAX_SEEDS = 1_000_000
@@ -308,7 +310,7 @@ def _default_text(obj, field: str) -> str:
 
 
 def _add_fields(p, cls, defaults, prefix: str = "") -> None:
-    """A flag for every field of dataclass ``cls`` declared with :func:`gradattn._checks.option`:
+    """A flag for every field of dataclass ``cls`` declared with :func:`gradattn._config.option`:
     ``--field-name`` (its help and bounds from the field), a store-true flag for a bool, and the
     field's own ``flag`` setting it to ``const`` for a switch."""
     for f in dataclasses.fields(cls):

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn import tasks as task_classes
-from gradattn._checks import check_fields, check_int, option
+from gradattn._checks import check_int
+from gradattn._config import check_fields, option
 from gradattn._io import finite_json
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
@@ -242,7 +243,7 @@ class EmVsSgdConfig:
       grad_source: how gradients are computed (:func:`gradattn.grads.resolve_grad_source`):
         "auto" (the path measured fastest on the backend), "blocked", "dense", "autodiff", "pallas".
 
-    The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
+    The bounds of every field are declared with it (:func:`gradattn._config.option`); the command
     line takes the same.
     """
 

@@ -28,14 +28,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradattn._backend import backend_choices
-from gradattn._checks import check_int
+from gradattn._checks import MAX_SEED, check_int
 from gradattn._progress import StepBar, StepCount, counting_steps
 
 SEED_AXIS = "seeds"
 
 
-MAX_SEED = 2**64 - 1
-"""Seeds are integers in [0, 2^64): each gives its own key (:func:`seed_key`)."""
 
 
 def seed_ints(seeds, fn: str = "sweep") -> list[int]:

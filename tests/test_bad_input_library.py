@@ -15,8 +15,9 @@ from numpy.lib import format as npy_format
 from _cli import TINY, cli_run
 
 import gradattn as ga
-from gradattn._checks import check_int32_range, parse_float
+from gradattn._checks import check_int32_range
 from gradattn._math import entropy_bits
+from gradattn._parse import parse_float
 from gradattn.deep import DeepConfig, deep_law_errors
 from gradattn.dynamics import frame_before_precision, quiet_step, settling_step
 from gradattn.geometry import attention_entropy_bits, pca_spectrum

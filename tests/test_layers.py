@@ -63,6 +63,7 @@ def test_graph_is_parsed():
 PATHS = {"gradattn.grads", "gradattn.grads.dense", "gradattn.grads.blocked", "gradattn.grads.pallas", "gradattn.grads._rows"}
 CORE = {"gradattn._checks", "gradattn._backend", "gradattn._math", "gradattn._vmap", "gradattn.head", "gradattn.laws",
         *PATHS, "gradattn.training", "gradattn.sweeps"}
+ENGINE = {"gradattn.sweeps", "gradattn.cluster", "gradattn.resume"}
 UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn.plotting", "gradattn.cli"}
 
 
@@ -75,6 +76,10 @@ UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn
     ("gradattn.deep.run", {"gradattn.cli", "gradattn.plotting"}),
     ("gradattn.plotting", {"gradattn.experiments", "gradattn.deep"}),
     *((core, UPPER) for core in sorted(CORE)),
+    # a task is data and its exact predictor: no sweep engine, no experiments
+    *((task, ENGINE | UPPER) for task in sorted(m for m in MODULES if m.startswith("gradattn.tasks"))),
+    # the checks are the floor: array and scalar checks know nothing of configs or text
+    ("gradattn._checks", {"gradattn._config", "gradattn._parse", "gradattn.head", "gradattn.sweeps"}),
 ])
 def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
     assert not graph()[layer] & forbidden

@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradattn._checks import check_deep_model_size, check_divides_steps, check_float32, check_unused_option, option
+from gradattn._checks import check_divides_steps, check_float32
+from gradattn._config import check_unused_option, option
 from gradattn.experiments import check_config, config_dict
 from gradattn.nn import Transformer
 from gradattn.tasks import StickyMarkov, Task
@@ -25,6 +26,58 @@ from gradattn.tasks import StickyMarkov, Task
 VALUE = "value"
 OTHER = "other"
 SCHEDULES = ("adamw", "two_timescale")
+
+
+MAX_DEEP_BYTES = 64 << 30
+
+
+"""Largest estimated memory of one deep run (one seed, float32) that a config may need."""
+
+
+MAX_DEEP_STEP_FLOPS = 1e14
+"""Largest estimated floating-point operations of one training step of the deep model."""
+
+
+def deep_model_estimate(d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int, n_positions: int,
+                        n_checkpoints: int = 0) -> dict:
+    """Rough size of one deep run (one seed, float32): ``params``, ``attention`` (floats in the
+    (n_layers, n_heads, N, N) attention weights), ``bytes`` and ``step_flops``.
+
+    ``bytes`` counts the parameters with their gradient, AdamW's two moments, the update and one
+    copy per dynamics checkpoint; eight float32 copies of the attention (scores, weights and what the
+    backward pass and the laws at a checkpoint keep of them); and the activations (24 floats per
+    position, layer and model dimension, the feed-forward's four-fold width included).
+    ``step_flops`` is three forward passes' worth (forward and backward): the matmuls (2 N per
+    parameter), scores and contexts (4 N^2 d_model per layer) and the softmax (5 N^2 per head).
+    """
+    d, L, n = d_model, n_layers, n_positions
+    params = L * (12 * d * d + 13 * d) + d_in * d + 3 * d + d * n_classes + n_classes
+    attention = L * n_heads * n * n
+    floats = (5 + n_checkpoints) * params + 8 * attention + 24 * L * n * d + n * (d_in + 3 * n_classes)
+    flops = 3 * (2 * n * params + 4 * L * n * n * d + 5 * attention)
+    return {"params": params, "attention": attention, "bytes": 4 * floats, "step_flops": float(flops)}
+
+
+def check_deep_model_size(fn: str, d_in: int, d_model: int, n_layers: int, n_heads: int, n_classes: int,
+                          n_positions: int, n_checkpoints: int = 0) -> None:
+    """The deep model of these sizes on ``n_positions`` positions must fit :data:`MAX_DEEP_BYTES` per
+    seed and :data:`MAX_DEEP_STEP_FLOPS` per step (:func:`deep_model_estimate`).
+
+    Each size can be within its own bound while the combination (wide, deep, many heads, long
+    sequence) would need terabytes and compile for many minutes before failing.
+
+    Raises:
+      ValueError: naming the sizes, the estimate and the limits.
+    """
+    est = deep_model_estimate(d_in, d_model, n_layers, n_heads, n_classes, n_positions, n_checkpoints)
+    if est["bytes"] > MAX_DEEP_BYTES or est["step_flops"] > MAX_DEEP_STEP_FLOPS:
+        raise ValueError(
+            f"{fn}: d_model={d_model}, n_layers={n_layers}, n_heads={n_heads} (d_in={d_in}, C={n_classes}) on "
+            f"N={n_positions} positions would need about {est['bytes'] / 2**30:.3g} GiB per seed "
+            f"({est['params']:.3g} parameters, attention n_layers x n_heads x N x N = {est['attention']:.3g} floats) "
+            f"and {est['step_flops']:.3g} FLOPs per step; the limits are {MAX_DEEP_BYTES / 2**30:.0f} GiB and "
+            f"{MAX_DEEP_STEP_FLOPS:.0e} FLOPs: use a smaller model or a shorter sequence"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +103,7 @@ class DeepConfig:
       settle_tol: tolerance of the settling steps (fraction of each head's total change left), in (0, 1].
       settle_rows: attention rows (evenly spaced queries) compared for attention settling.
 
-    The bounds of every field are declared with it (:func:`gradattn._checks.option`); the command
+    The bounds of every field are declared with it (:func:`gradattn._config.option`); the command
     line takes the same. Rates (and the products a run forms, ``lr * value_lr_multiplier``,
     ``lr * weight_decay``) must be finite in float32. The model and its attention together must fit
     an estimated 64 GiB per seed and 1e14 FLOPs per training step (parameters and optimiser state, the

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradattn._checks import check_unused_option, option
+from gradattn._config import check_unused_option, option
 from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
 from gradattn.deep.laws import mean_loss, pure_apply
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
@@ -87,7 +87,7 @@ class BijectionConfig:
         to 0 along a cosine over ``steps``, decoupled weight decay, global-norm clipping, dropout
         during training only).
 
-    The bounds of every field are declared with it (:func:`gradattn._checks.option`).
+    The bounds of every field are declared with it (:func:`gradattn._config.option`).
     """
 
     task: BijectionElimination = dataclasses.field(default_factory=BijectionElimination)

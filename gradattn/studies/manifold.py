@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import option
+from gradattn._config import option
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
 from gradattn.geometry import covariate_r2, decoding_r2
 from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_divides_steps, option
+from gradattn._checks import check_divides_steps
+from gradattn._config import option
 from gradattn._math import entropy_bits
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
 from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from gradattn._checks import check_int, check_labels, check_prng_key, check_weights, concrete, option
+from gradattn._checks import check_int, check_labels, check_prng_key, check_weights, concrete
+from gradattn._config import option
 from gradattn.bayes import loss_from_log_predictive
 
 MAX_SYMBOLS = 1024

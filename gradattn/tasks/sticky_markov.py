@@ -35,19 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.lib import format as npy_format
 
-from gradattn._checks import (
-    FLOAT32_MAX,
-    check_fields,
-    check_int,
-    check_number,
-    check_prng_key,
-    is_traced,
-    option,
-    parse_int,
-)
+from gradattn._checks import FLOAT32_MAX, MAX_SEED, check_int, check_number, check_prng_key, is_traced
+from gradattn._config import check_fields, option
 from gradattn._math import entropy_nats
+from gradattn._parse import parse_int
 from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
-from gradattn.sweeps import MAX_SEED
 
 REFERENCE_FILE = "sticky_markov_reference_embeddings.txt"
 REFERENCE_SHAPE = (8, 20)
