@@ -9,6 +9,7 @@ finish whole).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -16,6 +17,7 @@ import math
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable
 from typing import IO
 
@@ -101,6 +103,77 @@ def same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them not there yet: then only the same path is the same file
         return False
+
+
+def _existing_part(text: str) -> tuple[str, list[str], os.stat_result]:
+    """The longest leading part of path ``text`` that exists as the operating system resolves it
+    (``..`` included, never tidied as text), the names after it, and its ``os.stat``."""
+    head = text
+    rest: list[str] = []
+    while True:
+        try:
+            return head, rest, os.stat(head or os.curdir)
+        except (FileNotFoundError, NotADirectoryError):
+            parent, name = os.path.split(head)
+            if parent == head:
+                raise
+            if name:
+                rest.insert(0, name)
+            head = parent
+
+
+def _directory_parts(text: str) -> tuple[str, list[str]]:
+    """:func:`_existing_part` of a directory path, checked: ValueError (one line) if a part of it
+    exists and is not a directory, or a ``..`` follows a directory not there yet."""
+    if not text:
+        raise ValueError("'' is an empty path; give the path of a directory")
+    try:
+        head, rest, st = _existing_part(text)
+    except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES, ...
+        raise ValueError(f"{text!r}: {err.strerror or err}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = "exists and is not a directory" if not rest else f"cannot be created: {head or os.curdir!r} is not a directory"
+        raise ValueError(f"{text!r} {what}")
+    if os.pardir in rest:
+        missing = os.path.join(head, rest[0])
+        raise ValueError(f"{text!r}: {missing!r} does not exist, so the '..' after it names no directory")
+    return head, rest
+
+
+def directory_place(text: str) -> str:
+    """The absolute path, every symlink and ``..`` resolved on disk, of the directory ``text`` names
+    or would name once created.
+
+    Raises:
+      ValueError: one line, if it cannot be one: a part of it exists and is not a directory, a
+        ``..`` follows a directory not there yet (the OS cannot resolve it), or the OS refuses to
+        look it up.
+    """
+    return _place(*_directory_parts(text))
+
+
+def _place(head: str, rest: list[str]) -> str:
+    return os.path.normpath(os.path.join(os.path.realpath(head or os.curdir), *rest))
+
+
+def check_directory(text: str) -> str:
+    """:func:`directory_place` of ``text``, after making sure files can be created where it is (or
+    where its missing part would be created): a probe file is created there and removed at once.
+
+    Raises:
+      ValueError: one line naming ``text`` and the reason.
+    """
+    head, rest = _directory_parts(text)
+    where = head or os.curdir
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".gradattn-probe-")
+    except OSError as err:
+        inside = "" if not rest else f" (in {where!r}, where it would be created)"
+        raise ValueError(f"{text!r}: cannot create files{inside}: {err.strerror or err}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return _place(head, rest)
 
 
 def check_output_path(path: str | os.PathLike) -> str:

@@ -55,9 +55,7 @@ import dataclasses
 import json
 import os
 import re
-import stat
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
 
@@ -67,7 +65,7 @@ import numpy as np
 from gradattn import _compile_cache, cluster, deep, experiments, memory, resume, studies, tasks
 from gradattn._checks import MAX_SEED, check_int
 from gradattn._config import check_field, field_kind
-from gradattn._io import check_output_path, same_file, write_json
+from gradattn._io import check_directory, check_output_path, directory_place, same_file, write_json
 from gradattn._parse import parse_float, parse_int
 from gradattn._version import __version__
 from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
@@ -165,58 +163,13 @@ def _coordinator(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
 
-def _existing_part(text: str) -> tuple[str, list[str], os.stat_result]:
-    """The longest leading part of path ``text`` that exists as the operating system resolves it
-    (``..`` included, never tidied as text), the names after it, and its ``os.stat``."""
-    head = text
-    rest: list[str] = []
-    while True:
-        try:
-            return head, rest, os.stat(head or os.curdir)
-        except (FileNotFoundError, NotADirectoryError):
-            parent, name = os.path.split(head)
-            if parent == head:
-                raise
-            if name:
-                rest.insert(0, name)
-            head = parent
-
-
-def _directory_place(text: str) -> str:
-    """The absolute path, every symlink and ``..`` resolved, of the directory ``text`` names or
-    would name once created; ValueError (one line) if it cannot be one: a part of it exists and is
-    not a directory, or a ``..`` follows a directory not there yet (the OS cannot resolve it)."""
-    if not text:
-        raise ValueError("'' is an empty path; give the path of a directory")
-    try:
-        head, rest, st = _existing_part(text)
-    except OSError as err:  # ELOOP, ENAMETOOLONG, EACCES, ...
-        raise ValueError(f"{text!r}: {err.strerror or err}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        what = "exists and is not a directory" if not rest else f"cannot be created: {head or os.curdir!r} is not a directory"
-        raise ValueError(f"{text!r} {what}")
-    if os.pardir in rest:
-        missing = os.path.join(head, rest[0])
-        raise ValueError(f"{text!r}: {missing!r} does not exist, so the '..' after it names no directory")
-    return os.path.normpath(os.path.join(os.path.realpath(head or os.curdir), *rest))
-
-
 def _checkpoint_dir(text: str) -> str:
     """``--checkpoint-dir``: an existing directory in which files can be created, or a path whose
-    longest existing part is one (the sweep creates the rest); checked by creating a probe file."""
+    longest existing part is one (the sweep creates the rest): :func:`gradattn._io.check_directory`."""
     try:
-        _directory_place(text)
+        check_directory(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    head, rest, _ = _existing_part(text)
-    probe_in = head or os.curdir
-    try:
-        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=".gradattn-probe-")
-    except OSError as err:
-        where = "" if not rest else f" (in {probe_in!r}, where it would be created)"
-        raise argparse.ArgumentTypeError(f"{text!r}: cannot create files{where}: {err.strerror or err}") from None
-    os.close(fd)
-    os.unlink(probe)
     return text
 
 
@@ -451,7 +404,7 @@ def _outputs(args, parser) -> tuple[_Target | None, _Target | None]:
             parser.error(f"argument --plot {args.plot!r}: unsupported figure format {suffix!r}; use one of {', '.join(sorted(formats))}")
     if getattr(args, "checkpoint_dir", None) is not None:
         try:
-            place = _directory_place(args.checkpoint_dir)
+            place = directory_place(args.checkpoint_dir)
         except ValueError as err:  # changed on disk since the flag was read
             parser.error(f"argument --checkpoint-dir: {err}")
         for option, target in (("--out", out), ("--plot", plot)):

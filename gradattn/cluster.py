@@ -53,9 +53,7 @@ import os
 import re
 import selectors
 import socket
-import stat
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +67,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradattn import resume
 from gradattn._checks import check_int
+from gradattn._io import check_directory
 from gradattn._progress import StepBar
 from gradattn.sweeps import default_chunk_size, seed_keys, sweep, ticked_step_count
 
@@ -784,40 +783,18 @@ def sweep_manifest(fn, keys: jax.Array, chunk_size: int, fingerprint: dict | Non
 
 def _check_checkpoint_dir(checkpoint_dir) -> str:
     """``checkpoint_dir`` as a path if it is an existing directory in which files can be created, or
-    a path whose longest existing part is one (the sweep creates the rest); SweepRefused (one line
-    naming checkpoint_dir) otherwise, TypeError for a non-path. Checked by creating a probe file."""
+    a path whose longest existing part is one (the sweep creates the rest; the command line's check,
+    :func:`gradattn._io.check_directory`); SweepRefused (one line naming checkpoint_dir) otherwise,
+    TypeError for a non-path."""
     if not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(f"cluster_sweep: checkpoint_dir must be a path (str or os.PathLike), got {type(checkpoint_dir).__name__}")
     path = os.fspath(checkpoint_dir)
     if not isinstance(path, str):
         raise TypeError(f"cluster_sweep: checkpoint_dir must be a str path, got {path!r}")
-    if not path:
-        raise resume.SweepRefused("cluster_sweep: checkpoint_dir '' is an empty path; give the path of a directory")
-    head, rest = path, 0
-    while True:
-        try:
-            st = os.stat(head or os.curdir)
-            break
-        except (FileNotFoundError, NotADirectoryError):
-            parent = os.path.dirname(head.rstrip(os.sep)) if head.rstrip(os.sep) else head
-            if parent == head:
-                raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be created: no part of it exists") from None
-            head, rest = parent, rest + 1
-        except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES, ...
-            raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be used: {_one_line(e.strerror or e)}") from None
-    where = head or os.curdir
-    if not stat.S_ISDIR(st.st_mode):
-        what = "exists and is not a directory" if not rest else f"cannot be created: {where!r} is not a directory"
-        raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} {what}")
     try:
-        fd, probe = tempfile.mkstemp(dir=where, prefix=".gradattn-probe-")
-    except OSError as e:
-        inside = "" if not rest else f" (in {where!r}, where it would be created)"
-        raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {path!r} cannot be used: cannot create files{inside}: "
-                                  f"{_one_line(e.strerror or e)}") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
+        check_directory(path)
+    except ValueError as e:
+        raise resume.SweepRefused(f"cluster_sweep: checkpoint_dir {_one_line(e)}") from None
     return path
 
 
