@@ -19,7 +19,8 @@ The surface, from the bottom up:
 * seeds: ``sweep(fn, seeds)``; experiments on one skeleton (:mod:`gradattn.experiments`), the paper's
   ``em_vs_sgd(seeds, EmVsSgdConfig(...))``; the laws against autodiff: ``laws_check_errors``
   (:mod:`gradattn.verify`); reports and figures: :mod:`gradattn.plotting`;
-* diagnostics as modules: ``gradattn.dynamics``, ``gradattn.geometry``, ``gradattn.bayes``;
+* diagnostics as modules: ``gradattn.dynamics``, ``gradattn.geometry``; each task's exact Bayes
+  predictor is its own (``task.bayes_loss``, ...; :mod:`gradattn.tasks`);
 * deep models (flax NNX): ``gradattn.nn`` and the deep experiment ``gradattn.deep``.
 
 ``import gradattn`` imports neither flax nor matplotlib: the modules that need them
@@ -45,11 +46,11 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.memory`: how much memory an experiment needs, estimated before it compiles, and what a device holds.
 * `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
 * `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:
-    * `gradattn.tasks.base`: what a task must offer to be trained on, diagnosed and compared;
-    * `gradattn.tasks.sticky_markov`: the paper's sticky Markov chain;
+    * `gradattn.tasks.base`: what a task must offer to be trained on, diagnosed and compared, and
+      what the tasks' Bayes filters share (the forward algorithm, ``BayesLoss``);
+    * `gradattn.tasks.sticky_markov`: the paper's sticky Markov chain and its exact Bayes predictor;
     * `gradattn.tasks.hmm`: next-observation prediction of a random discrete hidden Markov model;
     * `gradattn.tasks.bijection`: bijection elimination, a random bijection revealed pair by pair.
-* `gradattn.bayes`: the exact Bayes predictor of the sticky Markov chain, and the forward algorithm.
 * `gradattn.dynamics`: the paper's mechanism, measured:
     * `gradattn.dynamics.first_order`: one gradient step against what the laws predict;
     * `gradattn.dynamics.feedback`: the positive feedback loop along training;
@@ -72,7 +73,7 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 
 import importlib as _importlib
 
-from gradattn import bayes, dynamics, geometry, grads, provenance, tasks, training, verify
+from gradattn import dynamics, geometry, grads, provenance, tasks, training, verify
 from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
 from gradattn.checking import checked
 from gradattn.experiments import EmVsSgdConfig, em_vs_sgd
@@ -154,7 +155,6 @@ __all__ = [
     "em_vs_sgd",
     "laws_check_errors",
     # modules
-    "bayes",
     "deep",
     "dynamics",
     "geometry",

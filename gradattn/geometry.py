@@ -13,7 +13,8 @@ All functions are pure, jit- and vmap-able (vmap over checkpoints or seeds), and
 
 The companion paper's claim is that values and contexts of a trained head lie near a
 low-dimensional manifold whose leading coordinate tracks the posterior uncertainty; for the sticky
-chain, the per-position covariate is the Bayes predictive entropy (:func:`gradattn.bayes.bayes_entropy`).
+chain, the per-position covariate is the Bayes predictive entropy (the task's ``bayes_entropy``,
+:func:`gradattn.tasks.sticky_markov.bayes_entropy`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_each_name_is_defined_in_its_module(name, module):
 
 
 @pytest.mark.parametrize("name", ["analytic_grads", "analytic_loss_and_grads", "feedback_stats", "pca_spectrum",
-                                  "bayes_loss", "blocked_pass", "pallas_loss_and_grads", "nonsense"])
+                                  "bayes", "bayes_loss", "blocked_pass", "pallas_loss_and_grads", "nonsense"])
 def test_retired_and_moved_names_do_not_exist(name):
     with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
         getattr(ga, name)
@@ -57,7 +57,7 @@ def test_import_is_light_and_heavy_modules_load_on_first_use():
 
 
 def test_modules_are_modules():
-    for name in ("bayes", "deep", "dynamics", "geometry", "nn", "grads", "plotting", "tasks", "training", "verify"):
+    for name in ("deep", "dynamics", "geometry", "nn", "grads", "plotting", "tasks", "training", "verify"):
         assert isinstance(getattr(ga, name), types.ModuleType) and name in ga.__all__
 
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gradattn import bayes, laws
+from gradattn import laws
 from gradattn.deep import (
     DeepConfig,
     HeadLaws,
@@ -26,7 +26,7 @@ from gradattn.grads.dense import dense_loss_and_grads
 from gradattn.head import forward, init_head, token_losses
 from gradattn.plotting import format_deep, plot_deep
 from gradattn.sweeps import seed_key, sweep
-from gradattn.tasks import DirichletHMM, StickyMarkov
+from gradattn.tasks import DirichletHMM, StickyMarkov, sticky_markov
 
 TASK = StickyMarkov(seq_len=16)
 # The experiment's config; its task is noisier than the default so that its Bayes losses tell the
@@ -107,7 +107,7 @@ def test_bayes_loss_is_the_tasks_own_at_its_noise_level():
     @jax.vmap
     def both(k):
         x, y = task.sample(k, jnp.float32)
-        return task.bayes_loss(x, y).mean, bayes.bayes_loss(transition, embeddings, x, y).mean
+        return task.bayes_loss(x, y).mean, sticky_markov.bayes_loss(transition, embeddings, x, y).mean
 
     own, at_noise_1 = (np.asarray(a).reshape(len(seeds), 2) for a in both(keys))
     for j, name in enumerate(("train_bayes_loss", "heldout_bayes_loss")):

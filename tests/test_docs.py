@@ -32,7 +32,8 @@ LAWS = (
     "projection_grads",
 )
 
-CORE_PAGES = ("head", "laws", "grads", "grads.blocked", "grads.dense", "training", "sweeps", "experiments", "bayes", "dynamics", "geometry", "tasks")
+CORE_PAGES = ("head", "laws", "grads", "grads.blocked", "grads.dense", "training", "sweeps", "experiments", "dynamics", "geometry", "tasks",
+              "tasks.base", "tasks.sticky_markov")
 
 # pdoc's messages when a module cannot be imported or is documented twice.
 IMPORT_PROBLEMS = ("Cannot find spec", "Error importing", "Error loading", "Couldn't import", "ModuleNotFoundError",

@@ -1,12 +1,15 @@
 """Tasks: data generators for training one head, each with its exact Bayes predictor.
 
-  base            Task (the protocol every task satisfies), check_task
-  sticky_markov   StickyMarkov, the sticky Markov chain of the paper's Sec. 5.2
+  base            Task (the protocol every task satisfies), check_task; what the tasks share:
+                  TaskDataclass (their JSON description), forward_algorithm (the filtering
+                  recursion of a hidden Markov model), BayesLoss and loss_from_log_predictive
+  sticky_markov   StickyMarkov, the sticky Markov chain of the paper's Sec. 5.2, and its exact
+                  Bayes filter for any chain and means (bayes_log_predictive, bayes_loss, ...)
   hmm             DirichletHMM, next-observation prediction on a random discrete hidden Markov model
   bijection       BijectionElimination, a random bijection revealed pair by pair in context
 """
 
-from gradattn.tasks.base import Task, check_task
+from gradattn.tasks.base import BayesLoss, Task, TaskDataclass, check_task, forward_algorithm, loss_from_log_predictive
 from gradattn.tasks.bijection import BijectionElimination
 from gradattn.tasks.hmm import DirichletHMM
 from gradattn.tasks.sticky_markov import (
@@ -17,12 +20,16 @@ from gradattn.tasks.sticky_markov import (
 )
 
 __all__ = [
+    "BayesLoss",
     "BijectionElimination",
     "DirichletHMM",
     "StickyMarkov",
     "Task",
+    "TaskDataclass",
     "check_task",
     "embeddings_from_spec",
+    "forward_algorithm",
+    "loss_from_log_predictive",
     "reference_embeddings",
     "sticky_transition_matrix",
 ]

@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from gradattn._checks import check_int, check_labels, check_prng_key, check_weights, concrete
-from gradattn._config import option
-from gradattn.bayes import loss_from_log_predictive
+from gradattn._checks import check_labels, check_prng_key, check_weights, concrete
+from gradattn._config import check_fields, option
+from gradattn.tasks.base import BayesLoss, TaskDataclass, check_sequence, loss_from_log_predictive
 
 MAX_SYMBOLS = 1024
 
@@ -59,7 +59,7 @@ def _check_permutation(name: str, a, k: int, fn: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class BijectionElimination:
+class BijectionElimination(TaskDataclass):
     """Predict pi(s_t) for a random bijection pi revealed pair by pair (see the module docstring).
 
     Attributes:
@@ -70,9 +70,7 @@ class BijectionElimination:
     n_symbols: int = option(8, help="number of symbols k (N = k positions, d_in = 3k)", minimum=2, maximum=MAX_SYMBOLS)
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "n_symbols", check_int("n_symbols", self.n_symbols, "BijectionElimination", minimum=2, maximum=MAX_SYMBOLS)
-        )
+        check_fields(self, "BijectionElimination")
 
     @property
     def d_in(self) -> int:
@@ -81,18 +79,11 @@ class BijectionElimination:
 
     @property
     def n_classes(self) -> int:
-        """Number of classes: k (the outputs of pi)."""
+        """k, which is also the number of classes (the outputs of pi), the sequence length T (one
+        sample queries every input once) and the number N of (x, y) positions in one sample."""
         return self.n_symbols
 
-    @property
-    def seq_len(self) -> int:
-        """k: one sample queries every input once."""
-        return self.n_symbols
-
-    @property
-    def n_positions(self) -> int:
-        """N = k, the number of (x, y) positions in one sample."""
-        return self.n_symbols
+    seq_len = n_positions = n_classes
 
     @property
     def h_min(self) -> float:
@@ -111,18 +102,6 @@ class BijectionElimination:
     def bayes_loss_value(self) -> float:
         """log(k!) / k in nats: the Bayes loss of every sample (the mean of :attr:`entropy_profile`)."""
         return math.lgamma(self.n_symbols + 1) / self.n_symbols
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields under the class name; :meth:`from_dict` rebuilds an equal task."""
-        return {"name": "BijectionElimination", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BijectionElimination:
-        """The task described by :meth:`to_dict`'s output."""
-        d = dict(d)
-        if d.pop("name", "BijectionElimination") != "BijectionElimination":
-            raise ValueError(f"BijectionElimination.from_dict: not a BijectionElimination description: {d!r}")
-        return cls(**d)
 
     def encode(self, order: jax.Array, bijection: jax.Array, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
         """The sample of a given query order and bijection: ``x (k, 3k)`` in ``dtype``, ``y (k,)`` int32.
@@ -164,13 +143,7 @@ class BijectionElimination:
     def _check_x(self, x, fn: str) -> int:
         """Validate ``x (N, 3k)``, 1 <= N <= k; a concrete one must be (a prefix of) a sample. Returns N."""
         k = self.n_symbols
-        if np.ndim(x) != 2 or np.shape(x)[1] != 3 * k or not 1 <= np.shape(x)[0] <= k:
-            raise ValueError(
-                f"{fn}: x must have shape (N, {3 * k}) with 1 <= N <= {k} (one sample of the task), "
-                f"got shape {tuple(np.shape(x))}; use jax.vmap for batches"
-            )
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(f"{fn}: x must be floating point, got dtype {jnp.result_type(x)}")
+        n = check_sequence(x, 3 * k, fn, what="one sample of the task", max_positions=k)
         xc = concrete(x)
         if xc is not None:
             query, prev_in, prev_out = xc[:, :k], xc[:, k : 2 * k], xc[:, 2 * k :]
@@ -190,7 +163,7 @@ class BijectionElimination:
                 problem = "an input queried twice or an output revealed twice"
             if problem is not None:
                 raise ValueError(f"{fn}: x (shape {xc.shape}) is not a sample of the task: {problem}")
-        return np.shape(x)[0]
+        return n
 
     def _log_predictive(self, x):
         """(N, k) log of the uniform predictive over the outputs not revealed in x_1..x_t."""
@@ -210,8 +183,8 @@ class BijectionElimination:
         self._check_x(x, "BijectionElimination.bayes_predictive")
         return jnp.exp(self._log_predictive(x))
 
-    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None):
-        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`gradattn.bayes.BayesLoss`.
+    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None) -> BayesLoss:
+        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`~gradattn.tasks.base.BayesLoss`.
         On a sample of the task ``per_position`` is log(k - t + 1) (a revealed target would give inf)."""
         fn = "BijectionElimination.bayes_loss"
         n = self._check_x(x, fn)

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._checks import check_int, check_labels, check_number, check_prng_key, check_weights, concrete
+from gradattn._checks import MAX_SEED, check_labels, check_prng_key, check_weights, concrete
+from gradattn._config import check_fields, option
 from gradattn._math import entropy_from_log, entropy_nats
-from gradattn.bayes import forward_algorithm, loss_from_log_predictive
+from gradattn.tasks.base import BayesLoss, TaskDataclass, check_sequence, forward_algorithm, loss_from_log_predictive
 
 
 def stationary_distribution(transition_matrix: np.ndarray) -> np.ndarray:
@@ -44,36 +45,35 @@ def stationary_distribution(transition_matrix: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class DirichletHMM:
+class DirichletHMM(TaskDataclass):
     """Next-observation prediction on a random discrete hidden Markov model (see the module docstring).
 
     Attributes:
-      n_states: K, the number of hidden states.
-      n_obs: V, the number of observed symbols (the input dimension and the number of classes).
-      seq_len: T, the length of the sequence; a sample has N = T - 1 positions.
-      task_seed: seed of the transition and emission matrices (``numpy.random.default_rng``).
+      n_states: K, the number of hidden states, in [1, 1024].
+      n_obs: V, the number of observed symbols (the input dimension and the number of classes), in
+        [2, 1024].
+      seq_len: T, the length of the sequence, in [2, 65537]; a sample has N = T - 1 positions.
+      task_seed: seed of the transition and emission matrices (``numpy.random.default_rng``), in
+        [0, 2^64) as every seed.
       transition_concentration: alpha > 0 of the Dirichlet transition rows (small: near-deterministic
         transitions; large: near-uniform ones).
       emission_concentration: beta > 0 of the Dirichlet emission rows (small: observations that
         nearly name the state; large: observations that say little).
     """
 
-    n_states: int = 5
-    n_obs: int = 8
-    seq_len: int = 500
-    task_seed: int = 0
-    transition_concentration: float = 1.0
-    emission_concentration: float = 1.0
+    n_states: int = option(5, help="number of hidden states K", minimum=1, maximum=1024)
+    n_obs: int = option(8, help="number of observed symbols V (the input size and the number of classes)",
+                        minimum=2, maximum=1024)
+    seq_len: int = option(500, help="sequence length T (N = T - 1 positions)", minimum=2, maximum=65_537)
+    task_seed: int = option(0, help="numpy seed of the transition and emission matrices", minimum=0, maximum=MAX_SEED)
+    transition_concentration: float = option(1.0, help="Dirichlet concentration alpha of the transition rows",
+                                             minimum=0.0, exclusive_minimum=True)
+    emission_concentration: float = option(1.0, help="Dirichlet concentration beta of the emission rows",
+                                           minimum=0.0, exclusive_minimum=True)
 
     def __post_init__(self):
         fn = "DirichletHMM"
-        set_ = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731
-        set_("n_states", check_int("n_states", self.n_states, fn, minimum=1))
-        set_("n_obs", check_int("n_obs", self.n_obs, fn, minimum=2))
-        set_("seq_len", check_int("seq_len", self.seq_len, fn, minimum=2))
-        set_("task_seed", check_int("task_seed", self.task_seed, fn, minimum=0))
-        for name in ("transition_concentration", "emission_concentration"):
-            set_(name, check_number(name, getattr(self, name), fn, minimum=0.0, exclusive_minimum=True))
+        check_fields(self, fn)  # the bounds declared with each field; then what they cannot say:
         for name, m in (("transition_matrix", self.transition_matrix), ("emission_matrix", self.emission_matrix)):
             if not np.isfinite(m).all() or not np.allclose(m.sum(axis=1), 1.0):
                 raise ValueError(f"{fn}: the Dirichlet draw of {name} is degenerate at these concentrations; raise them")
@@ -106,18 +106,10 @@ class DirichletHMM:
 
     @property
     def d_in(self) -> int:
-        """Input dimension: V (one-hot observations)."""
+        """V, both the input dimension (one-hot observations) and the number of classes (the next observation)."""
         return self.n_obs
 
-    @property
-    def n_classes(self) -> int:
-        """Number of classes: V (the next observation)."""
-        return self.n_obs
-
-    @property
-    def n_positions(self) -> int:
-        """N = T - 1, the number of (x, y) positions in one sample."""
-        return self.seq_len - 1
+    n_classes = d_in
 
     @cached_property
     def h_min(self) -> float:
@@ -125,18 +117,6 @@ class DirichletHMM:
         the hidden state z_t (its predictive of o_{t+1} is row z_t of A B). A floor below the Bayes
         predictor's loss, which must infer z_t from the observations."""
         return float(self.initial_distribution @ entropy_nats(self.transition_matrix @ self.emission_matrix, xp=np))
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields under the class name; :meth:`from_dict` rebuilds an equal task."""
-        return {"name": "DirichletHMM", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DirichletHMM:
-        """The task described by :meth:`to_dict`'s output."""
-        d = dict(d)
-        if d.pop("name", "DirichletHMM") != "DirichletHMM":
-            raise ValueError(f"DirichletHMM.from_dict: not a DirichletHMM description: {d!r}")
-        return cls(**d)
 
     def sample(self, key: jax.Array, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
         """One sequence: one-hot ``x (T-1, V)`` in ``dtype`` and targets ``y (T-1,)`` int32. Pure; jit/vmap-able.
@@ -164,17 +144,12 @@ class DirichletHMM:
         return jax.nn.one_hot(obs[:-1], self.n_obs, dtype=dtype), obs[1:]
 
     def _check_x(self, x, fn: str) -> int:
-        if np.ndim(x) != 2 or np.shape(x)[1] != self.n_obs or np.shape(x)[0] < 1:
-            raise ValueError(
-                f"{fn}: x must have shape (N, {self.n_obs}) (one-hot observations, N >= 1), got shape {tuple(np.shape(x))}; "
-                "use jax.vmap for batches"
-            )
-        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            raise TypeError(f"{fn}: x must be floating point, got dtype {jnp.result_type(x)}")
+        """Validate one-hot ``x (N, V)``, N >= 1. Returns N."""
+        n = check_sequence(x, self.n_obs, fn, what="one-hot observations")
         xc = concrete(x)
         if xc is not None and not (np.isin(xc, (0.0, 1.0)).all() and (xc.sum(axis=1) == 1).all()):
             raise ValueError(f"{fn}: x (shape {xc.shape}) must be one-hot rows (the task's inputs)")
-        return np.shape(x)[0]
+        return n
 
     def _forward(self, x, fn: str):
         """(log beta (N, K), log pred (N, V)) for one-hot ``x``."""
@@ -201,8 +176,8 @@ class DirichletHMM:
         """(N, K) log beta_t(k) = log p(z_t = k | o_0..o_t)."""
         return self._forward(x, "DirichletHMM.bayes_log_filter")[0]
 
-    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None):
-        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`gradattn.bayes.BayesLoss`."""
+    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None) -> BayesLoss:
+        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`~gradattn.tasks.base.BayesLoss`."""
 
         fn = "DirichletHMM.bayes_loss"
         n = self._check_x(x, fn)

@@ -18,6 +18,20 @@ The symbol means mu come from one of three sources, fixed per task and shared by
 By default (neither ``embeddings`` nor ``embed_seed`` given) the means are the reference's when the
 size is the paper's 8 x 20, so that ``StickyMarkov()`` is the paper's task exactly, and the draw of
 seed 0 for any other size.
+
+The exact Bayes predictor (module functions, for any chain P and means mu, and the task's methods,
+for its own) is the forward algorithm of a hidden Markov model seen one step late: the hidden state
+at position t is y_{t-1} and it emits x_t. In log space::
+
+    prior_1(a)  = 1 / C                                               p(y_0 = a)
+    beta_t(a)   = prior_t(a) N(x_t; mu_a, sigma^2 I) / Z_t             p(y_{t-1} = a | x_1..x_t)
+    pred_t(c)   = sum_a beta_t(a) P[a, c]                              p(y_t = c | x_1..x_t)
+    prior_{t+1} = pred_t
+
+``pred_t`` is the predictive at position t: its cross-entropy on the targets y_t is the lowest loss
+any causal model of x_1..x_t can reach in expectation, the floor a trained head is measured against.
+Position t = 1..N of the task is row t - 1 of ``x (N, d)``. The recursion is
+:func:`gradattn.tasks.base.forward_algorithm`, shared with :mod:`gradattn.tasks.hmm`.
 """
 
 from __future__ import annotations
@@ -35,11 +49,26 @@ import jax.numpy as jnp
 import numpy as np
 from numpy.lib import format as npy_format
 
-from gradattn._checks import FLOAT32_MAX, MAX_SEED, check_int, check_number, check_prng_key, is_traced
-from gradattn._config import check_fields, option
-from gradattn._math import entropy_nats
+from gradattn._checks import (
+    FLOAT32_MAX,
+    MAX_SEED,
+    check_int,
+    check_labels,
+    check_prng_key,
+    check_weights,
+    concrete,
+    is_traced,
+)
+from gradattn._config import check_field, check_fields, option
+from gradattn._math import entropy_from_log, entropy_nats
 from gradattn._parse import parse_int
-from gradattn.bayes import bayes_entropy, bayes_filter_entropy, bayes_log_predictive, bayes_loss, bayes_predictive
+from gradattn.tasks.base import (
+    BayesLoss,
+    TaskDataclass,
+    description_fields,
+    forward_algorithm,
+    loss_from_log_predictive,
+)
 
 REFERENCE_FILE = "sticky_markov_reference_embeddings.txt"
 REFERENCE_SHAPE = (8, 20)
@@ -54,7 +83,7 @@ def sticky_transition_matrix(n_symbols: int = 8, self_prob: float = 0.3) -> np.n
     for the defaults. This is the authors' construction and the reference figures depend on it.)
     """
     c = check_int("n_symbols", n_symbols, "sticky_transition_matrix", minimum=2)
-    self_prob = check_number("self_prob", self_prob, "sticky_transition_matrix", minimum=0.0, maximum=1.0, exclusive_maximum=True)
+    self_prob = check_field(StickyMarkov, "self_prob", self_prob, "sticky_transition_matrix")  # the task's bounds, [0, 1)
     i = np.arange(c)
     dist = np.abs(i[:, None] - i[None, :])
     dist = np.minimum(dist, c - dist)
@@ -168,8 +197,9 @@ def embeddings_from_spec(text: str) -> dict[str, Any]:
     if spec.startswith("seed:"):
         body = spec[len("seed:"):]
         try:  # ASCII digits only: no sign, no spaces, no float, no empty seed; the bound of embed_seed
-            seed = parse_int(body) if body[:1] not in "+-" else None
-            seed = check_int("embed_seed", seed, fn, minimum=0, maximum=MAX_SEED)
+            if body[:1] in "+-":  # a sign, or nothing at all
+                raise ValueError(body)
+            seed = check_field(StickyMarkov, "embed_seed", parse_int(body), fn)
         except (TypeError, ValueError):
             raise ValueError(
                 f"{fn}: {text!r}: the seed in seed:N must be a non-negative integer below 2^64 in ASCII digits "
@@ -212,7 +242,7 @@ def _canonical_source(value, fn: str):
 
 
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
-class StickyMarkov:
+class StickyMarkov(TaskDataclass):
     """The sticky Markov-chain task, with the paper's defaults.
 
     ``StickyMarkov(n_symbols=None, d_embed=None, self_prob=0.3, seq_len=2000, embed_seed=None,
@@ -235,6 +265,9 @@ class StickyMarkov:
     Equality and hashing go by the fields, so two tasks with the same means compare equal however
     the means were passed (the reference's values passed as an array give ``"reference"``).
     The means as an array: :attr:`embeddings`.
+
+    The constructor settles where the means come from and the sizes they give; then
+    ``__post_init__`` checks every field against the bounds it declares, as for every task.
     """
 
     n_symbols: int = option(help="number of symbols C", minimum=2, maximum=1024)
@@ -261,13 +294,12 @@ class StickyMarkov:
         embedding_source=None,
     ):
         fn = "StickyMarkov"
-        set_ = functools.partial(object.__setattr__, self)
-        if n_symbols is not None:
-            n_symbols = check_int("n_symbols", n_symbols, fn, minimum=2)
-        if d_embed is not None:
-            d_embed = check_int("d_embed", d_embed, fn, minimum=1)
-        if embed_seed is not None:
-            embed_seed = check_int("embed_seed", embed_seed, fn, minimum=0, maximum=MAX_SEED)
+        # The sizes and the seed given are checked first (against their declared bounds), as they
+        # are compared with the means' shape below.
+        n_symbols, d_embed, embed_seed = (
+            None if val is None else check_field(StickyMarkov, name, val, fn)
+            for name, val in (("n_symbols", n_symbols), ("d_embed", d_embed), ("embed_seed", embed_seed))
+        )
         source = embeddings if embeddings is not None else embedding_source
         if source is not None:
             if embed_seed is not None:
@@ -282,7 +314,8 @@ class StickyMarkov:
                     what = "the reference means" if source == "reference" else "embeddings"
                     hint = "" if embeddings is not None else " (for drawn means of another size pass embedding_source=None)"
                     raise ValueError(f"{fn}: {name}={given} does not match {what} of shape {shape}{hint}")
-            n_symbols, d_embed = shape
+            n_symbols, d_embed = (check_field(StickyMarkov, name, size, f"{fn}: embeddings of shape {shape}")
+                                  for name, size in (("n_symbols", shape[0]), ("d_embed", shape[1])))
         else:
             n_symbols = REFERENCE_SHAPE[0] if n_symbols is None else n_symbols
             d_embed = REFERENCE_SHAPE[1] if d_embed is None else d_embed
@@ -291,16 +324,14 @@ class StickyMarkov:
                     source = "reference"
                 else:
                     embed_seed = 0
-        if n_symbols < 2:
-            raise ValueError(f"{fn}: n_symbols must be >= 2, got {n_symbols} (from embeddings of shape ({n_symbols}, {d_embed}))")
-        set_("n_symbols", n_symbols)
-        set_("d_embed", d_embed)
-        set_("self_prob", check_number("self_prob", self_prob, fn, minimum=0.0, maximum=1.0, exclusive_maximum=True))
-        set_("seq_len", check_int("seq_len", seq_len, fn, minimum=2))
-        set_("embed_seed", embed_seed)
-        set_("noise_std", check_number("noise_std", noise_std, fn, minimum=0.0, exclusive_minimum=True))
-        set_("embedding_source", source)
-        check_fields(self, fn, store=False)  # the bounds declared with each field, as the command line takes
+        fields = dict(n_symbols=n_symbols, d_embed=d_embed, self_prob=self_prob, seq_len=seq_len, embed_seed=embed_seed,
+                      noise_std=noise_std, embedding_source=source)
+        for name, val in fields.items():
+            object.__setattr__(self, name, val)
+        self.__post_init__()
+
+    def __post_init__(self):
+        check_fields(self, "StickyMarkov")
 
     @classmethod
     def reference(cls, **kwargs) -> StickyMarkov:
@@ -315,7 +346,7 @@ class StickyMarkov:
             f"seq_len={self.seq_len}, noise_std={self.noise_std!r}, embeddings={means})"
         )
 
-    # The Task protocol's names for the sizes.
+    # The Task protocol's names for the sizes (N = T - 1 positions: TaskDataclass.n_positions).
     @property
     def d_in(self) -> int:
         """Input dimension: d = ``d_embed``."""
@@ -325,11 +356,6 @@ class StickyMarkov:
     def n_classes(self) -> int:
         """Number of classes: C = ``n_symbols``."""
         return self.n_symbols
-
-    @property
-    def n_positions(self) -> int:
-        """N = T - 1, the number of (x, y) positions in one sample."""
-        return self.seq_len - 1
 
     @property
     def embeddings_spec(self) -> str | None:
@@ -376,7 +402,7 @@ class StickyMarkov:
         the explicit values (a list of rows). :meth:`from_dict` rebuilds an equal task."""
         src = self.embedding_source
         return {
-            "name": "StickyMarkov",
+            "name": type(self).__name__,
             "n_symbols": self.n_symbols,
             "d_embed": self.d_embed,
             "self_prob": self.self_prob,
@@ -388,9 +414,7 @@ class StickyMarkov:
     @classmethod
     def from_dict(cls, d: dict) -> StickyMarkov:
         """The task described by :meth:`to_dict`'s output."""
-        d = dict(d)
-        if d.pop("name", "StickyMarkov") != "StickyMarkov":
-            raise ValueError(f"StickyMarkov.from_dict: not a StickyMarkov description: {d!r}")
+        d = description_fields(cls, d)
         spec = d.pop("embeddings", None)
         if isinstance(spec, str):
             d.update(embeddings_from_spec(spec))
@@ -428,18 +452,24 @@ class StickyMarkov:
         dtype = jnp.result_type(x)
         return jnp.asarray(self.transition_matrix, dtype), jnp.asarray(self.embeddings, dtype)
 
+    def bayes_log_filter(self, x: jax.Array) -> jax.Array:
+        """(N, C) log p(y_{t-1} = a | x_1..x_t), the filtered posterior over the previous symbol;
+        see :func:`bayes_log_filter`."""
+
+        return bayes_log_filter(*self._model(x), x, noise_std=self.noise_std)
+
     def bayes_log_predictive(self, x: jax.Array) -> jax.Array:
-        """(N, C) log p(y_t | x_1..x_t) of the exact Bayes filter; see :mod:`gradattn.bayes`."""
+        """(N, C) log p(y_t | x_1..x_t) of the exact Bayes filter; see :func:`bayes_log_predictive`."""
 
         return bayes_log_predictive(*self._model(x), x, noise_std=self.noise_std)
 
     def bayes_predictive(self, x: jax.Array) -> jax.Array:
-        """The exact Bayes predictive p(y_t | x_1..x_t), (N, C); see :mod:`gradattn.bayes`."""
+        """The exact Bayes predictive p(y_t | x_1..x_t), (N, C); see :func:`bayes_predictive`."""
 
         return bayes_predictive(*self._model(x), x, noise_std=self.noise_std)
 
-    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None):
-        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`gradattn.bayes.BayesLoss`."""
+    def bayes_loss(self, x: jax.Array, y: jax.Array, weights=None) -> BayesLoss:
+        """The Bayes predictor's cross-entropy on ``(x, y)``: a :class:`~gradattn.tasks.base.BayesLoss`."""
 
         return bayes_loss(*self._model(x), x, y, weights, noise_std=self.noise_std)
 
@@ -452,3 +482,126 @@ class StickyMarkov:
         """(N,) entropy (nats) of the posterior over the previous symbol y_{t-1} at each position."""
 
         return bayes_filter_entropy(*self._model(x), x, noise_std=self.noise_std)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact Bayes predictor of a sticky chain: any P (C, C) and means mu (C, d), given explicitly
+# (the task's methods above pass its own).
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_model(transition_matrix, embeddings, x, fn: str):
+    """Validate ``P (C, C)``, ``mu (C, d)`` and ``x (N, d)``; returns ``(N, C, d)``."""
+    if np.ndim(transition_matrix) != 2 or np.shape(transition_matrix)[0] != np.shape(transition_matrix)[1]:
+        raise ValueError(f"{fn}: transition_matrix must be square (C, C), got shape {tuple(np.shape(transition_matrix))}")
+    c = np.shape(transition_matrix)[0]
+    if np.ndim(embeddings) != 2 or np.shape(embeddings)[0] != c:
+        raise ValueError(
+            f"{fn}: embeddings must have shape (C, d) with C = {c} (from transition_matrix {tuple(np.shape(transition_matrix))}), "
+            f"got shape {tuple(np.shape(embeddings))}"
+        )
+    d = np.shape(embeddings)[1]
+    if np.ndim(x) != 2 or np.shape(x)[1] != d:
+        raise ValueError(
+            f"{fn}: x must have shape (N, d) with d = {d} (from embeddings {tuple(np.shape(embeddings))}), "
+            f"got shape {tuple(np.shape(x))}; use jax.vmap for batches"
+        )
+    if np.shape(x)[0] < 1:
+        raise ValueError(f"{fn}: x must have at least one position, got shape {tuple(np.shape(x))}")
+    for name, a in (("transition_matrix", transition_matrix), ("embeddings", embeddings), ("x", x)):
+        if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            raise TypeError(f"{fn}: {name} must be floating point, got dtype {jnp.result_type(a)}")
+    pc = concrete(transition_matrix)
+    if pc is not None:
+        if not np.isfinite(pc).all() or (pc < 0).any():
+            raise ValueError(f"{fn}: transition_matrix must be finite and non-negative")
+        rows = pc.sum(axis=1)
+        if not np.allclose(rows, 1.0, atol=1e-5):
+            raise ValueError(f"{fn}: every row of transition_matrix must sum to 1, got row sums {np.round(rows, 6).tolist()}")
+    return np.shape(x)[0], c, d
+
+
+def _check_noise_std(noise_std, fn: str):
+    """A concrete ``noise_std`` must be within the bounds of the task's field (a finite number > 0);
+    a traced one is trusted."""
+    if is_traced(noise_std):
+        return noise_std
+    return check_field(StickyMarkov, "noise_std", noise_std, fn)
+
+
+def _filter(transition_matrix, embeddings, x, noise_std, fn: str):
+    """(log beta (N, C), log pred (N, C)) of the chain by the forward algorithm; see the module docstring."""
+    _check_model(transition_matrix, embeddings, x, fn)
+    noise_std = _check_noise_std(noise_std, fn)
+    dtype = jnp.result_type(x)
+    x = jnp.asarray(x, dtype)
+    mu = jnp.asarray(embeddings, dtype)
+    log_p = jnp.log(jnp.asarray(transition_matrix, dtype))  # log 0 = -inf is fine under logsumexp
+    c = mu.shape[0]
+    # log N(x_t; mu_a, sigma^2 I) up to terms constant in a, which cancel in the normalisation.
+    log_lik = (x @ mu.T - 0.5 * jnp.sum(mu * mu, axis=-1)) / jnp.asarray(noise_std, dtype) ** 2  # (N, C)
+    init = jnp.full((c,), -jnp.log(jnp.asarray(c, dtype)), dtype)
+    # The hidden state of position t + 1 is the target y_t, so the next-state predictive is pred_t.
+    return forward_algorithm(init, log_p, log_lik)
+
+
+def bayes_log_filter(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:
+    """(N, C) log beta_t(a) = log p(y_{t-1} = a | x_1..x_t), the filtered posterior over the hidden
+    symbol (the hypothesis the head must infer). Same arguments, dtype rules and cost as
+    :func:`bayes_log_predictive`."""
+    return _filter(transition_matrix, embeddings, x, noise_std, "bayes_log_filter")[0]
+
+
+def bayes_log_predictive(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:
+    """(N, C) log p(y_t = c | x_1..x_t) by the forward algorithm in log space (see module docstring).
+
+    Args:
+      transition_matrix: (C, C) row-stochastic P, P[a, c] = p(y_t = c | y_{t-1} = a).
+      embeddings: (C, d) emission means mu; emissions are N(mu_a, noise_std^2 I).
+      x: (N, d) inputs of one sequence, floating point.
+      noise_std: sigma > 0, the emission noise's standard deviation (1 in the paper).
+    Returns:
+      (N, C) log-probabilities in the dtype of ``x`` (P and mu are cast to it). One ``lax.scan``
+      over positions; jit- and vmap-compatible (vmap over ``x`` for many sequences).
+    """
+    return _filter(transition_matrix, embeddings, x, noise_std, "bayes_log_predictive")[1]
+
+
+def bayes_predictive(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:
+    """(N, C) p(y_t = c | x_1..x_t): the exact Bayes predictive of the sticky chain; rows sum to 1.
+
+    The hidden state at position t is y_{t-1} (prior of y_0 uniform), emitting x_t ~ N(mu[y_{t-1}], sigma^2 I);
+    the filter beta_t(a) = p(y_{t-1} = a | x_1..x_t) is propagated in log space under ``lax.scan``
+    and the predictive is beta_t @ P. Shapes and dtype as :func:`bayes_log_predictive`.
+    """
+    return jnp.exp(bayes_log_predictive(transition_matrix, embeddings, x, noise_std=noise_std))
+
+
+def bayes_loss(transition_matrix, embeddings, x, y, weights=None, *, noise_std=1.0) -> BayesLoss:
+    """The Bayes predictor's cross-entropy on targets ``y (N,)``: per position, mean (nats) and bits.
+
+    L_Bayes = sum_t w_t (-log pred_t(y_t)) / sum_t w_t, w_t = 1 by default. This is the best loss
+    any causal model can reach on the sequence in expectation; a head's gap to it is
+    ``loss_fn(...) - bayes_loss(...).mean``.
+    """
+    n, c, _ = _check_model(transition_matrix, embeddings, x, "bayes_loss")
+    check_labels(y, n, c, "bayes_loss")
+    check_weights(weights, n, "bayes_loss")
+    log_pred = bayes_log_predictive(transition_matrix, embeddings, x, noise_std=noise_std)
+    return loss_from_log_predictive(log_pred, y, weights)
+
+
+def bayes_entropy(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:
+    """(N,) entropy in nats of the Bayes predictive at each position, H_t = -sum_c pred_t(c) log pred_t(c).
+
+    Low where the filter is confident about y_{t-1} (the chain's row entropy, about H_min), high
+    where x_t is ambiguous. Divide by ln 2 for bits.
+    """
+    log_pred = bayes_log_predictive(transition_matrix, embeddings, x, noise_std=noise_std)
+    return entropy_from_log(log_pred)
+
+
+def bayes_filter_entropy(transition_matrix, embeddings, x, *, noise_std=1.0) -> jax.Array:
+    """(N,) entropy in nats of the filtered posterior beta_t over y_{t-1}: 0 where the input x_t
+    identifies the previous symbol, up to log C where it says nothing."""
+    return entropy_from_log(bayes_log_filter(transition_matrix, embeddings, x, noise_std=noise_std))
