@@ -58,8 +58,9 @@ def _paper() -> dict:
 
     config = EmVsSgdConfig()
     task = config.task
-    return {"HEAD": {"d_in": task.d_in, "d_k": config.d_k, "d_v": config.d_v, "n_classes": task.n_classes},
-            "LR": config.sgd_lr, "INIT_SCALE": config.init_scale, "N_POSITIONS": task.n_positions}
+    head = config.head
+    return {"HEAD": {"d_in": task.d_in, "d_k": head.d_k, "d_v": head.d_v, "n_classes": task.n_classes},
+            "LR": config.rates.sgd_lr, "INIT_SCALE": head.init_scale, "N_POSITIONS": task.n_positions}
 
 
 def __getattr__(name: str):

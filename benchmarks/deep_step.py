@@ -7,7 +7,7 @@ Each contender runs a full training step (forward, backward, AdamW with global-n
 the 4-layer, 4-head, d_model 64 model on one sequence, dropout off so that all compute the same
 numbers:
 
-* ``jax``: ``gradattn.nn.Transformer`` under ``jit`` (the step of ``gradattn.deep``: its model,
+* ``jax``: ``gradattn.nn.Transformer`` under ``jit`` (the step of ``gradattn.experiments.deep``: its model,
   optimiser and loss, ``gradattn.deep.laws.mean_loss``);
 * ``torch_eager``: the PyTorch model with explicit attention weights (as the reference code does);
 * ``torch_sdpa``: the same model with ``torch.nn.functional.scaled_dot_product_attention``;
@@ -128,8 +128,8 @@ def main(argv=None) -> None:
     import optax
     from flax import nnx
 
-    from gradattn.deep import DeepConfig, deep_optimizer, init_model
     from gradattn.deep.laws import mean_loss, pure_apply
+    from gradattn.experiments.deep import DeepConfig, deep_optimizer, init_model
 
     torch, TorchTransformer = _torch_modules()
     if args.torch_threads:

@@ -89,9 +89,10 @@ def check_torch_protocol() -> None:
 
     config = EmVsSgdConfig()
     task = config.task
-    library = {"d_in": task.d_in, "d_k": config.d_k, "d_v": config.d_v, "n_classes": task.n_classes,
-               "sgd_lr": config.sgd_lr, "routing_lr": config.routing_lr, "value_lr": config.value_lr,
-               "init_scale": config.init_scale, "self_prob": task.self_prob}
+    head, rates = config.head, config.rates
+    library = {"d_in": task.d_in, "d_k": head.d_k, "d_v": head.d_v, "n_classes": task.n_classes,
+               "sgd_lr": rates.sgd_lr, "routing_lr": rates.routing_lr, "value_lr": rates.value_lr,
+               "init_scale": head.init_scale, "self_prob": task.self_prob}
     torch_side = {**R.HEAD, "sgd_lr": R.LR, "routing_lr": R.LR, "value_lr": R.EM_VALUE_LR,
                   "init_scale": R.INIT_SCALE, "self_prob": R.SELF_PROB}
     differ = {k: (library[k], torch_side[k]) for k in library if library[k] != torch_side[k]}

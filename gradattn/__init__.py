@@ -16,17 +16,19 @@ The surface, from the bottom up:
 * training (:mod:`gradattn.training`): optax transformations (``sgd``, ``em_like``,
   ``alternating``) and ``train``, a whole run as one ``lax.scan``;
 * tasks (:mod:`gradattn.tasks`): ``StickyMarkov``, ``DirichletHMM``, ``BijectionElimination``, any ``Task``;
-* seeds: ``sweep(fn, seeds)``; experiments on one skeleton (:mod:`gradattn.experiments`), the paper's
-  ``em_vs_sgd(seeds, EmVsSgdConfig(...))``; the laws against autodiff: ``laws_check_errors``
+* seeds: ``sweep(fn, seeds)``; experiments, each one record on one skeleton (:mod:`gradattn.experiments`):
+  the paper's ``em_vs_sgd(seeds, EmVsSgdConfig(...))``, ``plateau_study``, ``manifold_study``, and
+  (with flax) ``experiments.deep.deep_experiment`` and ``experiments.bijection.bijection_study``;
+  the shared specs ``HeadSpec`` and ``ArmRates``; the laws against autodiff: ``laws_check_errors``
   (:mod:`gradattn.verify`); reports and figures: :mod:`gradattn.plotting`;
 * diagnostics as modules: ``gradattn.dynamics``, ``gradattn.geometry``; each task's exact Bayes
   predictor is its own (``task.bayes_loss``, ...; :mod:`gradattn.tasks`);
-* deep models (flax NNX): ``gradattn.nn`` and the deep experiment ``gradattn.deep``.
+* deep models (flax NNX): ``gradattn.nn``, and the laws of every head inside one, ``gradattn.deep``.
 
-``import gradattn`` imports neither flax nor matplotlib: the modules that need them
-(``gradattn.nn``, ``gradattn.deep``, ``gradattn.studies``, ``gradattn.plotting``) are imported on
-first use (``gradattn.deep`` or ``import gradattn.deep``), and the plotting functions import
-matplotlib when they draw.
+``import gradattn`` imports neither flax nor matplotlib: the modules that need flax
+(``gradattn.nn``, ``gradattn.deep``, ``gradattn.experiments.deep``, ``gradattn.experiments.bijection``)
+are imported on first use (``gradattn.deep`` or ``import gradattn.deep``), and the functions that
+draw a figure import matplotlib when they draw.
 
 Every public module, one line each (the names that ``import gradattn`` brings in are above; the
 others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
@@ -42,7 +44,12 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.sweeps`: a pure experiment ``fn(key) -> pytree`` over many seeds: vmap, chunks, devices.
 * `gradattn.cluster`: seed sweeps over several processes (hosts), and sweeps that resume after a stop.
 * `gradattn.resume`: the directory of finished sweep chunks that lets a stopped sweep resume.
-* `gradattn.experiments`: one skeleton for experiments over seeds, and the paper's EM-vs-SGD experiment.
+* `gradattn.experiments`: the experiments over seeds, one module each, on one skeleton:
+    * `gradattn.experiments.em_sgd`: the paper's EM-like vs SGD experiment on the sticky Markov chain;
+    * `gradattn.experiments.plateau`: frame before precision, decided on runs trained to their plateau;
+    * `gradattn.experiments.manifold`: the manifold claim, where the head cannot memorise its data;
+    * `gradattn.experiments.deep`: the deep transformer on the sticky chain, and the laws of its heads;
+    * `gradattn.experiments.bijection`: one head and the deep model against the exact posterior.
 * `gradattn.memory`: how much memory an experiment needs, estimated before it compiles, and what a device holds.
 * `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
 * `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:
@@ -58,25 +65,28 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.geometry`: attention entropy, value and context spectra, and what their leading
   directions encode.
 * `gradattn.nn`: flax NNX modules: one attention head, and a deep pre-norm transformer.
-* `gradattn.deep`: the deep-transformer experiment and the laws of every head inside it:
-    * `gradattn.deep.config`: the experiment's configuration, its optimiser and its model;
-    * `gradattn.deep.run`: one run as a pure function of a key, its summary over seeds, the experiment;
+* `gradattn.deep`: the laws of every head inside a deep transformer:
     * `gradattn.deep.laws`: the laws of every head inside the model, and their check against autodiff.
-* `gradattn.studies`: studies of the paper's open claims, each an experiment on the same skeleton:
-    * `gradattn.studies.plateau`: frame before precision, decided on runs trained to their plateau;
-    * `gradattn.studies.manifold`: the manifold claim, where the head cannot memorise its data;
-    * `gradattn.studies.bijection`: one head and the deep model against the exact posterior.
-* `gradattn.plotting`: the experiments' text reports and figures.
+* `gradattn.plotting`: what the experiments' reports and figures share (wording, formats, atomic figures).
 * `gradattn.provenance`: where a result came from: code and library versions, machine and time.
 * `gradattn.cli`: the ``gradattn`` command (``gradattn --help``).
 """
 
-import importlib as _importlib
-
-from gradattn import dynamics, geometry, grads, provenance, tasks, training, verify
+from gradattn import dynamics, experiments, geometry, grads, plotting, provenance, tasks, training, verify
+from gradattn._lazy import lazy_submodules as _lazy_submodules
 from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
 from gradattn.checking import checked
-from gradattn.experiments import EmVsSgdConfig, em_vs_sgd
+from gradattn.experiments import (
+    ArmRates,
+    EmVsSgdConfig,
+    HeadSpec,
+    ManifoldConfig,
+    PlateauConfig,
+    em_vs_sgd,
+    manifold_study,
+    plateau_study,
+    run_experiment,
+)
 from gradattn.grads.blocked import blocked_loss_and_grads, loss_fn
 from gradattn.grads.dense import autodiff_loss_and_grads, dense_loss_and_grads
 from gradattn.head import HeadOutputs, HeadParams, dense_loss, forward, init_head, token_losses
@@ -153,6 +163,13 @@ __all__ = [
     "seed_keys",
     "EmVsSgdConfig",
     "em_vs_sgd",
+    "PlateauConfig",
+    "plateau_study",
+    "ManifoldConfig",
+    "manifold_study",
+    "HeadSpec",
+    "ArmRates",
+    "run_experiment",
     "laws_check_errors",
     # modules
     "deep",
@@ -162,22 +179,14 @@ __all__ = [
     "grads",
     "plotting",
     "provenance",
-    "studies",
+    "experiments",
     "tasks",
     "training",
     "verify",
 ]
 
-_LAZY_MODULES = frozenset({"deep", "nn", "plotting", "studies"})
-"""Submodules imported on first attribute access: they pull in flax (the deep models and studies)
-or matplotlib (figures), which the head, its laws and the sweeps never need."""
+_LAZY_MODULES = frozenset({"deep", "nn"})
+"""Submodules imported on first attribute access: they pull in flax (the deep models), which the
+head, its laws, the sweeps and the single-head experiments never need."""
 
-
-def __getattr__(name: str):
-    if name in _LAZY_MODULES:
-        return _importlib.import_module(f"gradattn.{name}")
-    raise AttributeError(f"module 'gradattn' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_MODULES)
+__getattr__, __dir__ = _lazy_submodules("gradattn", _LAZY_MODULES, globals())

@@ -51,7 +51,6 @@ it off.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -62,13 +61,12 @@ from typing import NamedTuple, NoReturn
 import jax
 import numpy as np
 
-from gradattn import _compile_cache, cluster, deep, experiments, memory, resume, studies, tasks
+from gradattn import _compile_cache, cluster, experiments, memory, resume, tasks
 from gradattn._checks import MAX_SEED, check_int
-from gradattn._config import check_field, field_kind
+from gradattn._config import check_field, field_kind, flat_fields, flat_get, nest
 from gradattn._io import check_directory, check_output_path, directory_place, same_file, write_json
 from gradattn._parse import parse_float, parse_int
 from gradattn._version import __version__
-from gradattn.plotting import format_deep, format_em_vs_sgd, plot_deep, plot_em_vs_sgd
 from gradattn.sweeps import seed_key
 from gradattn.verify import laws_check_errors
 
@@ -257,35 +255,35 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _default_text(obj, field: str) -> str:
-    val = getattr(obj, field, None)
+def _default_text(val) -> str:
     return "" if val is None or isinstance(val, np.ndarray) else f" (default {val})"
 
 
 def _add_fields(p, cls, defaults, prefix: str = "") -> None:
-    """A flag for every field of dataclass ``cls`` declared with :func:`gradattn._config.option`:
-    ``--field-name`` (its help and bounds from the field), a store-true flag for a bool, and the
-    field's own ``flag`` setting it to ``const`` for a switch."""
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if "help" not in meta:
-            continue
+    """A flag for every option of dataclass ``cls`` (those of its nested specs included, by their
+    flat names: :func:`gradattn._config.flat_fields`): ``--option-name`` (its help and bounds from
+    the field), a store-true flag for a bool, and the field's own ``flag`` setting it to ``const``
+    for a switch."""
+    for flat in flat_fields(cls):
+        meta, owner, name = flat.field.metadata, flat.owner, flat.field.name
+        help_text = prefix + flat.help_prefix + meta["help"]
         if "flag" in meta:
-            p.add_argument(meta["flag"], dest=f.name, action="store_const", const=meta["const"], default=None,
-                           help=prefix + meta["help"])
-        elif field_kind(cls, f.name)[0] is bool:
-            p.add_argument(_flag(f.name), dest=f.name, action="store_const", const=True, default=None,
-                           help=prefix + meta["help"])
+            p.add_argument(meta["flag"], dest=flat.name, action="store_const", const=meta["const"], default=None,
+                           help=help_text)
+        elif field_kind(owner, name)[0] is bool:
+            p.add_argument(_flag(flat.name), dest=flat.name, action="store_const", const=True, default=None,
+                           help=help_text)
         else:
-            text = meta["help"] + (f": one of {', '.join(meta['choices'])}" if "choices" in meta else "")
-            p.add_argument(_flag(f.name), dest=f.name, type=_field_type(cls, f.name), default=None,
-                           help=prefix + text + _default_text(defaults, f.name))
+            text = help_text + (f": one of {', '.join(meta['choices'])}" if "choices" in meta else "")
+            p.add_argument(_flag(flat.name), dest=flat.name, type=_field_type(owner, name), default=None,
+                           help=text + _default_text(flat_get(defaults, flat)))
 
 
 def _given(args, cls) -> dict:
-    """The fields of ``cls`` whose flags were given, as keyword arguments."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-            if "help" in f.metadata and getattr(args, f.name, None) is not None}
+    """The options of ``cls`` whose flags were given, as keyword arguments of ``cls`` (nested specs
+    built from their defaults and the options given: :func:`gradattn._config.nest`)."""
+    return nest(cls, {flat.name: getattr(args, flat.name) for flat in flat_fields(cls)
+                      if getattr(args, flat.name, None) is not None})
 
 
 class _Idle(NamedTuple):
@@ -312,14 +310,14 @@ def _drawn_means(spec) -> bool:
 
 
 _IDLE: dict[type, tuple[_Idle, ...]] = {
-    deep.DeepConfig: (
+    experiments.deep.DeepConfig: (
         _Idle("value_lr_multiplier", "schedule", lambda v: v == "two_timescale", "without --two-timescale",
               "it is the value projections' rate ratio under --two-timescale", "with --two-timescale"),
         *(_Idle(name, "n_checkpoints", lambda v: v != 0, "with --n-checkpoints 0",
                 "settling is measured over the checkpoints", "with checkpoints (--n-checkpoints above 0, or left out)")
           for name in ("settle_tol", "settle_rows")),
     ),
-    studies.bijection.BijectionConfig: (
+    experiments.bijection.BijectionConfig: (
         _Idle("head_value_lr", "head_optimizer", lambda v: v == "em_like", "unless --head-optimizer is em_like",
               "it is W_V's rate under em_like", "with --head-optimizer em_like"),
     ),
@@ -336,7 +334,7 @@ def _check_idle(args, parser, classes_and_defaults) -> None:
     """Exit 2 (one line naming both flags) if an option of :data:`_IDLE` was given where another
     option's value leaves it without effect."""
     for cls, defaults in classes_and_defaults:
-        flags = {f.name: f.metadata.get("flag", _flag(f.name)) for f in dataclasses.fields(cls) if "help" in f.metadata}
+        flags = {f.name: f.field.metadata.get("flag", _flag(f.name)) for f in flat_fields(cls)}
         for rule in _IDLE.get(cls, ()):
             if getattr(args, rule.option, None) is None:
                 continue
@@ -352,10 +350,11 @@ def _as_flags(message: str, classes) -> str:
     """An error of a config or task class in the words of the command line: the leading
     ``ClassName: `` dropped, and every ``field=value`` of the classes' flag fields written as the
     flag the user typed (``checkpoint_every=40`` -> ``--checkpoint-every 40``)."""
-    names = {f.name: f.metadata.get("flag", _flag(f.name)) for cls in classes for f in dataclasses.fields(cls)
-             if "help" in f.metadata}
+    flats = [f for cls in classes for f in flat_fields(cls)]
+    names = {f.field.name if f.owner not in classes else f.name: f.field.metadata.get("flag", _flag(f.name))
+             for f in flats}
     head, sep, rest = message.partition(": ")
-    if sep and head in {cls.__name__ for cls in classes}:
+    if sep and head in {cls.__name__ for cls in classes} | {f.owner.__name__ for f in flats}:
         message = rest
     for name, flag in sorted(names.items(), key=lambda kv: -len(kv[0])):
         message = re.sub(rf"(?<![\w-]){name}=", f"{flag} ", message)
@@ -376,8 +375,8 @@ def _build_task(args, parser, command):
     default = command.config_type().task
     cls = type(default)
     plain = cls()
-    task_kw = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)
-               if "help" in f.metadata and getattr(default, f.name) != getattr(plain, f.name)}
+    task_kw = {f.name: getattr(default, f.name) for f in flat_fields(cls)
+               if getattr(default, f.name) != getattr(plain, f.name)}
     task_kw.update(_given(args, cls))
     if getattr(args, "embeddings", None) is not None:
         if "embed_seed" in task_kw:
@@ -537,14 +536,15 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
     with ``reference`` (``(path, results)`` of an earlier run), whether the per-seed numbers equal it."""
     _check_result_size(parser, len(seeds), config.steps, curves=command.curves)
     try:  # what can be checked before any JAX backend starts, so before a multi-process run joins
-        memory.check_memory_before_start(command.experiment, config, args.chunk_size, n_seeds=len(seeds))
+        memory.check_memory_before_start(command.name, config, args.chunk_size, n_seeds=len(seeds))
     except memory.MemoryEstimateError as err:
         parser.error(_memory_refusal(err, command, config))
     if flags is not None and (status := _join(parser, flags)) is not None:  # every check passed: connect
         return status
     try:
-        results = command.run(seeds, config, chunk_size=args.chunk_size, progress=not args.no_progress,
-                              checkpoint_dir=args.checkpoint_dir, per_seed_curves=args.per_seed_curves)
+        results = experiments.run_experiment(command, seeds, config, chunk_size=args.chunk_size,
+                                             progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                                             per_seed_curves=args.per_seed_curves)
     except resume.SweepRefused as err:  # found at start-up, before any seed was computed
         parser.error(str(err))
     except memory.MemoryEstimateError as err:  # against this process's devices, before compiling
@@ -612,25 +612,25 @@ def _rerun(args, parser: _Parser) -> int:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         parser.error(f"argument RESULT: cannot read {args.result!r}: {reason}")
     name = old.get("experiment") if isinstance(old, dict) else None
-    command = next((c for c in COMMANDS if c.experiment == name), None)
+    command = next((c for c in _commands() if c.tag == name), None)
     if command is None:
         parser.error(f"argument RESULT: {args.result!r} is not a gradattn result (its experiment is {name!r}; "
-                     f"known: {', '.join(c.experiment for c in COMMANDS)})")
+                     f"known: {', '.join(c.tag for c in _commands())})")
     try:
         config = experiments.config_from_dict(command.config_type, old.get("config"))
         seeds = [int(s) for s in old["seeds"]]
         args.chunk_size = None if old.get("chunk_size") is None else int(old["chunk_size"])
     except (KeyError, TypeError, ValueError) as err:
-        parser.error(f"argument RESULT: cannot rebuild the {command.name} run from {args.result!r}: {err}")
+        parser.error(f"argument RESULT: cannot rebuild the {command.command} run from {args.result!r}: {err}")
     if args.plot is not None and command.plot is None:
-        parser.error(f"argument --plot: {args.result!r} is a result of gradattn {command.name}, which has no figure; drop --plot")
+        parser.error(f"argument --plot: {args.result!r} is a result of gradattn {command.command}, which has no figure; drop --plot")
     args.per_seed_curves = "per_seed_curves" in old
     args.checkpoint_dir = None
     _use_compilation_cache(args)
     if (status := _join(parser, None)) is not None:
         return status
     out, plot = _outputs(args, parser)
-    print(f"rerun of {args.result}: gradattn {command.name}, {len(seeds)} seed(s), chunk size {args.chunk_size} "
+    print(f"rerun of {args.result}: gradattn {command.command}, {len(seeds)} seed(s), chunk size {args.chunk_size} "
           f"(written by gradattn {(old.get('provenance') or {}).get('versions', {}).get('gradattn', '?')})")
     return _run_command(args, parser, command, config, seeds, None, True, out, plot, reference=(args.result, old))
 
@@ -667,36 +667,9 @@ def _common(p, plot: bool) -> None:
                        help="this process's id, 0 .. P-1 (process 0 writes --out and --plot)")
 
 
-class _Command(NamedTuple):
-    """An experiment on the command line: its config, its run, its report and figure, and the
-    ``experiment`` name its results carry."""
-
-    name: str
-    experiment: str
-    help: str
-    config_type: type
-    run: Callable
-    format: Callable
-    plot: Callable | None
-    curves: int
-
-
-COMMANDS = (
-    _Command("em-vs-sgd", "em_vs_sgd", "the paper's EM-like vs SGD experiment on the sticky Markov chain", experiments.EmVsSgdConfig,
-             lambda *a, **k: experiments.em_vs_sgd(*a, **k), format_em_vs_sgd, plot_em_vs_sgd, 2),
-    _Command("deep", "deep", "the deep transformer on the sticky Markov chain, and the laws of each of its heads",
-             deep.DeepConfig, lambda *a, **k: deep.deep_experiment(*a, **k), format_deep, plot_deep, 1),
-    _Command("plateau", "plateau", "frame before precision: attention vs values settling, on runs trained to a plateau",
-             studies.plateau.PlateauConfig, lambda *a, **k: studies.plateau.plateau_study(*a, **k),
-             studies.plateau.format_plateau, None, 2),
-    _Command("manifold", "manifold", "the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
-             studies.manifold.ManifoldConfig, lambda *a, **k: studies.manifold.manifold_study(*a, **k),
-             studies.manifold.format_manifold, None, 2),
-    _Command("bijection", "bijection_study",
-             "one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
-             studies.bijection.BijectionConfig, lambda *a, **k: studies.bijection.bijection_study(*a, **k),
-             studies.bijection.format_bijection, studies.bijection.plot_bijection, 2),
-)
+def _commands() -> tuple[experiments.Experiment, ...]:
+    """The experiments of :func:`gradattn.experiments.registry` that have a command, in its order."""
+    return tuple(e for e in experiments.registry() if e.command is not None)
 
 
 H_MIN_HELP = ("Losses are in nats. H_min, printed with the results, is the loss of an oracle that knows the previous "
@@ -709,9 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gradattn", description="Gradient dynamics of one attention head.")
     parser.add_argument("--version", action="version", version=f"gradattn {__version__} (jax {jax.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in _commands():
         task_type = type(command.config_type().task)
-        p = sub.add_parser(command.name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
+        p = sub.add_parser(command.command or command.name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
                            epilog=H_MIN_HELP if task_type is tasks.StickyMarkov else None)
         _common(p, plot=command.plot is not None)
         _add_fields(p, command.config_type, command.config_type())

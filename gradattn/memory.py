@@ -223,7 +223,7 @@ def _task_sizes(task) -> str:
 
 def _head_sizes(config, path: str) -> str:
     shown = path if config.grad_source == path else f"{config.grad_source!r} ({path})"
-    return f"d_k={config.d_k}, d_v={config.d_v}, steps={config.steps}, grad_source={shown}"
+    return f"d_k={config.head.d_k}, d_v={config.head.d_v}, steps={config.steps}, grad_source={shown}"
 
 
 def _estimate(throughout: dict[str, int], phases: dict[str, int], sizes: str, path: str | None = None) -> Estimate:
@@ -242,11 +242,11 @@ def _estimate(throughout: dict[str, int], phases: dict[str, int], sizes: str, pa
 
 def _head_of(config) -> _Head:
     task = config.task
-    return _Head(task.n_positions, task.d_in, config.d_k, config.d_v, task.n_classes)
+    return _Head(task.n_positions, task.d_in, config.head.d_k, config.head.d_v, task.n_classes)
 
 
 def em_vs_sgd_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
-    """:func:`gradattn.experiments.make_em_vs_sgd`: two arms trained on one sequence, then a dense
+    """:func:`gradattn.experiments.em_sgd.make_em_vs_sgd`: two arms trained on one sequence, then a dense
     forward pass of each."""
     head, chunk = _head_of(config), chunk_size
     path = _resolve(config.grad_source, choices)
@@ -263,7 +263,7 @@ def em_vs_sgd_estimate(config, chunk_size: int, choices: BackendChoices) -> Esti
 
 
 def plateau_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
-    """:func:`gradattn.studies.plateau.make_plateau_run`: two arms trained in one scan (a fresh
+    """:func:`gradattn.experiments.plateau.make_plateau_run`: two arms trained in one scan (a fresh
     sequence per step), their parameters kept every ``checkpoint_every`` steps, then per arm a
     dense forward pass at every checkpoint keeping ``settle_rows`` attention rows and the values,
     and the settling statistics over those snapshots."""
@@ -288,7 +288,7 @@ def plateau_estimate(config, chunk_size: int, choices: BackendChoices) -> Estima
 
 
 def manifold_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
-    """:func:`gradattn.studies.manifold.make_manifold_run`: two arms trained on fresh sequences,
+    """:func:`gradattn.experiments.manifold.make_manifold_run`: two arms trained on fresh sequences,
     then three heads' forward passes over ``heldout`` sequences at once, and the geometry (principal
     components, least squares) of their values and contexts pooled over those sequences."""
     head, chunk = _head_of(config), chunk_size
@@ -325,7 +325,7 @@ def _deep_floats(d_in: int, d_model: int, n_layers: int, n_heads: int, c: int, n
 
 
 def deep_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
-    """:func:`gradattn.deep.run.make_deep_run`: AdamW on the transformer, the per-head laws at every
+    """:func:`gradattn.experiments.deep.make_deep_run`: AdamW on the transformer, the per-head laws at every
     checkpoint, and the settling snapshots (``settle_rows`` attention rows and the values of every
     head at every checkpoint)."""
     task, chunk = config.task, chunk_size
@@ -348,13 +348,13 @@ def deep_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
 
 
 def bijection_estimate(config, chunk_size: int, choices: BackendChoices) -> Estimate:
-    """:func:`gradattn.studies.bijection.make_bijection_run`: the head (autodiff of its dense loss)
+    """:func:`gradattn.experiments.bijection.make_bijection_run`: the head (autodiff of its dense loss)
     and the deep model (AdamW) each trained on ``batch`` fresh samples per step, then four models
     measured on ``heldout`` samples at once (the exact predictive, each model's logits and the
     per-position measures, (heldout, k, k) arrays each)."""
     task, chunk = config.task, chunk_size
     k = task.n_symbols
-    head = _Head(k, task.d_in, config.d_k, config.d_v, k)
+    head = _Head(k, task.d_in, config.head.d_k, config.head.d_v, k)
     deep = _deep_floats(task.d_in, config.d_model, config.n_layers, config.n_heads, k, k)
     sample = k * (task.d_in + 4)
     head_step = config.batch * (AUTODIFF_SQUARES * k * k + ROW_VECTORS * k * head.row + sample)
@@ -369,17 +369,17 @@ def bijection_estimate(config, chunk_size: int, choices: BackendChoices) -> Esti
             sample + MEASURE_SQUARES * k * k + max(_forward(head, 1), deep["forward"])),
     }
     sizes = (f"n_symbols={k} (N={k}, d_in={task.d_in}, C={k}), batch={config.batch}, heldout={config.heldout}, "
-             f"d_k={config.d_k}, d_v={config.d_v}, d_model={config.d_model}, n_layers={config.n_layers}, "
+             f"d_k={config.head.d_k}, d_v={config.head.d_v}, d_model={config.d_model}, n_layers={config.n_layers}, "
              f"n_heads={config.n_heads}, steps={config.steps}")
     return _estimate(throughout, phases, sizes)
 
 
 ESTIMATORS: dict[str, Callable[[Any, int, BackendChoices], Estimate]] = {
-    "gradattn.experiments.EmVsSgdConfig": em_vs_sgd_estimate,
-    "gradattn.studies.plateau.PlateauConfig": plateau_estimate,
-    "gradattn.studies.manifold.ManifoldConfig": manifold_estimate,
-    "gradattn.studies.bijection.BijectionConfig": bijection_estimate,
-    "gradattn.deep.config.DeepConfig": deep_estimate,
+    "gradattn.experiments.em_sgd.EmVsSgdConfig": em_vs_sgd_estimate,
+    "gradattn.experiments.plateau.PlateauConfig": plateau_estimate,
+    "gradattn.experiments.manifold.ManifoldConfig": manifold_estimate,
+    "gradattn.experiments.bijection.BijectionConfig": bijection_estimate,
+    "gradattn.experiments.deep.DeepConfig": deep_estimate,
 }
 """The library's estimators, by the qualified name of the config type they read (this module
 imports none of the experiments, which import it)."""
@@ -405,7 +405,7 @@ def estimate(config, chunk_size: int | None = None, *, backend: str | None = Non
     (default ``jax.default_backend()``; ``"cpu"``, ``"gpu"``, ``"tpu"``): ``chunk_size`` seeds
     vmapped together (default: the backend's, :func:`gradattn.sweeps.default_chunk_size`), a
     short last call padded to it. ``config``: an :class:`~gradattn.experiments.EmVsSgdConfig`,
-    :class:`~gradattn.deep.DeepConfig`, or the config of a study (plateau, manifold, bijection).
+    :class:`~gradattn.experiments.deep.DeepConfig`, or the config of a study (plateau, manifold, bijection).
 
     Raises:
       TypeError: for a config of another type (its experiment may give its own estimate, the

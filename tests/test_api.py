@@ -22,11 +22,18 @@ def test_all_is_exactly_the_public_names():
 @pytest.mark.parametrize("name, module", [
     ("blocked_loss_and_grads", "gradattn.grads.blocked"), ("loss_fn", "gradattn.grads.blocked"),
     ("dense_loss_and_grads", "gradattn.grads.dense"), ("autodiff_loss_and_grads", "gradattn.grads.dense"),
-    ("train", "gradattn.training"), ("em_vs_sgd", "gradattn.experiments"),
+    ("train", "gradattn.training"), ("em_vs_sgd", "gradattn.experiments.em_sgd"),
+    ("plateau_study", "gradattn.experiments.plateau"), ("HeadSpec", "gradattn.experiments._base"),
     ("laws_check_errors", "gradattn.verify"), ("sweep", "gradattn.sweeps"), ("init_head", "gradattn.head"),
 ])
 def test_each_name_is_defined_in_its_module(name, module):
-    assert getattr(ga, name).__module__ == module
+    # The name at the top is the very object its module (the module map's path) defines: a
+    # function or class by its __module__, an experiment record by identity.
+    import importlib
+
+    obj = getattr(ga, name)
+    assert obj is getattr(importlib.import_module(module), name)
+    assert getattr(obj, "__module__", module) == module or isinstance(obj, ga.experiments.Experiment)
 
 
 @pytest.mark.parametrize("name", ["analytic_grads", "analytic_loss_and_grads", "feedback_stats", "pca_spectrum",
@@ -48,8 +55,10 @@ def test_import_is_light_and_heavy_modules_load_on_first_use():
         "assert ga.head.forward is ga.forward\n"
         "ga.plotting.fmt_pm(1.0, 0.5)\n"
         "assert 'matplotlib' not in sys.modules\n"
-        "assert isinstance(ga.deep.DeepConfig, type) and 'flax' in sys.modules\n"
-        "assert set(dir(ga)) >= {'deep', 'nn', 'plotting', 'studies', 'forward'}\n"
+        "assert ga.experiments.plateau_study.name == 'plateau_study' and 'flax' not in sys.modules\n"
+        "assert isinstance(ga.experiments.deep.DeepConfig, type) and 'flax' in sys.modules\n"
+        "assert set(dir(ga)) >= {'deep', 'nn', 'plotting', 'experiments', 'forward'}\n"
+        "assert set(dir(ga.experiments)) >= {'deep', 'bijection', 'em_sgd'}\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -79,7 +88,7 @@ def test_pallas_is_imported_only_when_its_path_is_resolved():
 
 def test_the_command_line_imports_matplotlib_only_to_draw():
     # `gradattn --help` and every refusal before a run come without matplotlib's import.
-    code = ("import sys\nimport gradattn.cli, gradattn.studies\n"
+    code = ("import sys\nimport gradattn.cli, gradattn.experiments.bijection, gradattn.experiments.deep\n"
             "assert 'matplotlib' not in sys.modules\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

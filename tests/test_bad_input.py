@@ -23,7 +23,7 @@ import pytest
 
 import gradattn as ga
 from gradattn import cli
-from gradattn.deep import DeepConfig
+from gradattn.experiments.deep import DeepConfig
 from gradattn.tasks import StickyMarkov, embeddings_from_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +238,7 @@ def test_library_rates_are_finite_in_float32():
     with pytest.raises(ValueError, match="lr \\* weight_decay"):
         DeepConfig(lr=1e30, weight_decay=1e10)
     with pytest.raises(ValueError, match="routing_lr"):
-        ga.EmVsSgdConfig(routing_lr=1e39)
+        ga.ArmRates(routing_lr=1e39)
     assert DeepConfig(lr=1e30, schedule="two_timescale", value_lr_multiplier=1e8).lr == 1e30  # 1e38 fits
 
 
@@ -395,14 +395,15 @@ TOO_BIG_TOGETHER = [
 def test_sizes_too_big_together_for_memory_are_refused_before_any_work(tmp_path, monkeypatch, args, needles):
     """Sizes each within their bounds but too big together are refused from the configuration's
     memory estimate, in one line naming them as flags, before any sweep starts."""
-    from gradattn import experiments, memory
+    from gradattn import memory
+    from gradattn.experiments import _base
 
     monkeypatch.setattr(memory, "physical_memory", lambda: 16 << 30)  # the same host on every machine
 
     def sweep(*a, **k):
         raise AssertionError("the sweep was reached")
 
-    monkeypatch.setattr(experiments, "cluster_sweep", sweep)
+    monkeypatch.setattr(_base, "cluster_sweep", sweep)
     proc = gradattn([*args, "--out", "r.json", "--no-progress", "--no-compilation-cache"], tmp_path)
     assert_refused(proc, "needs at least", "more than the host's physical memory (16 GiB)", *needles)
     assert os.listdir(tmp_path) == []

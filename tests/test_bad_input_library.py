@@ -18,11 +18,12 @@ import gradattn as ga
 from gradattn._checks import check_int32_range
 from gradattn._math import entropy_bits
 from gradattn._parse import parse_float
-from gradattn.deep import DeepConfig, deep_law_errors
+from gradattn.deep import deep_law_errors
 from gradattn.dynamics import frame_before_precision, quiet_step, settling_step
+from gradattn.experiments.deep import DeepConfig
+from gradattn.experiments.plateau import PlateauConfig
 from gradattn.geometry import attention_entropy_bits, pca_spectrum
 from gradattn.nn import Transformer
-from gradattn.studies.plateau import PlateauConfig
 from gradattn.tasks import BijectionElimination, DirichletHMM, StickyMarkov, embeddings_from_spec
 
 F32 = jnp.float32
@@ -115,11 +116,11 @@ def test_command_line_refuses_rates_that_are_0_in_float32(capsys, tmp_path, args
 
 
 def test_configs_refuse_rates_that_are_0_in_float32():
-    with pytest.raises(ValueError, match=r"EmVsSgdConfig: value_lr = 1e-50 is not 0 but rounds to 0 in float32"):
-        ga.EmVsSgdConfig(value_lr=1e-50)
+    with pytest.raises(ValueError, match=r"ArmRates: value_lr = 1e-50 is not 0 but rounds to 0 in float32"):
+        ga.ArmRates(value_lr=1e-50)
     with pytest.raises(ValueError, match=r"DeepConfig: lr \* weight_decay = 1e-50 is not 0 but rounds to 0"):
         DeepConfig(lr=1e-30, weight_decay=1e-20)
-    assert ga.EmVsSgdConfig(value_lr=0.0).value_lr == 0.0
+    assert ga.ArmRates(value_lr=0.0).value_lr == 0.0
 
 
 @pytest.mark.parametrize(

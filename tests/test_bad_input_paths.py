@@ -14,31 +14,24 @@ import pytest
 
 from _cli import cli_run
 
-from gradattn import _io, cli, deep, experiments, studies
-from gradattn.studies.plateau import PlateauConfig
+from gradattn import _io, cli, experiments
+from gradattn.experiments.plateau import PlateauConfig
 
 S = ["--steps", "5", "--seq-len", "16", "--no-progress", "--no-compilation-cache"]
 """Small, valid flags of any command whose task is the sticky chain."""
-RUNS = {"em-vs-sgd": (experiments, "em_vs_sgd"), "deep": (deep, "deep_experiment"),
-        "plateau": (studies.plateau, "plateau_study"), "manifold": (studies.manifold, "manifold_study"),
-        "bijection": (studies.bijection, "bijection_study")}
-
-
 class Reached(Exception):
     """Raised in place of the experiment: every check passed and the run would start."""
 
 
 def no_run(monkeypatch):
-    for module, name in RUNS.values():
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(experiments, "run_experiment", lambda *a, **k: pytest.fail("the run must not start"))
 
 
 def reach_run(monkeypatch):
     def stop(*a, **k):
         raise Reached
 
-    for module, name in RUNS.values():
-        monkeypatch.setattr(module, name, stop)
+    monkeypatch.setattr(experiments, "run_experiment", stop)
 
 
 def refused(argv, capsys, monkeypatch, *needles):

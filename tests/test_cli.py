@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def no_run(monkeypatch):
-    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(experiments, "run_experiment", lambda *a, **k: pytest.fail("the run must not start"))
 
 
 def test_em_vs_sgd_writes_json_and_plot(tmp_path, capsys):
@@ -60,13 +60,22 @@ def test_every_config_field_is_a_flag(tmp_path, capsys):
     assert (cfg["task"]["seq_len"], cfg["task"]["self_prob"], cfg["task"]["embeddings"]) == (16, 0.4, "seed:3")
     import dataclasses
 
-    # Every field of either config and of the task gets its flag, made from the field itself.
+    from gradattn.experiments import registry
+
+    # Every option of every experiment's config (its nested specs' included, by their flat names)
+    # and of its task gets its flag, made from the field itself.
     parser = cli.build_parser()
-    for command in cli.COMMANDS:
-        sub = parser.parse_args([command.name, "--out", "x.json"])
+    commands = [e for e in registry() if e.command is not None]
+    assert {e.command for e in commands} == {"em-vs-sgd", "deep", "plateau", "manifold", "bijection"}
+    for command in commands:
+        sub = parser.parse_args([command.command, "--out", "x.json"])
         for cls in (command.config_type, type(command.config_type().task)):
-            names = {f.name for f in dataclasses.fields(cls)} - {"task", "embedding_source"}
-            assert names <= set(vars(sub)), (command.name, names - set(vars(sub)))
+            names = set()
+            for f in dataclasses.fields(cls):
+                spec = f.metadata.get("nested")
+                names |= {g.name for g in dataclasses.fields(spec)} if spec else {f.name}
+            names -= {"task", "embedding_source"}
+            assert names <= set(vars(sub)), (command.command, names - set(vars(sub)))
 
 
 def test_em_vs_sgd_seeds_flag(tmp_path, capsys):
@@ -213,7 +222,7 @@ def test_failed_run_writes_nothing(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(experiments, "em_vs_sgd", boom)
+    monkeypatch.setattr(experiments, "run_experiment", boom)
     out = tmp_path / "r.json"
     with pytest.raises(RuntimeError):
         cli.main(["em-vs-sgd", "--out", str(out)] + TINY)
@@ -303,9 +312,7 @@ def test_deep_writes_json_with_the_heldout_table(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [(["--n-heads", "3"], "divisible"), (["--dropout", "1"], "--dropout"),
                                            (["--n-checkpoints", "3"], "divide"), (["--clip", "0"], "--clip")])
 def test_deep_bad_arguments_exit_2(tmp_path, capsys, monkeypatch, args, message):
-    from gradattn import deep
-
-    monkeypatch.setattr(deep, "deep_experiment", lambda *a, **k: pytest.fail("the run must not start"))
+    no_run(monkeypatch)
     out = tmp_path / "d.json"
     tiny = DEEP_TINY
     if args[0] in tiny:  # a flag may be given once: the case's value replaces the tiny one

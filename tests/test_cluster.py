@@ -14,7 +14,7 @@ import pytest
 from _cli import TINY, cli_run
 from _spawn import ROOT, assert_same, env, finish, free_port, load, run_cluster, run_one, says_a_process_was_lost
 
-from gradattn import cli, cluster, deep, experiments
+from gradattn import cli, cluster, experiments
 
 SEEDS = list(range(13))
 
@@ -179,8 +179,7 @@ def test_processes_given_different_seeds_refuse_to_sweep(tmp_path):
 ])
 def test_cli_cluster_flags_are_checked_before_anything_runs(tmp_path, capsys, monkeypatch, command, args, message):
     monkeypatch.setattr(cluster, "initialize", lambda *a, **k: pytest.fail("must not join a cluster"))
-    monkeypatch.setattr(experiments, "em_vs_sgd", lambda *a, **k: pytest.fail("the run must not start"))
-    monkeypatch.setattr(deep, "deep_experiment", lambda *a, **k: pytest.fail("the run must not start"))
+    monkeypatch.setattr(experiments, "run_experiment", lambda *a, **k: pytest.fail("the run must not start"))
     (tmp_path / "file").write_text("x")
     args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
     out = tmp_path / "r.json"
@@ -199,7 +198,7 @@ def test_cli_cluster_integers_go_through_the_one_integer_parser(monkeypatch):
 
 def test_cli_joins_before_the_run_and_a_cluster_of_one_is_a_plain_process(tmp_path, capsys, monkeypatch):
     calls = []
-    real_initialize, real_run = cluster.initialize, experiments.em_vs_sgd
+    real_initialize, real_run = cluster.initialize, experiments.run_experiment
 
     def initialize(*a, **k):
         calls.append(("initialize", a))
@@ -210,7 +209,7 @@ def test_cli_joins_before_the_run_and_a_cluster_of_one_is_a_plain_process(tmp_pa
         return real_run(*a, **k)
 
     monkeypatch.setattr(cluster, "initialize", initialize)
-    monkeypatch.setattr(experiments, "em_vs_sgd", run)
+    monkeypatch.setattr(experiments, "run_experiment", run)
     out = tmp_path / "r.json"
     flags = ["--coordinator", "127.0.0.1:9", "--num-processes", "1", "--process-id", "0"]
     code, stdout, err = cli_run(["em-vs-sgd", "--seeds", "2", "--out", str(out)] + TINY + flags, capsys)

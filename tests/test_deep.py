@@ -1,4 +1,4 @@
-"""gradattn.deep: the deep experiment's protocol, its per-head laws and dynamics, one seed one result."""
+"""gradattn.experiments.deep and gradattn.deep: the deep experiment's protocol, its per-head laws and dynamics, one seed one result."""
 
 import json
 
@@ -10,21 +10,20 @@ import pytest
 from flax import nnx
 
 from gradattn import laws
-from gradattn.deep import (
+from gradattn.deep import HeadLaws, deep_law_errors, head_laws
+from gradattn.dynamics import feedback_stats, step_feedback
+from gradattn.experiments.deep import (
     DeepConfig,
-    HeadLaws,
     deep_experiment,
-    deep_law_errors,
     deep_optimizer,
-    head_laws,
+    format_deep,
     init_model,
     make_deep_run,
+    plot_deep,
     value_labels,
 )
-from gradattn.dynamics import feedback_stats, step_feedback
 from gradattn.grads.dense import dense_loss_and_grads
 from gradattn.head import forward, init_head, token_losses
-from gradattn.plotting import format_deep, plot_deep
 from gradattn.sweeps import seed_key, sweep
 from gradattn.tasks import DirichletHMM, StickyMarkov, sticky_markov
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from gradattn import experiments, verify
-from gradattn.experiments import EmVsSgdConfig, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
-from gradattn.plotting import format_em_vs_sgd
-from gradattn.sweeps import sweep
+from gradattn.experiments import ArmRates, EmVsSgdConfig, HeadSpec, compiled_run, em_vs_sgd
+from gradattn.experiments.em_sgd import format_em_vs_sgd, make_em_vs_sgd, steps_to_threshold, summarise_em_vs_sgd
+from gradattn.sweeps import default_chunk_size, sweep
 from gradattn.tasks import StickyMarkov
 
 TASK = StickyMarkov(seq_len=32)
@@ -23,8 +23,8 @@ def tiny():
 def test_arms_are_paired_and_train(tiny):
     per = tiny["per_seed"]
     assert per["seed"] == [0, 2, 5]
-    fn = make_em_vs_sgd(EmVsSgdConfig(steps=6, task=TASK))
-    assert fn is make_em_vs_sgd(EmVsSgdConfig(steps=6, task=TASK))  # cached: sweeps reuse the compiled run
+    fn = compiled_run(em_vs_sgd, EmVsSgdConfig(steps=6, task=TASK))
+    assert fn is compiled_run(em_vs_sgd, EmVsSgdConfig(steps=6, task=TASK))  # cached: sweeps reuse the compiled run
     out = {k: v[0] for k, v in sweep(fn, [2], chunk_size=3).items()}
     assert out["sgd_curve"].shape == (6,) and out["sgd_curve"].dtype == np.float32
     # Same sequence and same initial parameters: the curves start at the same loss.
@@ -51,39 +51,52 @@ def test_summary_schema(tiny):
 
 
 def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
-    a = EmVsSgdConfig(steps=np.int64(6), task=StickyMarkov(seq_len=np.int64(32)), d_k=np.int32(10), d_v=np.uint8(15))
+    a = EmVsSgdConfig(steps=np.int64(6), task=StickyMarkov(seq_len=np.int64(32)),
+                      head=HeadSpec(d_k=np.int32(10), d_v=np.uint8(15)))
     b = EmVsSgdConfig(steps=6, task=TASK)
     assert a == b and hash(a) == hash(b)
-    assert type(a.steps) is int and type(a.d_k) is int and type(a.d_v) is int and type(a.task.seq_len) is int
-    assert make_em_vs_sgd(a) is make_em_vs_sgd(b)  # one cache entry, one compiled program
+    assert type(a.steps) is int and type(a.head.d_k) is int and type(a.head.d_v) is int and type(a.task.seq_len) is int
+    assert compiled_run(em_vs_sgd, a) is compiled_run(em_vs_sgd, b)  # one cache entry, one compiled program
     json.dumps(a.to_dict())  # plain ints, so the results file can hold the config
-    c = EmVsSgdConfig(sgd_lr=np.float32(0.5), value_lr=np.float64(0.1), routing_lr=np.int64(0), task=TASK)
-    assert (type(c.sgd_lr), c.sgd_lr, type(c.value_lr), type(c.routing_lr)) == (float, 0.5, float, float)
+    c = EmVsSgdConfig(rates=ArmRates(sgd_lr=np.float32(0.5), value_lr=np.float64(0.1), routing_lr=np.int64(0)), task=TASK)
+    r = c.rates
+    assert (type(r.sgd_lr), r.sgd_lr, type(r.value_lr), type(r.routing_lr)) == (float, 0.5, float, float)
     json.dumps(c.to_dict())  # numpy scalars would not serialise
-    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be an integer, got 6.0"):
+    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be an integer"):
         EmVsSgdConfig(steps=6.0, task=TASK)
-    with pytest.raises(TypeError, match="EmVsSgdConfig: d_k must be an integer, got the bool"):
-        EmVsSgdConfig(d_k=True, task=TASK)
-    with pytest.raises(ValueError, match="EmVsSgdConfig: d_v must be an integer in \\[1, 4096\\], got 0"):
-        EmVsSgdConfig(d_v=np.int64(0), task=TASK)
+    with pytest.raises(TypeError, match="HeadSpec: d_k must be an integer"):
+        HeadSpec(d_k=True)
+    with pytest.raises(ValueError, match=r"HeadSpec: d_v must be an integer in \[1, 4096\]"):
+        HeadSpec(d_v=np.int64(0))
     for scale in (0, 0.0, float("nan"), -0.1):  # at 0 the head's scores are 0 and W_Q, W_K never move
         with pytest.raises(ValueError, match="init_scale"):
-            EmVsSgdConfig(init_scale=scale, task=TASK)
+            HeadSpec(init_scale=scale)
+    with pytest.raises(TypeError, match="EmVsSgdConfig: head must be a HeadSpec"):
+        EmVsSgdConfig(head={"d_k": 4}, task=TASK)  # a nested spec is a spec, not a dict
     with pytest.raises(TypeError, match="task"):
         EmVsSgdConfig(task="sticky")
     with pytest.raises(ValueError, match="grad_source"):
         EmVsSgdConfig(grad_source="magic", task=TASK)
 
 
-def test_invalid_config_leaves_no_cached_closure():
+def test_invalid_config_never_reaches_the_cache_of_runs():
+    """A config altered after construction is checked again before a run is made of it (the run
+    would fail inside the sweep), and a config of another type is refused before the cache (a dict
+    is unhashable): neither leaves a cached run, so the experiment's make_run is never called."""
+    made = []
+    probe = experiments.Experiment("probe", EmVsSgdConfig, lambda c: made.append(c) or make_em_vs_sgd(c),
+                                   summarise_em_vs_sgd)
     bad = EmVsSgdConfig(steps=7, task=TASK)
     object.__setattr__(bad, "steps", 0)  # altered after validation: the closure would fail in the sweep
-    before = experiments._make_em_vs_sgd.cache_info().currsize
-    with pytest.raises(ValueError, match="EmVsSgdConfig: steps must be an integer in \\[1, 10000000\\], got 0"):
-        make_em_vs_sgd(bad)
-    with pytest.raises(TypeError, match="make_em_vs_sgd: config must be an EmVsSgdConfig, got dict"):
-        make_em_vs_sgd({"steps": 7})  # unhashable: used to fail inside lru_cache
-    assert experiments._make_em_vs_sgd.cache_info().currsize == before
+    with pytest.raises(ValueError, match=r"EmVsSgdConfig: steps must be an integer in \[1, 10000000\]"):
+        compiled_run(probe, bad)
+    with pytest.raises(TypeError, match="probe: config must be an EmVsSgdConfig"):
+        compiled_run(probe, {"steps": 7})
+    with pytest.raises(TypeError, match="make_em_vs_sgd: config must be an EmVsSgdConfig"):
+        make_em_vs_sgd({"steps": 7})
+    assert made == []
+    good = EmVsSgdConfig(steps=7, task=TASK)
+    assert compiled_run(probe, good) is compiled_run(probe, good) and made == [good]
 
 
 def test_steps_to_threshold():
@@ -150,7 +163,7 @@ def test_a_diverged_seed_makes_the_speedup_null_not_plausible():
         "em_final_accuracy": np.array([0.3, 0.4]),
     }
     with pytest.warns(RuntimeWarning, match=r"seed\(s\) \[7\]"):
-        s = summarise_em_vs_sgd(per, [3, 7], EmVsSgdConfig(steps=4, task=TASK))
+        s = {"seeds": [3, 7], "steps": 4, **summarise_em_vs_sgd(per, [3, 7], EmVsSgdConfig(steps=4, task=TASK))}
     assert s["speedup"] is None and s["threshold"] is None
     assert s["em_steps_to_sgd_final"] == {"mean": None, "std": None}
     assert s["per_seed"]["em_steps_to_sgd_final"] == [None, None]
@@ -195,7 +208,7 @@ def test_a_new_experiment_is_its_run_and_its_summary():
     toy = experiments.Experiment("toy", Cfg, lambda c: (lambda key: {"u": c.scale * jax.random.uniform(key)}), summarise)
     out = experiments.run_experiment(toy, 3)
     assert seen["seeds"] == [0, 1, 2] and out["n"] == 3
-    assert out["chunk_size"] == experiments.default_chunk_size() and out["n_devices"] == len(jax.devices())
+    assert out["chunk_size"] == default_chunk_size() and out["n_devices"] == len(jax.devices())
     assert out["wall_time_s"] >= 0 and {"versions", "start_time", "end_time"} <= set(out["provenance"])
     again = experiments.run_experiment(toy, [2, 0, 1], Cfg(scale=2.0), chunk_size=1)
     assert again["mean"] == pytest.approx(out["mean"], rel=1e-6)
@@ -206,8 +219,8 @@ def test_a_new_experiment_is_its_run_and_its_summary():
 
 
 def test_config_bounds_are_the_cli_bounds():
-    with pytest.raises(ValueError, match=r"d_k must be an integer in \[1, 4096\], got 5000"):
-        EmVsSgdConfig(d_k=5000)
+    with pytest.raises(ValueError, match=r"d_k must be an integer in \[1, 4096\]"):
+        HeadSpec(d_k=5000)
     with pytest.raises(ValueError, match="grad_source must be one of"):
         EmVsSgdConfig(grad_source="analytic")
 
@@ -218,17 +231,19 @@ def test_config_from_dict_round_trips_every_experiment_config():
     import dataclasses
     import json
 
-    from gradattn import cli
-    from gradattn.experiments import config_from_dict
+    from gradattn.experiments import config_from_dict, registry
 
-    for command in cli.COMMANDS:
-        default = command.config_type()
+    for experiment in registry():
+        default = experiment.config_type()
         changed = dataclasses.replace(default, steps=2 * default.steps,
                                       task=dataclasses.replace(default.task, **(
                                           {"seq_len": 33} if isinstance(default.task, StickyMarkov) else {"n_symbols": 5})))
+        if hasattr(default, "head"):  # a nested spec changed too
+            changed = dataclasses.replace(changed, head=dataclasses.replace(default.head, d_k=3))
         for config in (default, changed):
-            back = config_from_dict(command.config_type, json.loads(json.dumps(config.to_dict())))
-            assert back == config and back.to_dict() == config.to_dict(), command.name
+            back = config_from_dict(experiment.config_type, json.loads(json.dumps(config.to_dict())))
+            assert back == config and back.to_dict() == config.to_dict(), experiment.name
+        assert "head" not in default.to_dict() and "rates" not in default.to_dict()  # nested options are flat in JSON
     with pytest.raises(ValueError, match="has no field"):
         config_from_dict(EmVsSgdConfig, {**EmVsSgdConfig().to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="unknown task"):

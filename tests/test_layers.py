@@ -55,7 +55,7 @@ def test_graph_is_parsed():
     assert "gradattn.head" in edges["gradattn.laws"]
     assert "gradattn.laws" in edges["gradattn.grads.blocked"]
     assert "gradattn.grads" in edges["gradattn.training"]
-    assert {"gradattn.experiments", "gradattn.training", "gradattn.deep.config"} <= edges["gradattn.deep.run"]
+    assert {"gradattn.experiments._base", "gradattn.training", "gradattn.deep.laws"} <= edges["gradattn.experiments.deep"]
     for name, deps in edges.items():  # every edge names a real module of the package
         assert deps <= set(MODULES), (name, deps - set(MODULES))
 
@@ -64,7 +64,9 @@ PATHS = {"gradattn.grads", "gradattn.grads.dense", "gradattn.grads.blocked", "gr
 CORE = {"gradattn._checks", "gradattn._backend", "gradattn._math", "gradattn._vmap", "gradattn.head", "gradattn.laws",
         *PATHS, "gradattn.training", "gradattn.sweeps"}
 ENGINE = {"gradattn.sweeps", "gradattn.cluster", "gradattn.resume"}
-UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn.plotting", "gradattn.cli"}
+EXPERIMENTS = {m for m in MODULES if m.startswith("gradattn.experiments")}
+UPPER = {*EXPERIMENTS, "gradattn.cli"}
+MODELS = {"gradattn.nn", "gradattn.deep", "gradattn.deep.laws"}
 
 
 @pytest.mark.parametrize("layer,forbidden", [
@@ -72,9 +74,14 @@ UPPER = {"gradattn.experiments", "gradattn.deep", "gradattn.deep.run", "gradattn
     ("gradattn.laws", PATHS),  # the laws only; the paths assemble them
     # training reaches the gradient paths only through the registry, which imports them when used
     ("gradattn.training", {"gradattn.laws", *(PATHS - {"gradattn.grads"})}),
-    ("gradattn.experiments", {"gradattn.deep", "gradattn.deep.run", "gradattn.cli", "gradattn.plotting"}),
-    ("gradattn.deep.run", {"gradattn.cli", "gradattn.plotting"}),
-    ("gradattn.plotting", {"gradattn.experiments", "gradattn.deep"}),
+    # the skeleton knows no experiment, no model and no command line; an experiment module knows the
+    # skeleton (and the one it builds on), never the package that lists them all, nor the command line
+    ("gradattn.experiments._base", (UPPER - {"gradattn.experiments._base"}) | MODELS),
+    *((m, {"gradattn.experiments", "gradattn.cli"}) for m in sorted(EXPERIMENTS - {"gradattn.experiments"})),
+    # the experiments' shared wording and the memory estimate sit below every experiment
+    ("gradattn.plotting", UPPER | MODELS),
+    ("gradattn.memory", UPPER | MODELS),
+    *((m, UPPER) for m in sorted(MODELS)),
     *((core, UPPER) for core in sorted(CORE)),
     # a task is data and its exact predictor: no sweep engine, no experiments
     *((task, ENGINE | UPPER) for task in sorted(m for m in MODULES if m.startswith("gradattn.tasks"))),

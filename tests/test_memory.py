@@ -11,12 +11,11 @@ import pytest
 import gradattn as ga
 from gradattn import experiments, memory
 from gradattn._backend import ACCELERATOR, CPU
-from gradattn.deep import DeepConfig, deep_experiment
-from gradattn.deep.run import make_deep_run
-from gradattn.experiments import EmVsSgdConfig, Experiment, make_em_vs_sgd, run_experiment
+from gradattn.experiments import EmVsSgdConfig, Experiment, HeadSpec, bijection, manifold, plateau, run_experiment
+from gradattn.experiments.deep import DeepConfig, deep_experiment, make_deep_run
+from gradattn.experiments.em_sgd import make_em_vs_sgd
 from gradattn.grads._rows import default_block_size
 from gradattn.grads.blocked import seed_group
-from gradattn.studies import bijection, manifold, plateau
 from gradattn.sweeps import seed_keys
 
 S = ga.StickyMarkov
@@ -38,7 +37,7 @@ AGAINST_XLA = [
     pytest.param(make_em_vs_sgd, EmVsSgdConfig(steps=2, task=S(seq_len=513)), 1, id="em_vs_sgd-blocked-step"),
     pytest.param(make_em_vs_sgd, EmVsSgdConfig(steps=2, task=S(seq_len=257), grad_source="dense"), 8,
                  id="em_vs_sgd-dense-chunk8"),
-    pytest.param(make_em_vs_sgd, EmVsSgdConfig(steps=2, task=S(seq_len=33, d_embed=512, n_symbols=64), d_k=512, d_v=512), 1,
+    pytest.param(make_em_vs_sgd, EmVsSgdConfig(steps=2, task=S(seq_len=33, d_embed=512, n_symbols=64), head=HeadSpec(d_k=512, d_v=512)), 1,
                  id="em_vs_sgd-parameters"),
     pytest.param(plateau.make_plateau_run, plateau.PlateauConfig(steps=24, checkpoint_every=1, plateau_window=2,
                                                                  settle_rows=128, task=S(seq_len=129)), 2,
@@ -65,8 +64,8 @@ HOST = 16 << 30
 TOO_BIG = [
     pytest.param(lambda: ga.em_vs_sgd([0], EmVsSgdConfig(steps=2), chunk_size=65536),
                  ("em_vs_sgd: ", "chunk_size=65536", "(1 seed, padded to the chunk)", "N=1999", "TiB"), id="chunk"),
-    pytest.param(lambda: ga.em_vs_sgd(5, EmVsSgdConfig(task=S(d_embed=4096, n_symbols=1024, seq_len=65537), d_k=4096,
-                                                       d_v=4096)),
+    pytest.param(lambda: ga.em_vs_sgd(5, EmVsSgdConfig(task=S(d_embed=4096, n_symbols=1024, seq_len=65537),
+                                                       head=HeadSpec(d_k=4096, d_v=4096))),
                  ("seq_len=65537", "d_embed=4096", "n_symbols=1024", "d_k=4096", "d_v=4096", "N x N", "GiB"),
                  id="head-and-sequence"),
     pytest.param(lambda: manifold.manifold_study(5, manifold.ManifoldConfig(heldout=4096, task=S(seq_len=65537))),
@@ -89,7 +88,7 @@ def test_sizes_too_big_together_are_refused_in_one_line_before_compiling(monkeyp
     def sweep(*args, **kwargs):
         raise AssertionError("the sweep was reached: the run was traced and compiled")
 
-    monkeypatch.setattr(experiments, "cluster_sweep", sweep)
+    monkeypatch.setattr(experiments._base, "cluster_sweep", sweep)
     with pytest.raises(memory.MemoryEstimateError) as info:
         call()
     message = str(info.value)
@@ -187,12 +186,12 @@ def test_an_accelerator_holds_the_limit_its_runtime_reports(monkeypatch):
 
 def test_a_run_is_checked_against_the_devices_it_runs_on(monkeypatch):
     config = EmVsSgdConfig(steps=2, task=S(seq_len=257))
-    need = memory.check_memory(experiments.EM_VS_SGD, config, 4, devices=[FakeAccelerator({"bytes_limit": 1 << 40})])
+    need = memory.check_memory(experiments.em_vs_sgd, config, 4, devices=[FakeAccelerator({"bytes_limit": 1 << 40})])
     assert need == memory.estimate_bytes(config, 4)
     with pytest.raises(memory.MemoryEstimateError, match=r"em_vs_sgd: .*chunk_size=4 seeds vmapped per device per call "
                                                           r"\(3 seeds, padded to the chunk\): needs an estimated .* per "
                                                           r"device .*more than the memory of Fake H100 0 \(1 MiB\)"):
-        memory.check_memory(experiments.EM_VS_SGD, config, 4, n_seeds=3, devices=[FakeAccelerator({"bytes_limit": 1 << 20})])
+        memory.check_memory(experiments.em_vs_sgd, config, 4, n_seeds=3, devices=[FakeAccelerator({"bytes_limit": 1 << 20})])
 
 
 # ---------------------------------------------------------------------------------------------

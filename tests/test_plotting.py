@@ -1,4 +1,4 @@
-"""The text reports and figures of gradattn.plotting (and plot_bijection) on small constructed
+"""The experiments' text reports and figures, and the shared formats of gradattn.plotting, on small constructed
 result dicts: what they print and what the figures mark, on fixed scales and integer step ticks."""
 
 import math
@@ -9,17 +9,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.ticker import MaxNLocator
 
-from gradattn.plotting import (
-    SIGN_AGREEMENT_RANGE,
-    fmt_pm,
-    fmt_steps,
-    format_deep,
-    format_em_vs_sgd,
-    plot_deep,
-    plot_em_vs_sgd,
-    uniform_attention_bits,
-)
-from gradattn.studies.bijection import plot_bijection
+from gradattn.experiments.bijection import plot_bijection
+from gradattn.experiments.deep import SIGN_AGREEMENT_RANGE, format_deep, plot_deep, uniform_attention_bits
+from gradattn.experiments.em_sgd import format_em_vs_sgd, plot_em_vs_sgd
+from gradattn.plotting import fmt_pm, fmt_steps
 
 H_MIN = 1.829188059467207
 TASK = {"name": "StickyMarkov", "n_symbols": 8, "seq_len": 16}

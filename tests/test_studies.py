@@ -16,9 +16,9 @@ from _cli import cli_run
 
 from gradattn import EmVsSgdConfig, em_vs_sgd, forward, init_head
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step
+from gradattn.experiments.manifold import ManifoldConfig, format_manifold, linear_readout_ceiling, manifold_study
+from gradattn.experiments.plateau import PlateauConfig, format_plateau, make_plateau_run, plateau_study
 from gradattn.geometry import covariate_r2
-from gradattn.studies.manifold import ManifoldConfig, format_manifold, linear_readout_ceiling, manifold_study
-from gradattn.studies.plateau import PlateauConfig, format_plateau, make_plateau_run, plateau_study
 from gradattn.tasks import StickyMarkov
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,7 @@ def test_plateau_attention_entropy_recomputed():
     out = jax.jit(make_plateau_run(cfg))(jax.random.key(2))
     data_key, init_key = jax.random.split(jax.random.key(2))
     x, _ = TASK.sample(data_key, jnp.float32)
-    p0 = init_head(init_key, TASK.d_in, cfg.d_k, cfg.d_v, TASK.n_classes, cfg.init_scale, jnp.float32)
+    p0 = init_head(init_key, TASK.d_in, cfg.head.d_k, cfg.head.d_v, TASK.n_classes, cfg.head.init_scale, jnp.float32)
     want = float(np.mean(np.asarray(attention_entropy_bits(forward(p0, x).alpha))))
     np.testing.assert_allclose(float(out["init_attention_entropy_bits"]), want, rtol=1e-6)
 
@@ -200,7 +200,7 @@ def test_plateau_one_seed_one_result(plateau):
 @pytest.mark.parametrize("kw, message", [
     (dict(steps=45), "divide"), (dict(checkpoint_every=40), "fewer than 2"), (dict(plateau_window=30), "2 windows"),
     (dict(peak_fraction=0.0), "peak_fraction"), (dict(peak_fraction=1.5), "peak_fraction"),
-    (dict(settle_rows=0), "settle_rows"), (dict(sgd_lr=float("nan")), "sgd_lr"), (dict(grad_source="x"), "grad_source"),
+    (dict(settle_rows=0), "settle_rows"), (dict(rates={"sgd_lr": 0.01}), "rates must be an ArmRates"), (dict(grad_source="x"), "grad_source"),
 ])
 def test_plateau_config_errors(kw, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -275,7 +275,8 @@ def test_manifold_untrained_r2_recomputed_independently(manifold):
     key = jax.random.key(1)
     _, init_key, test_key, _ = jax.random.split(key, 4)
     task = MANIFOLD.task
-    params = init_head(init_key, task.d_in, MANIFOLD.d_k, MANIFOLD.d_v, task.n_classes, MANIFOLD.init_scale, jnp.float32)
+    params = init_head(init_key, task.d_in, MANIFOLD.head.d_k, MANIFOLD.head.d_v, task.n_classes, MANIFOLD.head.init_scale,
+                       jnp.float32)
     xs = [task.sample(k, jnp.float32)[0] for k in jax.random.split(test_key, MANIFOLD.heldout)]
     entropy = np.concatenate([np.asarray(task.bayes_filter_entropy(x)) for x in xs])
     values = np.concatenate([np.asarray(forward(params, x).v) for x in xs])

@@ -15,8 +15,8 @@ import optax
 import pytest
 
 from gradattn._io import write_json
-from gradattn.head import dense_loss, init_head
-from gradattn.studies.bijection import (
+from gradattn.experiments import HeadSpec
+from gradattn.experiments.bijection import (
     METRICS,
     MODELS,
     BijectionConfig,
@@ -27,10 +27,11 @@ from gradattn.studies.bijection import (
     plot_bijection,
     position_metrics,
 )
+from gradattn.head import dense_loss
 from gradattn.tasks import BijectionElimination
 from gradattn.training import scan_steps
 
-TINY = BijectionConfig(task=BijectionElimination(4), steps=100, batch=16, heldout=64, d_k=4, d_v=8, d_model=16,
+TINY = BijectionConfig(task=BijectionElimination(4), steps=100, batch=16, heldout=64, head=HeadSpec(d_k=4, d_v=8), d_model=16,
                        n_layers=1, n_heads=2)
 
 
@@ -186,20 +187,20 @@ def test_json_report_and_plot(runs, tmp_path):
         ({"steps": 0}, "steps"),
         ({"batch": 0}, "batch"),
         ({"heldout": -1}, "heldout"),
-        ({"init_scale": 0.0}, "init_scale"),
+        ({"head": {"init_scale": 0.0}}, "init_scale"),
         ({"head_optimizer": "lbfgs"}, "head_optimizer"),
         ({"head_schedule": "linear"}, "head_schedule"),
         ({"head_lr": -0.1}, "head_lr"),
         ({"head_value_lr": 0.5}, "head_value_lr"),  # ignored with adam
         ({"deep_dropout": 1.0}, "deep_dropout"),
         ({"d_model": 10, "n_heads": 3}, "d_model"),
-        ({"d_v": 0}, "d_v"),
+        ({"head": {"d_v": 0}}, "d_v"),
         ({"head_grad_source": "numeric"}, "head_grad_source"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        BijectionConfig(**kwargs)
+    with pytest.raises(ValueError, match=name):  # the head's options are checked by its spec
+        BijectionConfig(**{k: HeadSpec(**v) if k == "head" else v for k, v in kwargs.items()})
 
 
 def test_config_type_errors():
@@ -220,7 +221,7 @@ def test_config_type_errors():
     assert json.loads(json.dumps(cfg.to_dict()))["head_value_lr"] == 0.5
 
 
-SMALL = BijectionConfig(task=BijectionElimination(4), steps=6, batch=3, heldout=4, d_k=4, d_v=8, d_model=8, n_layers=1,
+SMALL = BijectionConfig(task=BijectionElimination(4), steps=6, batch=3, heldout=4, head=HeadSpec(d_k=4, d_v=8), d_model=8, n_layers=1,
                         n_heads=1)
 
 
@@ -245,7 +246,7 @@ def test_the_head_trains_on_the_laws_and_autodiff_is_the_batch_loss_differentiat
         updates, s = tx.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), value
 
-    head0 = init_head(k_head, task.d_in, SMALL.d_k, SMALL.d_v, task.n_classes, SMALL.init_scale, jnp.float32)
+    head0 = SMALL.head.init(k_head, task)
     _, curve, _ = jax.jit(lambda p: scan_steps(step, (p, tx.init(p)), SMALL.steps))(head0)
     np.testing.assert_allclose(auto["head_curve"], curve, rtol=1e-6)
     np.testing.assert_allclose(laws["head_curve"], auto["head_curve"], rtol=1e-5)

@@ -24,13 +24,12 @@ Adam, SGD or the EM-like two-timescale SGD (:func:`gradattn.training.em_like`), 
 or annealed to 0 along a cosine, through :func:`gradattn.training.train` on a fresh batch at every
 step, its gradients from the path ``head_grad_source``; the deep model
 (:class:`gradattn.nn.Transformer`) by the deep protocol's clipped AdamW with a cosine rate and
-dropout (:func:`gradattn.deep.config.deep_optimizer`), vmapped over the samples of a batch.
+dropout (:func:`gradattn.experiments.deep.deep_optimizer`), vmapped over the samples of a batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -40,12 +39,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradattn._config import check_unused_option, option
-from gradattn.deep.config import DeepConfig, deep_optimizer, init_model
+from gradattn._config import check_unused_option, nested, option
 from gradattn.deep.laws import mean_loss, pure_apply
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
+from gradattn.experiments._base import (
+    Experiment,
+    ExperimentConfig,
+    HeadSpec,
+    json_floats,
+    seed_std,
+)
+from gradattn.experiments.deep import DeepConfig, deep_optimizer, init_model
 from gradattn.grads import GRAD_SOURCE_NAMES
-from gradattn.head import _forward_unchecked, init_head
+from gradattn.head import _forward_unchecked
 from gradattn.plotting import atomic_savefig, integer_ticks, pm_phrase, std_array
 from gradattn.tasks import BijectionElimination
 from gradattn.training import em_like, optimizer_step, scan_steps, sgd, train
@@ -61,7 +66,7 @@ MODEL_LABELS = {"head_init": "head (untrained)", "head": "head (trained)", "deep
 
 
 @dataclasses.dataclass(frozen=True)
-class BijectionConfig:
+class BijectionConfig(ExperimentConfig):
     """Everything that defines one seed of the bijection-elimination study.
 
     Attributes:
@@ -69,7 +74,8 @@ class BijectionConfig:
       steps: training steps of each model; every step draws ``batch`` fresh samples.
       batch: fresh samples per step (the loss is the mean over samples and positions).
       heldout: held-out samples every model is measured on (shared by the four models of a seed).
-      d_k, d_v, init_scale: the single head's sizes and the std of its N(0, s^2) initial weights.
+      head: the single head's sizes and the std of its N(0, s^2) initial weights (:class:`HeadSpec`;
+        d_k 8, d_v 16, init_scale 0.1).
       head_optimizer: ``"adam"`` (optax.adam at ``head_lr``), ``"sgd"`` (at ``head_lr``) or
         ``"em_like"`` (SGD at ``head_value_lr`` on W_V and ``head_lr`` on W_Q, W_K, W_O).
       head_lr: the single head's rate (its routing rate under ``"em_like"``).
@@ -95,10 +101,7 @@ class BijectionConfig:
                         maximum=10_000_000)
     batch: int = option(32, help="fresh training samples per step", minimum=1, maximum=65_536)
     heldout: int = option(512, help="held-out samples every model is measured on", minimum=1, maximum=1_000_000)
-    d_k: int = option(8, help="single head: query/key size", minimum=1, maximum=4096)
-    d_v: int = option(16, help="single head: value size", minimum=1, maximum=4096)
-    init_scale: float = option(0.1, help="single head: std of the N(0, s^2) initial weights (> 0)", minimum=0.0,
-                               exclusive_minimum=True)
+    head: HeadSpec = nested(HeadSpec, help="single head: ", d_k=8, d_v=16)
     head_optimizer: str = option("adam", help="single head: optimiser", choices=HEAD_OPTIMIZERS)
     head_lr: float = option(0.02, help="single head: learning rate (routing rate under em_like)", minimum=0.0)
     head_value_lr: float = option(0.2, help="single head: W_V's rate under em_like", minimum=0.0)
@@ -120,7 +123,7 @@ class BijectionConfig:
         fn = "BijectionConfig"
         if not isinstance(self.task, BijectionElimination):
             raise TypeError(f"{fn}: task must be a BijectionElimination, got {type(self.task).__name__}")
-        check_config(self, fn)
+        super().__post_init__()
         check_unused_option(fn, self, "head_value_lr", active=self.head_optimizer == "em_like",
                             needs='head_optimizer="em_like"')
         try:
@@ -130,7 +133,7 @@ class BijectionConfig:
 
     @property
     def deep_config(self) -> DeepConfig:
-        """The :class:`~gradattn.deep.config.DeepConfig` of the deep model (fresh data, no checkpoints)."""
+        """The :class:`~gradattn.experiments.deep.DeepConfig` of the deep model (fresh data, no checkpoints)."""
         return DeepConfig(steps=self.steps, lr=self.deep_lr, weight_decay=self.deep_weight_decay, clip=self.deep_clip,
                           dropout=self.deep_dropout, d_model=self.d_model, n_layers=self.n_layers,
                           n_heads=self.n_heads, task=self.task, fresh_data=True, n_checkpoints=0)
@@ -147,8 +150,6 @@ class BijectionConfig:
             return sgd(rate(self.head_lr))
         return em_like(rate(self.head_value_lr), rate(self.head_lr))
 
-    def to_dict(self) -> dict:
-        return config_dict(self)
 
 
 def position_metrics(log_p: jax.Array, logits: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
@@ -195,15 +196,9 @@ def make_bijection_run(config: BijectionConfig):
     ``deep_curve`` (steps,), the training loss before every update (the deep one with dropout on);
     for every model m of :data:`MODELS` and metric of :data:`METRICS`, ``{m}_{metric}`` (N,), the
     mean over the held-out samples per position; and ``exact_entropy`` (N,), the exact predictive's
-    entropy there (log(k - t + 1)). Cached per config.
+    entropy there (log(k - t + 1)).
     """
-    if not isinstance(config, BijectionConfig):
-        raise TypeError(f"make_bijection_run: config must be a BijectionConfig, got {type(config).__name__}")
-    return _make_bijection_run(dataclasses.replace(config))
-
-
-@functools.lru_cache(maxsize=16)
-def _make_bijection_run(config: BijectionConfig):
+    BijectionConfig.require(config, "make_bijection_run")
     task = config.task
     head_tx = config.head_tx()
     deep_cfg = config.deep_config
@@ -214,7 +209,7 @@ def _make_bijection_run(config: BijectionConfig):
         return samples(jax.random.split(jax.random.fold_in(data_key, t), config.batch))
 
     def measure(logits_fn, x, y):
-        log_p = jax.vmap(task._log_predictive)(x)
+        log_p = jax.vmap(task.bayes_log_predictive)(x)
         per = jax.vmap(position_metrics)(log_p, jax.vmap(logits_fn)(x), y)
         return {name: jnp.mean(v, axis=0) for name, v in per.items()}
 
@@ -223,7 +218,7 @@ def _make_bijection_run(config: BijectionConfig):
         x_test, y_test = samples(jax.random.split(k_test, config.heldout))
 
         # The single head.
-        head0 = init_head(k_head, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
+        head0 = config.head.init(k_head, task)
 
         final, history = train(head0, lambda t: batch_at(k_data, t), None, head_tx, config.steps,
                                grad_source=config.head_grad_source)
@@ -275,10 +270,7 @@ def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], confi
     """
     task = config.task
     out: dict[str, Any] = {
-        "experiment": "bijection_study",
         "n_symbols": task.n_symbols,
-        "steps": config.steps,
-        "seeds": [int(s) for s in seeds],
         "positions": list(range(1, task.n_positions + 1)),
         "exact_entropy": json_floats(task.entropy_profile),
         "exact_entropy_measured": json_floats(np.mean(per_seed["exact_entropy"], axis=0)),
@@ -303,25 +295,7 @@ def summarise_bijection(per_seed: dict[str, np.ndarray], seeds: list[int], confi
                "std": json_floats(seed_std(per_seed[f"{name}_curve"]))}
         for name in ("head", "deep")
     }
-    out["config"] = config.to_dict()
     return out
-
-
-BIJECTION = Experiment("bijection_study", BijectionConfig, make_bijection_run, summarise_bijection)
-
-
-def bijection_study(seeds, config: BijectionConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-                    per_seed_curves: bool = False) -> dict[str, Any]:
-    """The bijection-elimination study over ``seeds`` (an int n means seeds 0..n-1): JSON-ready results.
-
-    :func:`gradattn.experiments.run_experiment` of :func:`make_bijection_run` and
-    :func:`summarise_bijection`: the summary plus ``wall_time_s``, ``n_devices``, ``n_processes``,
-    ``chunk_size`` and ``provenance``; ``chunk_size``, ``devices``, ``progress`` and
-    ``checkpoint_dir`` (resume a stopped sweep) as there.
-    """
-    return run_experiment(BIJECTION, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def _check_results(results, fn: str):
@@ -337,7 +311,7 @@ def _f(v, spec="8.4f"):
 
 
 def format_bijection(results: dict) -> str:
-    """A short text table of :func:`bijection_study`'s results (or the same dict read from JSON):
+    """A short text table of :data:`bijection_study`'s results (or the same dict read from JSON):
     per position, the exact entropy and every model's mean KL gap to the exact posterior."""
     models, positions, exact, n_seeds = _check_results(results, "format_bijection")
     names = [m for m in MODELS if m in models]
@@ -390,3 +364,12 @@ def plot_bijection(results: dict, path: str | os.PathLike | None = None, *, dpi:
     if path is not None:
         atomic_savefig(fig, path, dpi=dpi)
     return fig
+
+
+bijection_study = Experiment(
+    "bijection_study", BijectionConfig, make_bijection_run, summarise_bijection, command="bijection",
+    help="one head and the deep transformer on bijection elimination: the gap to the exact posterior per position",
+    format=format_bijection, plot=plot_bijection, curves=2)
+"""The bijection-elimination study: ``bijection_study(seeds, config=None, **options)`` is
+:func:`gradattn.experiments.run_experiment` of it (``chunk_size``, ``devices``, ``progress``,
+``checkpoint_dir`` and ``per_seed_curves`` as there)."""

@@ -20,22 +20,27 @@ head can show.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradattn._config import option
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
+from gradattn._config import nested, option
+from gradattn.experiments._base import (
+    ArmRates,
+    Experiment,
+    ExperimentConfig,
+    HeadSpec,
+    json_floats,
+    seed_std,
+)
 from gradattn.geometry import covariate_r2, decoding_r2
 from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source
-from gradattn.head import forward, init_head, token_losses
+from gradattn.head import forward, token_losses
 from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
-from gradattn.training import em_like, sgd, train_arms
+from gradattn.training import train_arms
 
 ARMS = ("sgd", "em")
 HEADS = ("init", "sgd", "em")
@@ -67,7 +72,7 @@ def linear_readout_ceiling(xs: jax.Array, entropy: jax.Array) -> dict[str, jax.A
 
 
 @dataclasses.dataclass(frozen=True)
-class ManifoldConfig:
+class ManifoldConfig(ExperimentConfig):
     """One manifold study: both arms trained on fresh sequences, measured on held-out ones.
 
     Attributes:
@@ -76,8 +81,7 @@ class ManifoldConfig:
         the posterior is).
       heldout: held-out sequences whose positions are pooled for the geometry.
       n_components: leading principal components the entropy is regressed on.
-      sgd_lr, value_lr, routing_lr, d_k, d_v, init_scale, grad_source: as in
-        :class:`gradattn.EmVsSgdConfig` (the paper's values).
+      head, rates, grad_source: as in :class:`~gradattn.experiments.EmVsSgdConfig` (the paper's values).
     """
 
     steps: int = option(3000, help="updates per arm, each on a fresh sequence", minimum=1, maximum=10_000_000)
@@ -85,26 +89,19 @@ class ManifoldConfig:
     heldout: int = option(4, help="held-out sequences pooled for the geometry", minimum=1, maximum=4096)
     n_components: int = option(3, help="leading principal components the entropy is regressed on", minimum=1,
                                maximum=4096)
-    sgd_lr: float = option(0.01, help="SGD's learning rate on all four matrices", minimum=0.0)
-    value_lr: float = option(0.1, help="EM-like learning rate on W_V", minimum=0.0)
-    routing_lr: float = option(0.01, help="EM-like learning rate on W_Q, W_K, W_O", minimum=0.0)
-    d_k: int = option(10, help="query/key size", minimum=1, maximum=4096)
-    d_v: int = option(15, help="value size", minimum=1, maximum=4096)
-    init_scale: float = option(0.1, help="std of the N(0, s^2) initial weights (> 0)", minimum=0.0,
-                               exclusive_minimum=True)
+    head: HeadSpec = nested(HeadSpec)
+    rates: ArmRates = nested(ArmRates)
     grad_source: str = option("auto", help="gradient path", choices=GRAD_SOURCE_NAMES)
 
     def __post_init__(self):
         fn = "ManifoldConfig"
-        check_config(self, fn)
+        super().__post_init__()
         resolve_grad_source(self.grad_source)
-        if self.n_components > self.d_v:
-            raise ValueError(f"{fn}: n_components={self.n_components} exceeds d_v={self.d_v} (the values' dimension)")
+        if self.n_components > self.head.d_v:
+            raise ValueError(f"{fn}: n_components={self.n_components} exceeds d_v={self.head.d_v} (the values' dimension)")
         if not callable(getattr(self.task, "bayes_filter_entropy", None)):
             raise TypeError(f"{fn}: task {type(self.task).__name__} has no bayes_filter_entropy(x)")
 
-    def to_dict(self) -> dict:
-        return config_dict(self)
 
 
 def make_manifold_run(config: ManifoldConfig):
@@ -114,20 +111,14 @@ def make_manifold_run(config: ManifoldConfig):
     ``heldout_bayes_loss``; ``entropy_mean`` and ``uncertain_fraction`` (posterior entropy > 0.1
     nats) of the held-out positions; ``ceiling_{name}`` for the read-outs :data:`CEILINGS` of
     :func:`linear_readout_ceiling` on the same positions."""
-    if not isinstance(config, ManifoldConfig):
-        raise TypeError(f"make_manifold_run: config must be a ManifoldConfig, got {type(config).__name__}")
-    return _make_manifold_run(config)
-
-
-@functools.lru_cache(maxsize=8)
-def _make_manifold_run(config: ManifoldConfig):
+    ManifoldConfig.require(config, "make_manifold_run")
     task = config.task
-    arms = {"sgd": sgd(config.sgd_lr), "em": em_like(config.value_lr, config.routing_lr)}
+    arms = config.rates.optimizers()
     m = config.n_components
 
     def run(key):
         data_key, init_key, test_key, shuffle_key = jax.random.split(key, 4)
-        params = init_head(init_key, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
+        params = config.head.init(init_key, task)
         final, curves, _ = train_arms(  # both arms on the same fresh sequence at every step
             params, arms, lambda t: task.sample(jax.random.fold_in(data_key, t), jnp.float32), config.steps,
             grad_source=config.grad_source)
@@ -162,9 +153,6 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
     from scipy import stats
 
     out: dict[str, Any] = {
-        "experiment": "manifold",
-        "seeds": [int(s) for s in seeds],
-        "steps": config.steps,
         "noise_std": getattr(config.task, "noise_std", None),
         "h_min": getattr(config.task, "h_min", None),
         "heldout_bayes_loss_mean": json_floats(np.mean(per_seed["heldout_bayes_loss"])),
@@ -198,20 +186,7 @@ def summarise_manifold(per_seed: dict[str, np.ndarray], seeds: list[int], config
                        **{f"{h}_{m}": json_floats(per_seed[f"{h}_{m}"]) for h in HEADS for m in MEASURES},
                        **{f"{h}_heldout_loss": json_floats(per_seed[f"{h}_heldout_loss"]) for h in HEADS},
                        **{f"ceiling_{name}": json_floats(per_seed[f"ceiling_{name}"]) for name in CEILINGS}}
-    out["config"] = config.to_dict()
     return out
-
-
-MANIFOLD = Experiment("manifold_study", ManifoldConfig, make_manifold_run, summarise_manifold)
-
-
-def manifold_study(seeds, config: ManifoldConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                   progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-                   per_seed_curves: bool = False) -> dict[str, Any]:
-    """The manifold study over ``seeds`` (an int n: seeds 0..n-1): JSON-ready results, by
-    :func:`gradattn.experiments.run_experiment` (wall time, devices, provenance; resumable)."""
-    return run_experiment(MANIFOLD, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def format_manifold(results: dict) -> str:
@@ -239,3 +214,11 @@ def format_manifold(results: dict) -> str:
                      f"value R^2 can exceed the first): x_t {fmt_pm(ceiling['x']['mean'], ceiling['x']['std'], '.3f')}, "
                      f"[x_t, x_t-1] {fmt_pm(ceiling['x_and_previous']['mean'], ceiling['x_and_previous']['std'], '.3f')}")
     return "\n".join(lines)
+
+
+manifold_study = Experiment(
+    "manifold_study", ManifoldConfig, make_manifold_run, summarise_manifold, command="manifold", result="manifold",
+    help="the manifold claim: posterior entropy vs the geometry of values and contexts, held out",
+    format=format_manifold, curves=2)
+"""The manifold study: ``manifold_study(seeds, config=None, **options)`` is
+:func:`gradattn.experiments.run_experiment` of it (wall time, devices, provenance; resumable)."""

@@ -25,8 +25,6 @@ here: the same key split).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Any
 
 import jax
@@ -34,15 +32,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradattn._checks import check_divides_steps
-from gradattn._config import option
+from gradattn._config import nested, option
 from gradattn._math import entropy_bits
 from gradattn.dynamics import change_per_step, plateau_step, quiet_step, settling_step
-from gradattn.experiments import Experiment, check_config, config_dict, json_floats, run_experiment, seed_std
+from gradattn.experiments._base import (
+    ArmRates,
+    Experiment,
+    ExperimentConfig,
+    HeadSpec,
+    json_floats,
+    seed_std,
+)
 from gradattn.grads import GRAD_SOURCE_NAMES, resolve_grad_source
-from gradattn.head import forward, init_head, token_losses
+from gradattn.head import forward, token_losses
 from gradattn.plotting import fmt_pm, pm_phrase
 from gradattn.tasks import StickyMarkov, Task
-from gradattn.training import em_like, sgd, train_arms
+from gradattn.training import train_arms
 
 ARMS = ("sgd", "em")
 TOLERANCES = (0.05, 0.1, 0.2)
@@ -52,7 +57,7 @@ FRACTIONS = (0.1, 0.25, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
-class PlateauConfig:
+class PlateauConfig(ExperimentConfig):
     """One frame-before-precision study: both arms trained for ``steps`` updates on one sequence.
 
     Attributes:
@@ -66,8 +71,7 @@ class PlateauConfig:
         steps, 0.78 (SGD) and 0.35 nats (EM-like) against a Bayes loss near 1.84, with the values
         still growing, so such a run has no plateau to settle to. Attention and values are always
         snapshotted on the seed's first sequence (with fresh data, one the head never trains on).
-      sgd_lr, value_lr, routing_lr, d_k, d_v, init_scale, grad_source: as in
-        :class:`gradattn.EmVsSgdConfig` (the paper's values).
+      head, rates, grad_source: as in :class:`~gradattn.experiments.EmVsSgdConfig` (the paper's values).
       plateau_window, plateau_tol: the plateau criterion (:func:`gradattn.dynamics.plateau_step`);
         ``plateau_tol`` is a relative change, in (0, 1].
       settle_tol: settling against the converged state: the fraction of the total change left, in (0, 1].
@@ -82,13 +86,8 @@ class PlateauConfig:
     task: Task = dataclasses.field(default_factory=lambda: StickyMarkov(seq_len=500))
     fresh_data: bool = option(True, help="train on one fixed sequence (the paper's protocol) instead of a fresh one per step",
                               flag="--one-sequence", const=False)
-    sgd_lr: float = option(0.01, help="SGD's learning rate on all four matrices", minimum=0.0)
-    value_lr: float = option(0.1, help="EM-like learning rate on W_V", minimum=0.0)
-    routing_lr: float = option(0.01, help="EM-like learning rate on W_Q, W_K, W_O", minimum=0.0)
-    d_k: int = option(10, help="query/key size", minimum=1, maximum=4096)
-    d_v: int = option(15, help="value size", minimum=1, maximum=4096)
-    init_scale: float = option(0.1, help="std of the N(0, s^2) initial weights (> 0)", minimum=0.0,
-                               exclusive_minimum=True)
+    head: HeadSpec = nested(HeadSpec)
+    rates: ArmRates = nested(ArmRates)
     plateau_window: int = option(1000, help="steps per window of the plateau criterion", minimum=1,
                                  maximum=10_000_000)
     plateau_tol: float = option(5e-3, help="relative change of the mean loss between windows on the plateau",
@@ -102,7 +101,7 @@ class PlateauConfig:
 
     def __post_init__(self):
         fn = "PlateauConfig"
-        check_config(self, fn)
+        super().__post_init__()
         resolve_grad_source(self.grad_source)
         check_divides_steps("checkpoint_every", self.checkpoint_every, self.steps, fn)
         if self.steps // self.checkpoint_every < 2:
@@ -115,8 +114,6 @@ class PlateauConfig:
         """(K + 1,) steps of the snapshots: 0, k, 2k, ..., steps (the final state)."""
         return np.arange(0, self.steps + 1, self.checkpoint_every)
 
-    def to_dict(self) -> dict:
-        return config_dict(self)
 
 
 def make_plateau_run(config: PlateauConfig):
@@ -133,15 +130,9 @@ def make_plateau_run(config: PlateauConfig):
       ``{arm}_attention_entropy_bits`` and ``init_attention_entropy_bits``: the mean entropy of the
       attention rows on the snapshot sequence at the end and before training.
     """
-    if not isinstance(config, PlateauConfig):
-        raise TypeError(f"make_plateau_run: config must be a PlateauConfig, got {type(config).__name__}")
-    return _make_plateau_run(config)
-
-
-@functools.lru_cache(maxsize=8)
-def _make_plateau_run(config: PlateauConfig):
+    PlateauConfig.require(config, "make_plateau_run")
     task = config.task
-    arms = {"sgd": sgd(config.sgd_lr), "em": em_like(config.value_lr, config.routing_lr)}
+    arms = config.rates.optimizers()
     n = task.n_positions
     rows = jnp.linspace(0, n - 1, min(config.settle_rows, n)).astype(jnp.int32)
     ck_steps = jnp.asarray(config.checkpoint_steps, jnp.float32)
@@ -149,9 +140,9 @@ def _make_plateau_run(config: PlateauConfig):
     tolerances, fractions = _tolerances(config), _fractions(config)
 
     def run(key):
-        data_key, init_key = jax.random.split(key)  # as gradattn.experiments.make_em_vs_sgd
+        data_key, init_key = jax.random.split(key)  # as gradattn.experiments.em_vs_sgd's
         x, y = task.sample(data_key, jnp.float32)
-        params = init_head(init_key, task.d_in, config.d_k, config.d_v, task.n_classes, config.init_scale, jnp.float32)
+        params = config.head.init(init_key, task)
 
         def snapshot(p):
             out = forward(p, x, causal=True)
@@ -231,10 +222,7 @@ def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config:
     entropy in bits (``attention_entropy_bits``: per arm and ``init``, mean and std over seeds) against
     ``uniform_attention_entropy_bits``, that of uniform causal attention over the same positions."""
     out: dict[str, Any] = {
-        "experiment": "plateau",
         "h_min": getattr(config.task, "h_min", None),
-        "steps": config.steps,
-        "seeds": [int(s) for s in seeds],
         "checkpoint_steps": [int(s) for s in config.checkpoint_steps],
         "bayes_loss_mean": json_floats(np.mean(per_seed["bayes_loss"])),
         "uniform_attention_entropy_bits": float(np.mean(np.log2(np.arange(1, config.task.n_positions + 1)))),
@@ -272,21 +260,7 @@ def summarise_plateau(per_seed: dict[str, np.ndarray], seeds: list[int], config:
         per[f"{arm}_final_loss"] = json_floats(per_seed[f"{arm}_final_loss"])
         out[arm] = res
     out["per_seed"] = per
-    out["config"] = config.to_dict()
     return out
-
-
-PLATEAU = Experiment("plateau_study", PlateauConfig, make_plateau_run, summarise_plateau)
-
-
-def plateau_study(seeds, config: PlateauConfig | None = None, *, chunk_size: int | None = None, devices=None,
-                  progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-                  per_seed_curves: bool = False) -> dict[str, Any]:
-    """The frame-before-precision study over ``seeds`` (an int n: seeds 0..n-1): JSON-ready results,
-    by :func:`gradattn.experiments.run_experiment` (wall time, devices, provenance; resumable with
-    ``checkpoint_dir``)."""
-    return run_experiment(PLATEAU, seeds, config, chunk_size=chunk_size, devices=devices, progress=progress,
-                          checkpoint_dir=checkpoint_dir, per_seed_curves=per_seed_curves)
 
 
 def format_plateau(results: dict) -> str:
@@ -321,3 +295,12 @@ def format_plateau(results: dict) -> str:
                              f"settled in both, values first in {100 * c['frac_values_first']:.0f}% (Wilcoxon p = {p}); "
                              f"never settled: attention {c['attention_never']}, values {c['values_never']}")
     return "\n".join(lines)
+
+
+plateau_study = Experiment(
+    "plateau_study", PlateauConfig, make_plateau_run, summarise_plateau, command="plateau", result="plateau",
+    help="frame before precision: attention vs values settling, on runs trained to a plateau",
+    format=format_plateau, curves=2)
+"""The frame-before-precision study: ``plateau_study(seeds, config=None, **options)`` is
+:func:`gradattn.experiments.run_experiment` of it (wall time, devices, provenance; resumable with
+``checkpoint_dir``)."""
