@@ -33,7 +33,8 @@ of :mod:`gradattn.laws` need for that head (see :func:`gradattn.deep.head_laws`)
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,10 @@ from gradattn.head import HeadParams, causal_mask, forward, init_head
 
 LAYER_NORM_EPS = 1e-5
 """PyTorch's ``nn.LayerNorm`` epsilon (flax's default is 1e-6)."""
+RMS_NORM_EPS = 1e-6
+"""The small GPT's RMSNorm epsilon."""
+GPT_INIT_STD = 0.02
+"""The small GPT's initialisation: every weight matrix and embedding N(0, 0.02^2)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +137,30 @@ def _layer_norm(d: int, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
     return nnx.LayerNorm(d, epsilon=LAYER_NORM_EPS, use_fast_variance=False, param_dtype=dtype, rngs=rngs)
 
 
+class _Style(NamedTuple):
+    """How a block is built: its norm, its linear maps and their initialisation."""
+
+    norm: Callable[[int, nnx.Rngs, Any], nnx.Module]
+    linear: Callable[[int, int, nnx.Rngs, Any], nnx.Linear]
+
+
+def _gpt_linear(d_in: int, d_out: int, rngs: nnx.Rngs, dtype) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=nnx.initializers.normal(GPT_INIT_STD),
+                      param_dtype=dtype, rngs=rngs)
+
+
+def _rms_norm(d: int, rngs: nnx.Rngs, dtype) -> nnx.RMSNorm:
+    return nnx.RMSNorm(d, epsilon=RMS_NORM_EPS, use_fast_variance=False, param_dtype=dtype, rngs=rngs)
+
+
+TORCH_STYLE = _Style(_layer_norm, _linear)
+"""LayerNorm (eps 1e-5), linear maps with biases, PyTorch's default initialisation: the sticky-chain
+experiment's :class:`Transformer`."""
+GPT_STYLE = _Style(_rms_norm, _gpt_linear)
+"""RMSNorm (eps 1e-6, a scale and no bias), bias-free linear maps drawn N(0, 0.02^2): the companion
+paper's small GPT (:class:`TinyGPT`)."""
+
+
 def _dropout(x: jax.Array, rate: float, key) -> jax.Array:
     """Inverted dropout (kept entries scaled by 1 / (1 - rate)); the identity when ``key`` is None."""
     if key is None or rate == 0.0:
@@ -141,19 +170,22 @@ def _dropout(x: jax.Array, rate: float, key) -> jax.Array:
 
 
 class _Block(nnx.Module):
-    """One pre-norm block: causal multi-head attention, then the feed-forward, each in a residual."""
+    """One pre-norm block: causal multi-head attention, then the feed-forward, each in a residual;
+    its norms and linear maps as ``style`` builds them."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, *, rngs: nnx.Rngs, dtype,
+                 style: _Style = TORCH_STYLE):
         self.n_heads = n_heads
         self.dropout = dropout
-        self.ln_1 = _layer_norm(d_model, rngs, dtype)
-        self.q_proj = _linear(d_model, d_model, rngs, dtype)
-        self.k_proj = _linear(d_model, d_model, rngs, dtype)
-        self.v_proj = _linear(d_model, d_model, rngs, dtype)
-        self.o_proj = _linear(d_model, d_model, rngs, dtype)
-        self.ln_2 = _layer_norm(d_model, rngs, dtype)
-        self.ff_1 = _linear(d_model, 4 * d_model, rngs, dtype)
-        self.ff_2 = _linear(4 * d_model, d_model, rngs, dtype)
+        norm, linear = style
+        self.ln_1 = norm(d_model, rngs, dtype)
+        self.q_proj = linear(d_model, d_model, rngs, dtype)
+        self.k_proj = linear(d_model, d_model, rngs, dtype)
+        self.v_proj = linear(d_model, d_model, rngs, dtype)
+        self.o_proj = linear(d_model, d_model, rngs, dtype)
+        self.ln_2 = norm(d_model, rngs, dtype)
+        self.ff_1 = linear(d_model, 4 * d_model, rngs, dtype)
+        self.ff_2 = linear(4 * d_model, d_model, rngs, dtype)
 
     def __call__(self, x, keys, perturb: HeadTaps):
         n, d_model = x.shape
@@ -249,22 +281,100 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: x must have at least one position, got shape {tuple(jnp.shape(x))}")
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise TypeError(f"Transformer: x must be floating point, got dtype {jnp.result_type(x)}")
-        if dropout_key is not None:
-            check_prng_key("dropout_key", dropout_key, "Transformer")
-        perturb = HeadTaps() if perturb is None else perturb
-        if not isinstance(perturb, HeadTaps):
-            raise TypeError(f"Transformer: perturb must be a HeadTaps or None, got {type(perturb).__name__}")
-        keys = [None] * (3 * self.n_layers) if dropout_key is None else list(jax.random.split(dropout_key, 3 * self.n_layers))
-        h = self.in_proj(x)
-        taps = []
-        for layer, block in enumerate(self.blocks):
-            p_l = HeadTaps(*(None if a is None else a[layer] for a in perturb))
-            h, t = block(h, keys[3 * layer: 3 * layer + 3], p_l)
-            taps.append(t)
+        h, taps = _run_blocks(self.blocks, self.in_proj(x), dropout_key, perturb, "Transformer")
         logits = self.out_proj(self.ln_f(h))
-        if not return_taps:
-            return logits
-        return logits, jax.tree.map(lambda *a: jnp.stack(a), *taps)
+        return (logits, taps) if return_taps else logits
+
+
+def _run_blocks(blocks, h: jax.Array, dropout_key, perturb: HeadTaps | None, fn: str) -> tuple[jax.Array, HeadTaps]:
+    """The residual stream ``h (N, d_model)`` through every block (dropout with ``dropout_key``,
+    ``perturb`` added to the heads' intermediates); returns it and every head's :class:`HeadTaps`
+    (leading axes (n_layers, n_heads))."""
+    if dropout_key is not None:
+        check_prng_key("dropout_key", dropout_key, fn)
+    perturb = HeadTaps() if perturb is None else perturb
+    if not isinstance(perturb, HeadTaps):
+        raise TypeError(f"{fn}: perturb must be a HeadTaps or None, got {type(perturb).__name__}")
+    n_layers = len(blocks)
+    keys = [None] * (3 * n_layers) if dropout_key is None else list(jax.random.split(dropout_key, 3 * n_layers))
+    taps = []
+    for layer, block in enumerate(blocks):
+        p_l = HeadTaps(*(None if a is None else a[layer] for a in perturb))
+        h, t = block(h, keys[3 * layer: 3 * layer + 3], p_l)
+        taps.append(t)
+    return h, jax.tree.map(lambda *a: jnp.stack(a), *taps)
+
+
+# --------------------------------------------------------------------------------------------
+# The companion paper's small GPT, on token sequences
+# --------------------------------------------------------------------------------------------
+
+
+class TinyGPT(nnx.Module):
+    """The companion paper's small GPT over a sequence of token ids (one at a time; vmap for batches)::
+
+        h^0_t = E[token_t] + P[t]                       token and learned position embeddings
+        for each layer: the pre-norm block of :class:`Transformer`, with RMSNorm (eps 1e-6, a scale,
+                        no bias) and bias-free linear maps (attention projections; feed-forward
+                        4 d_model wide, exact GELU)
+        logits_t = RMSNorm(h_t) E^T                     tied output head (n_outputs = vocab_size)
+                 = RMSNorm(h_t) W_out                   or an untied bias-free head of n_outputs
+
+    Every embedding and weight matrix is drawn N(0, 0.02^2); the norms' scales start at 1. Tied, it
+    has ``vocab_size d + max_len d + n_layers (2 d + 12 d^2) + d`` parameters (an untied head adds
+    ``d n_outputs``). No dropout (the paper's models train without). Every head can be read and
+    perturbed as in :class:`Transformer` (``return_taps``, ``perturb``), so the per-head laws of
+    :func:`gradattn.deep.head_laws` hold inside it.
+
+    Args:
+      vocab_size: input token ids are in [0, vocab_size).
+      max_len: the longest sequence (rows of the position embedding).
+      d_model, n_layers, n_heads: sizes (d_model divisible by n_heads).
+      n_outputs: output classes; ``None`` (default): ``vocab_size``, through the tied head.
+      rngs, dtype: as in :class:`Transformer`.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, d_model: int = 192, n_layers: int = 6, n_heads: int = 6,
+                 n_outputs: int | None = None, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        fn = "TinyGPT"
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"{fn}: rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        vocab_size = check_int("vocab_size", vocab_size, fn, minimum=2)
+        max_len, d_model = check_int("max_len", max_len, fn), check_int("d_model", d_model, fn)
+        n_layers, n_heads = check_int("n_layers", n_layers, fn), check_int("n_heads", n_heads, fn)
+        n_outputs = vocab_size if n_outputs is None else check_int("n_outputs", n_outputs, fn, minimum=2)
+        if d_model % n_heads:
+            raise ValueError(f"{fn}: d_model={d_model} must be divisible by n_heads={n_heads}")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{fn}: dtype must be floating point, got {dtype}")
+        self.vocab_size, self.max_len, self.d_model = vocab_size, max_len, d_model
+        self.n_layers, self.n_heads, self.n_classes = n_layers, n_heads, n_outputs
+        init = nnx.initializers.normal(GPT_INIT_STD)
+        self.tok = nnx.Embed(vocab_size, d_model, embedding_init=init, param_dtype=dtype, rngs=rngs)
+        self.pos = nnx.Embed(max_len, d_model, embedding_init=init, param_dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([_Block(d_model, n_heads, 0.0, rngs=rngs, dtype=dtype, style=GPT_STYLE)
+                                for _ in range(n_layers)])
+        self.ln_f = _rms_norm(d_model, rngs, dtype)
+        self.head = None if n_outputs == vocab_size else _gpt_linear(d_model, n_outputs, rngs, dtype)
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_heads
+
+    def __call__(self, tokens: jax.Array, *, perturb: HeadTaps | None = None, return_taps: bool = False):
+        """Logits ``(T, n_outputs)`` of one sequence of token ids ``tokens (T,)``, 1 <= T <= max_len
+        (``perturb`` and ``return_taps`` as in :class:`Transformer`)."""
+        check_array("tokens", tokens, "TinyGPT")
+        if jnp.ndim(tokens) != 1 or not 1 <= jnp.shape(tokens)[0] <= self.max_len:
+            raise ValueError(f"TinyGPT: tokens must have shape (T,) with 1 <= T <= max_len = {self.max_len}, got shape "
+                             f"{tuple(jnp.shape(tokens))}; use jax.vmap for batches")
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise TypeError(f"TinyGPT: tokens must be integer token ids, got dtype {jnp.result_type(tokens)}")
+        h = self.tok(tokens) + self.pos.embedding[: jnp.shape(tokens)[0]]
+        h, taps = _run_blocks(self.blocks, h, None, perturb, "TinyGPT")
+        h = self.ln_f(h)
+        logits = self.tok.attend(h) if self.head is None else self.head(h)
+        return (logits, taps) if return_taps else logits
 
 
 def n_params(model: nnx.Module) -> int:

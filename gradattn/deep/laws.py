@@ -24,7 +24,7 @@ from flax import nnx
 from gradattn import laws
 from gradattn._checks import check_array, check_int, check_labels, check_prng_key, check_weights
 from gradattn.head import causal_mask, normalised_weights, token_losses
-from gradattn.nn import HeadTaps, Transformer
+from gradattn.nn import HeadTaps, TinyGPT, Transformer
 from gradattn.verify import relative_error
 
 
@@ -68,7 +68,8 @@ def laws_of(apply, params, x, y, weights, shape) -> HeadLaws:
         logits, taps = apply(params, x, perturb=HeadTaps(contexts=dg), return_taps=True)
         return mean_loss(logits, y, weights), taps
 
-    loss, pullback, taps = jax.vjp(loss_at_contexts, jnp.zeros(shape, x.dtype), has_aux=True)
+    dtype = jax.tree.leaves(params)[0].dtype  # the model's (x may hold token ids)
+    loss, pullback, taps = jax.vjp(loss_at_contexts, jnp.zeros(shape, dtype), has_aux=True)
     (u,) = pullback(jnp.ones_like(loss))
     per_head = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731  (over layers, then heads)
     b = per_head(laws.compatibility)(u, taps.values)
@@ -94,17 +95,23 @@ def pure_apply(graphdef):
 
 
 def _check_xy(model, x, y, weights, fn):
-    if not isinstance(model, Transformer):
-        raise TypeError(f"{fn}: model must be a gradattn.nn.Transformer, got {type(model).__name__}")
     check_array("x", x, fn)
-    if jnp.ndim(x) != 2 or jnp.shape(x)[1] != model.d_in or jnp.shape(x)[0] < 1:
-        raise ValueError(f"{fn}: x must have shape (N, d_in) with N >= 1 and d_in = {model.d_in}, got shape {tuple(jnp.shape(x))}")
+    if isinstance(model, TinyGPT):
+        if jnp.ndim(x) != 1 or not 1 <= jnp.shape(x)[0] <= model.max_len or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{fn}: x must be token ids of shape (T,) with 1 <= T <= {model.max_len} for a TinyGPT, got "
+                             f"shape {tuple(jnp.shape(x))} and dtype {jnp.result_type(x)}")
+    elif isinstance(model, Transformer):
+        if jnp.ndim(x) != 2 or jnp.shape(x)[1] != model.d_in or jnp.shape(x)[0] < 1:
+            raise ValueError(f"{fn}: x must have shape (N, d_in) with N >= 1 and d_in = {model.d_in}, got shape {tuple(jnp.shape(x))}")
+    else:
+        raise TypeError(f"{fn}: model must be a gradattn.nn.Transformer or TinyGPT, got {type(model).__name__}")
     check_labels(y, jnp.shape(x)[0], model.n_classes, fn)
     check_weights(weights, jnp.shape(x)[0], fn)
 
 
-def head_laws(model: Transformer, x: jax.Array, y: jax.Array, weights=None) -> HeadLaws:
-    """The laws of every head of ``model`` on one sequence ``x (N, d_in)``, targets ``y (N,)``.
+def head_laws(model: Transformer | TinyGPT, x: jax.Array, y: jax.Array, weights=None) -> HeadLaws:
+    """The laws of every head of ``model`` on one sequence ``x (N, d_in)`` (token ids ``(T,)`` for a
+    :class:`~gradattn.nn.TinyGPT`), targets ``y (N,)``.
 
     Dropout is off. u^h_i = dL/dg^h_i comes from ``jax.vjp`` of the model's loss with respect to an
     additive zero perturbation of every head's context; the rest are the single-head laws of
@@ -130,9 +137,10 @@ def _laws_and_autodiff(graphdef, params, x, y, w, shape):
     def loss_at(**perturb):
         return mean_loss(apply(params, x, perturb=HeadTaps(**perturb)), y, w)
 
-    ds = jax.grad(lambda p: loss_at(scores=p))(jnp.zeros((n_layers, n_heads, n, n), x.dtype))
-    da = jax.grad(lambda p: loss_at(alpha=p))(jnp.zeros((n_layers, n_heads, n, n), x.dtype))
-    dv = jax.grad(lambda p: loss_at(values=p))(jnp.zeros((n_layers, n_heads, n, hd), x.dtype))
+    dtype = jax.tree.leaves(params)[0].dtype  # the model's (x may hold token ids)
+    ds = jax.grad(lambda p: loss_at(scores=p))(jnp.zeros((n_layers, n_heads, n, n), dtype))
+    da = jax.grad(lambda p: loss_at(alpha=p))(jnp.zeros((n_layers, n_heads, n, n), dtype))
+    dv = jax.grad(lambda p: loss_at(values=p))(jnp.zeros((n_layers, n_heads, n, hd), dtype))
     return lw, ds, da, dv
 
 
