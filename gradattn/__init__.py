@@ -35,6 +35,7 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 
 * `gradattn.head`: one attention head, its forward pass and its cross-entropy loss, written densely.
 * `gradattn.laws`: the first-order laws of one head, each under its own name.
+* `gradattn.losses`: cross-entropy against labels or soft targets, positions weighted or ignored, and its gradient.
 * `gradattn.grads`: the gradient paths of one head (one contract, ``GradPath``), by name, and the backend's choice:
     * `gradattn.grads.dense`: the laws on whole N x N matrices, and autodiff of the dense loss (the reference);
     * `gradattn.grads.blocked`: the laws over blocks of query rows: exact, causal, never N x N;
@@ -50,6 +51,7 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
     * `gradattn.experiments.manifold`: the manifold claim, where the head cannot memorise its data;
     * `gradattn.experiments.deep`: the deep transformer on the sticky chain, and the laws of its heads;
     * `gradattn.experiments.bijection`: one head and the deep model against the exact posterior.
+    * `gradattn.experiments.windtunnel`: the companion paper's wind tunnels: token models against the exact posterior.
 * `gradattn.memory`: how much memory an experiment needs, estimated before it compiles, and what a device holds.
 * `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
 * `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:
@@ -58,13 +60,17 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
     * `gradattn.tasks.sticky_markov`: the paper's sticky Markov chain and its exact Bayes predictor;
     * `gradattn.tasks.hmm`: next-observation prediction of a random discrete hidden Markov model;
     * `gradattn.tasks.bijection`: bijection elimination, a random bijection revealed pair by pair.
+    * `gradattn.tasks.tokens`: what a token task (a wind tunnel) offers: tokens, labels, exact posterior, mask;
+    * `gradattn.tasks.bijection_tokens`: the bijection as tokens for a language model, the authors' layout;
+    * `gradattn.tasks.incontext_hmm`: a fresh random HMM per sequence, its parameters in context.
 * `gradattn.dynamics`: the paper's mechanism, measured:
     * `gradattn.dynamics.first_order`: one gradient step against what the laws predict;
     * `gradattn.dynamics.feedback`: the positive feedback loop along training;
     * `gradattn.dynamics.settling`: when attention, and when the values, reach their final pattern.
 * `gradattn.geometry`: attention entropy, value and context spectra, and what their leading
   directions encode.
-* `gradattn.nn`: flax NNX modules: one attention head, and a deep pre-norm transformer.
+* `gradattn.nn`: flax NNX modules: one attention head, a deep pre-norm transformer, and the small GPT over tokens.
+* `gradattn.baselines`: the wind tunnels' baselines over tokens: a per-position MLP and an LSTM.
 * `gradattn.deep`: the laws of every head inside a deep transformer:
     * `gradattn.deep.laws`: the laws of every head inside the model, and their check against autodiff.
 * `gradattn.plotting`: what the experiments' reports and figures share (wording, formats, atomic figures).
@@ -72,7 +78,7 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
 * `gradattn.cli`: the ``gradattn`` command (``gradattn --help``).
 """
 
-from gradattn import dynamics, experiments, geometry, grads, plotting, provenance, tasks, training, verify
+from gradattn import dynamics, experiments, geometry, grads, losses, plotting, provenance, tasks, training, verify
 from gradattn._lazy import lazy_submodules as _lazy_submodules
 from gradattn._version import __version__ as __version__  # re-exported: gradattn.__version__
 from gradattn.checking import checked
@@ -172,11 +178,13 @@ __all__ = [
     "run_experiment",
     "laws_check_errors",
     # modules
+    "baselines",
     "deep",
     "dynamics",
     "geometry",
     "nn",
     "grads",
+    "losses",
     "plotting",
     "provenance",
     "experiments",
@@ -185,7 +193,7 @@ __all__ = [
     "verify",
 ]
 
-_LAZY_MODULES = frozenset({"deep", "nn"})
+_LAZY_MODULES = frozenset({"baselines", "deep", "nn"})
 """Submodules imported on first attribute access: they pull in flax (the deep models), which the
 head, its laws, the sweeps and the single-head experiments never need."""
 

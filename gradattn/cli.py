@@ -51,6 +51,7 @@ it off.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -279,10 +280,10 @@ def _add_fields(p, cls, defaults, prefix: str = "") -> None:
                            help=text + _default_text(flat_get(defaults, flat)))
 
 
-def _given(args, cls) -> dict:
+def _given(args, cls, base=None) -> dict:
     """The options of ``cls`` whose flags were given, as keyword arguments of ``cls`` (nested specs
-    built from their defaults and the options given: :func:`gradattn._config.nest`)."""
-    return nest(cls, {flat.name: getattr(args, flat.name) for flat in flat_fields(cls)
+    built from their defaults, or ``base``'s, and the options given: :func:`gradattn._config.nest`)."""
+    return nest(cls, base=base, values={flat.name: getattr(args, flat.name) for flat in flat_fields(cls)
                       if getattr(args, flat.name, None) is not None})
 
 
@@ -369,10 +370,11 @@ def _build(parser, make, classes=(), **kw):
         parser.error(_as_flags(str(err), classes or (make,)))
 
 
-def _build_task(args, parser, command):
+def _build_task(args, parser, defaults):
     """The command's task: built from the task flags given, on top of the fields in which the
-    config's default task differs from its class's defaults (e.g. a study's T = 500)."""
-    default = command.config_type().task
+    default config's task (``defaults``, the config type's or a preset's) differs from its class's
+    defaults (e.g. a study's T = 500)."""
+    default = defaults.task
     cls = type(default)
     plain = cls()
     task_kw = {f.name: getattr(default, f.name) for f in flat_fields(cls)
@@ -512,7 +514,7 @@ def _use_compilation_cache(args) -> None:
 def _experiment(args, parser) -> int:
     """Any experiment command: its config from the flags, the run, the report (by process 0 only)."""
     command = args.experiment
-    defaults = command.config_type()
+    defaults = command.presets[args.preset]() if getattr(args, "preset", None) else command.config_type()
     _check_idle(args, parser, ((command.config_type, defaults), (type(defaults.task), defaults.task)))
     _use_compilation_cache(args)
     seeds = _seeds(args)
@@ -524,9 +526,14 @@ def _experiment(args, parser) -> int:
     else:
         primary = flags[2] == 0
     out, plot = _outputs(args, parser) if primary else (None, None)
-    given = _given(args, command.config_type)
-    task = _build_task(args, parser, command)
-    config = _build(parser, command.config_type, (command.config_type, type(task)), task=task, **given)
+    cls = command.config_type
+    # From a preset, every field of it; without one, the config's own defaults (some are computed
+    # from the fields given, such as the deep run's checkpoints).
+    kw = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)
+          if f.init and f.name != "task" and getattr(args, "preset", None)}
+    kw.update(_given(args, cls, base=defaults))
+    task = _build_task(args, parser, defaults)
+    config = _build(parser, cls, (cls, type(task)), task=task, **kw)
     return _run_command(args, parser, command, config, seeds, flags, primary, out, plot)
 
 
@@ -687,6 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.command or command.name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
                            epilog=H_MIN_HELP if task_type is tasks.StickyMarkov else None)
         _common(p, plot=command.plot is not None)
+        if command.presets:
+            p.add_argument("--preset", choices=tuple(command.presets), default=None,
+                           help="start from a named configuration (its flags given here override it): "
+                                + ", ".join(command.presets) + " (default: the defaults below)")
         _add_fields(p, command.config_type, command.config_type())
         task = command.config_type().task
         _add_fields(p, type(task), task, prefix="task: ")

@@ -9,10 +9,11 @@ and its figure, and one :class:`Experiment` record that the library, the command
   manifold     the manifold claim, where the head cannot memorise its data
   deep         the deep transformer on the sticky chain, and the laws of each of its heads
   bijection    one head and the deep transformer against the exact posterior of bijection elimination
+  windtunnel   the companion paper's wind tunnels: token models against the exact posterior
 
 :data:`REGISTRY` names the modules in the command line's order; :func:`registry` gives their
-records. Adding an experiment is one module with a record and one row here. ``deep`` and
-``bijection`` build flax models, so they (and flax) are imported on first use: ``import
+records. Adding an experiment is one module with a record and one row here. ``deep``,
+``bijection`` and ``windtunnel`` build flax models, so they (and flax) are imported on first use: ``import
 gradattn.experiments`` stays light.
 """
 
@@ -35,11 +36,11 @@ from gradattn.experiments.em_sgd import EmVsSgdConfig, em_vs_sgd, make_em_vs_sgd
 from gradattn.experiments.manifold import ManifoldConfig, manifold_study
 from gradattn.experiments.plateau import PlateauConfig, plateau_study
 
-REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection")
+REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection", "windtunnel")
 """The experiments' modules (under :mod:`gradattn.experiments`), in the command line's order; each
 holds one :class:`Experiment` record."""
 
-_LAZY_MODULES = frozenset({"deep", "bijection"})
+_LAZY_MODULES = frozenset({"deep", "bijection", "windtunnel"})
 
 
 def registry() -> tuple[Experiment, ...]:

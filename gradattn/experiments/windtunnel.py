@@ -1,0 +1,322 @@
+"""The companion paper's "Bayesian wind tunnels": a small model trained on token sequences whose exact
+posterior is known at every supervised position, and measured against it.
+
+Two tunnels (:mod:`gradattn.tasks.bijection_tokens`, :mod:`gradattn.tasks.incontext_hmm`), three
+models (``gpt``: :class:`gradattn.nn.TinyGPT`; ``mlp``: :class:`gradattn.baselines.TokenMLP`, which
+sees no other position; ``lstm``: :class:`gradattn.baselines.TokenLSTM`). One seed's run is one
+``lax.scan``: AdamW (decoupled weight decay on every parameter) with the rate rising linearly from 0
+over ``warmup`` steps, then annealed to 0 along a cosine, the gradient clipped to global norm
+``clip``, and ``batch`` fresh sequences drawn inside the step at every step. The loss is the mean over
+the batch of each sequence's cross-entropy at its supervised positions (:func:`gradattn.losses.
+cross_entropy`) against the sampled label (bijection) or the exact posterior (HMM: soft targets).
+
+Measured on ``heldout`` other sequences, per supervised position (the same positions in every
+sequence) and in bits:
+
+* ``kl_bits``: KL(exact || model) over all of the model's classes (mass on a class the exact
+  posterior rules out counts against the model);
+* ``entropy_mae_bits``: the authors' entropy error, the mean over sequences and positions of
+  |H(model) - H(exact)|, with the model's softmax read over the task's ``class_range`` only (the
+  value tokens of the bijection, the states of the HMM), as the authors read it;
+  ``entropy_curve_mae_bits``: the weaker form some of their scripts print, the mean over positions
+  of |mean model entropy - mean exact entropy| (sequences averaged first; never larger);
+* ``accuracy`` of the model's argmax on the sampled label, beside ``bayes_accuracy``, the expected
+  accuracy of the exact posterior's argmax (mean over sequences of max_c p_c).
+
+The HMM tunnel is also measured at longer sequences than it trained on (``length_factors``: 1.5x
+and 2.5x by default, the authors' K = 30 and 50 for K = 20), on HMMs drawn the same way; the model's
+position embedding covers the longest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gradattn._config import option
+from gradattn.baselines import TokenLSTM, TokenMLP
+from gradattn.deep.laws import pure_apply
+from gradattn.experiments._base import Experiment, ExperimentConfig, json_floats, seed_std
+from gradattn.losses import cross_entropy
+from gradattn.nn import TinyGPT
+from gradattn.plotting import atomic_savefig, fmt_pm, integer_ticks, pm_phrase, std_array
+from gradattn.tasks.bijection_tokens import BijectionTokens
+from gradattn.tasks.incontext_hmm import InContextHMM
+from gradattn.tasks.tokens import check_token_task
+from gradattn.training import optimizer_step, scan_steps
+
+MODELS = ("gpt", "mlp", "lstm")
+METRICS = ("kl_bits", "model_entropy_bits", "exact_entropy_bits", "abs_entropy_error_bits", "accuracy",
+           "bayes_accuracy")
+"""Per supervised position, means over the held-out sequences (see the module docstring)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WindTunnelConfig(ExperimentConfig):
+    """One wind-tunnel run per seed: the task, the model, its training and its held-out measurement.
+
+    Attributes:
+      task: the token task (the bijection by default; :class:`HMMTunnelConfig` holds the HMM).
+      model: ``gpt``, ``mlp`` or ``lstm`` (see the module docstring).
+      d_model, n_layers, n_heads: the model's sizes (``n_heads`` only for ``gpt``).
+      steps, batch: training steps, fresh sequences per step.
+      lr, warmup, weight_decay, clip: AdamW's peak rate, its linear warm-up (steps), decoupled
+        weight decay, and the global-norm clipping threshold.
+      heldout: sequences every metric is measured on.
+    """
+
+    task_check = staticmethod(check_token_task)  # the task is a token task
+
+    task: Any = dataclasses.field(default_factory=lambda: BijectionTokens(V=10, L=9))
+    model: str = option("gpt", help="the model: gpt, mlp (no mixing across positions) or lstm", choices=MODELS)
+    d_model: int = option(64, help="model width", minimum=1, maximum=4096)
+    n_layers: int = option(4, help="layers", minimum=1, maximum=64)
+    n_heads: int = option(4, help="heads per layer (gpt)", minimum=1, maximum=256)
+    steps: int = option(4000, help="training steps, each on a fresh batch", minimum=1, maximum=10_000_000)
+    batch: int = option(64, help="fresh sequences per step", minimum=1, maximum=65_536)
+    lr: float = option(3e-4, help="AdamW's peak learning rate", minimum=0.0, exclusive_minimum=True)
+    warmup: int = option(400, help="steps of linear warm-up (then cosine decay to 0)", minimum=0, maximum=10_000_000)
+    weight_decay: float = option(0.1, help="AdamW's decoupled weight decay", minimum=0.0)
+    clip: float = option(1.0, help="global-norm gradient clipping", minimum=0.0, exclusive_minimum=True)
+    heldout: int = option(512, help="held-out sequences every metric is measured on", minimum=1, maximum=1_000_000)
+
+    def __post_init__(self):
+        fn = type(self).__name__
+        super().__post_init__()
+        if self.model == "gpt" and self.d_model % self.n_heads:
+            raise ValueError(f"{fn}: d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.warmup >= self.steps:
+            raise ValueError(f"{fn}: warmup={self.warmup} must be below steps={self.steps}")
+
+    @property
+    def length_factors(self) -> tuple[float, ...]:
+        """The longer lengths the model is measured at, as multiples of the training length (none here)."""
+        return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class HMMTunnelConfig(WindTunnelConfig):
+    """:class:`WindTunnelConfig` on the in-context HMM, measured at the training length and at
+    1.5x and 2.5x it."""
+
+    task: Any = dataclasses.field(default_factory=lambda: InContextHMM(length=10))
+
+    @property
+    def length_factors(self) -> tuple[float, ...]:
+        return (1.5, 2.5)
+
+
+def eval_tasks(config: WindTunnelConfig) -> dict[str, Any]:
+    """The tasks the model is measured on, by name: ``"train"`` (the training task) and, for the
+    HMM, ``"x1.5"``, ``"x2.5"`` (longer sequences of HMMs drawn the same way)."""
+    out = {"train": config.task}
+    for f in config.length_factors:
+        out[f"x{f:g}"] = dataclasses.replace(config.task, length=math.ceil(f * config.task.length))
+    return out
+
+
+def optimizer(config: WindTunnelConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (betas 0.9, 0.999, eps 1e-8, decoupled weight decay on every
+    parameter) at a rate rising linearly from 0 over ``warmup`` steps, then annealed to 0 along a
+    cosine over the rest."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup, config.steps, end_value=0.0)
+    return optax.chain(optax.clip_by_global_norm(config.clip), optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+def build_model(config: WindTunnelConfig, key: jax.Array, dtype=jnp.float32) -> nnx.Module:
+    """The config's model for its task, drawn from ``key``: input ids in [0, vocab_size), outputs
+    the task's ``n_classes``, positions up to the longest measured sequence."""
+    task = config.task
+    max_len = max(t.seq_len for t in eval_tasks(config).values())
+    n_out = task.n_classes
+    rngs = nnx.Rngs(key)
+    if config.model == "gpt":
+        return TinyGPT(task.vocab_size, max_len, config.d_model, config.n_layers, config.n_heads, n_out,
+                       rngs=rngs, dtype=dtype)
+    if config.model == "mlp":
+        return TokenMLP(task.vocab_size, max_len, config.d_model, config.n_layers, n_out, rngs=rngs, dtype=dtype)
+    # With learned positions, as the authors' bijection LSTM (their HMM LSTM has none).
+    return TokenLSTM(task.vocab_size, config.d_model, config.n_layers, n_out, rngs=rngs, dtype=dtype, max_len=max_len)
+
+
+def position_metrics(logits, posterior, labels, class_range) -> dict[str, jax.Array]:
+    """Per-position measurements at the supervised positions of a batch: ``logits (B, S, C)``, the
+    exact ``posterior (B, S, C)``, the sampled ``labels (B, S)``; means over the batch, each (S,)
+    (:data:`METRICS`), plus ``per_sequence_abs_entropy_error_bits`` (B, S). Pure, jit-able."""
+    ln2 = jnp.log(2.0).astype(logits.dtype)
+    logq = jax.nn.log_softmax(logits, axis=-1)
+    support = posterior > 0
+    safe_logp = jnp.log(jnp.where(support, posterior, 1.0))
+    kl = jnp.sum(jnp.where(support, posterior * (safe_logp - logq), 0.0), axis=-1) / ln2
+    lo, hi = class_range
+    logq_r = jax.nn.log_softmax(logits[..., lo:hi], axis=-1)
+    h_model = -jnp.sum(jnp.exp(logq_r) * logq_r, axis=-1) / ln2
+    h_exact = -jnp.sum(jnp.where(support, posterior * safe_logp, 0.0), axis=-1) / ln2
+    per = {
+        "kl_bits": kl,
+        "model_entropy_bits": h_model,
+        "exact_entropy_bits": h_exact,
+        "abs_entropy_error_bits": jnp.abs(h_model - h_exact),
+        "accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype),
+        "bayes_accuracy": jnp.max(posterior, axis=-1),
+    }
+    return {name: jnp.mean(v, axis=0) for name, v in per.items()}
+
+
+def make_windtunnel_run(config: WindTunnelConfig):
+    """``run(key) -> dict`` of one seed (pure, one ``lax.scan``, vmappable over keys).
+
+    The key splits into the training data (step t draws from ``fold_in(data_key, t)``), the model's
+    initial parameters and the held-out sequences. Returns ``curve`` (steps,), the training loss
+    before each update, and for every measured task of :func:`eval_tasks` named ``e``:
+    ``{e}_{metric}`` (S,) per supervised position for the metrics :data:`METRICS`.
+    """
+    WindTunnelConfig.require(config, "make_windtunnel_run")
+    task = config.task
+    tx = optimizer(config)
+    targets_of = (lambda s: s.posterior) if task.soft_targets else (lambda s: s.labels)
+    measured = eval_tasks(config)
+
+    def run(key):
+        k_data, k_init, k_test = jax.random.split(key, 3)
+        graphdef, params = nnx.split(build_model(config, k_init), nnx.Param)
+        apply = pure_apply(graphdef)
+
+        def batch_loss(p, b):
+            logits = jax.vmap(lambda tokens: apply(p, tokens))(b.tokens)
+            return jnp.mean(jax.vmap(cross_entropy)(logits, targets_of(b), b.mask))
+
+        def step(carry, t):
+            p, opt_state = carry
+            b = jax.vmap(task.sample)(jax.random.split(jax.random.fold_in(k_data, t), config.batch))
+            value, grads = jax.value_and_grad(batch_loss)(p, b)
+            return optimizer_step(tx, grads, opt_state, p), value
+
+        (params, _), curve, _ = scan_steps(step, (params, tx.init(params)), config.steps)
+        out = {"curve": curve}
+        for name, t in measured.items():
+            s = jax.vmap(t.sample)(jax.random.split(k_test, config.heldout))
+            idx = jnp.asarray(t.supervised)
+            logits = jax.lax.map(lambda tokens: apply(params, tokens), s.tokens)
+            m = position_metrics(logits[:, idx], s.posterior[:, idx], s.labels[:, idx], t.class_range)
+            out.update({f"{name}_{metric}": v for metric, v in m.items()})
+        return out
+
+    return run
+
+
+def summarise_windtunnel(per_seed: dict[str, np.ndarray], seeds: list[int], config: WindTunnelConfig) -> dict[str, Any]:
+    """The JSON-ready summary (std over seeds: the sample std, ddof 1): per measured task, every
+    metric per position (mean, std over seeds) and its mean over positions (mean, std and per
+    seed); ``entropy_mae_bits`` (the authors' per-sequence form) and ``entropy_curve_mae_bits`` (the
+    curve form); ``curve`` the training loss's mean and std."""
+    out: dict[str, Any] = {"task": type(config.task).__name__, "model": config.model, "measured": {}}
+    for name, t in eval_tasks(config).items():
+        entry: dict[str, Any] = {"seq_len": t.seq_len, "positions": [int(i) for i in t.supervised]}
+        for metric in METRICS:
+            v = np.asarray(per_seed[f"{name}_{metric}"], np.float64)
+            overall = v.mean(axis=1)
+            entry[metric] = {"mean": json_floats(v.mean(axis=0)), "std": json_floats(seed_std(v)),
+                             "overall": {"mean": json_floats(overall.mean()), "std": json_floats(seed_std(overall)),
+                                         "per_seed": json_floats(overall)}}
+        curve_mae = np.mean(np.abs(np.asarray(per_seed[f"{name}_model_entropy_bits"], np.float64)
+                                   - np.asarray(per_seed[f"{name}_exact_entropy_bits"], np.float64)), axis=1)
+        entry["entropy_mae_bits"] = entry["abs_entropy_error_bits"]["overall"]
+        entry["entropy_curve_mae_bits"] = {"mean": json_floats(curve_mae.mean()), "std": json_floats(seed_std(curve_mae)),
+                                           "per_seed": json_floats(curve_mae)}
+        out["measured"][name] = entry
+    c = np.asarray(per_seed["curve"], np.float64)
+    out["curve"] = {"mean": json_floats(c.mean(axis=0)), "std": json_floats(seed_std(c))}
+    return out
+
+
+def format_windtunnel(results: dict) -> str:
+    """The command line's summary: per measured task, the mean KL, the entropy errors and the
+    accuracies (over positions; mean ± sd over seeds)."""
+    n = len(results["seeds"])
+    cfg = results["config"]
+    lines = [f"wind tunnel {results['task']} ({', '.join(f'{k}={v}' for k, v in cfg['task'].items() if k != 'name')}), "
+             f"model {results['model']} (d {cfg['d_model']}, {cfg['n_layers']} layers), {results['steps']} steps of "
+             f"{cfg['batch']} sequences, {cfg['heldout']} held out; {pm_phrase(results, n)}; bits"]
+    for name, e in results["measured"].items():
+        def pm(key, e=e):
+            v = e[key]["overall"] if "overall" in e[key] else e[key]
+            return fmt_pm(v["mean"], v["std"], ".4f")
+        lines.append(f"  {name:6s} (T {e['seq_len']}): KL(exact||model) {pm('kl_bits')}, entropy MAE {pm('entropy_mae_bits')} "
+                     f"(curve form {pm('entropy_curve_mae_bits')}), accuracy {pm('accuracy')} vs Bayes {pm('bayes_accuracy')}")
+    return "\n".join(lines)
+
+
+def plot_windtunnel(results: dict, path=None, *, dpi: int = 150):
+    """Per supervised position: the model's entropy against the exact entropy, and the KL (bits),
+    mean ± 1 sd over seeds, one line per measured length. Saved atomically when ``path`` is given."""
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax_h, ax_kl = fig.subplots(1, 2)
+    n = len(results["seeds"])
+    for i, (name, e) in enumerate(results["measured"].items()):
+        t = np.arange(1, len(e["positions"]) + 1)
+        color = f"C{i}"
+        for ax, metric in ((ax_h, "model_entropy_bits"), (ax_kl, "kl_bits")):
+            mean = np.asarray(e[metric]["mean"], float)
+            std = std_array(e[metric].get("std"), mean)
+            ax.plot(t, mean, "o-", ms=3, color=color, label=f"model, {name} (T {e['seq_len']})")
+            if std is not None:
+                ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        ax_h.plot(t, np.asarray(e["exact_entropy_bits"]["mean"], float), "k--", lw=1, label=f"exact, {name}" if i == 0 else None)
+    ax_h.set_ylabel("entropy at the supervised position (bits)")
+    ax_kl.set_ylabel("KL(exact || model) (bits)")
+    ax_kl.set_yscale("symlog", linthresh=1e-3)
+    for ax in (ax_h, ax_kl):
+        ax.set_xlabel("supervised position")
+        integer_ticks(ax.xaxis)
+        ax.grid(alpha=0.3)
+    ax_h.legend(fontsize=8, frameon=False)
+    fig.suptitle(f"Wind tunnel {results['task']}, model {results['model']}, {pm_phrase(results, n)}", fontsize=11)
+    if path is not None:
+        atomic_savefig(fig, path, dpi=dpi)
+    return fig
+
+
+BIJECTION_PRESETS = {
+    "small": WindTunnelConfig,
+    "paper": lambda: WindTunnelConfig(task=BijectionTokens(V=20, L=19), d_model=192, n_layers=6, n_heads=6,
+                                      steps=100_000, batch=128, warmup=2000),
+}
+"""``small``: the defaults (V 10, L 9; d 64, 4 layers of 4 heads; batch 64, 4000 steps), sized for a
+2-core CPU. ``paper``: the companion paper's published sizes (V 20, L 19 without replacement; d 192,
+6 layers of 6 heads; AdamW 3e-4, weight decay 0.1, warm-up 2000, clipping 1.0; batch 128, 100k
+steps). The authors' own later retraining used batch 256 for 50k steps; their committed script's
+defaults differ again (docs/theory.md)."""
+
+HMM_PRESETS = {
+    "small": HMMTunnelConfig,
+    "paper": lambda: HMMTunnelConfig(task=InContextHMM(length=20), d_model=256, n_layers=9, n_heads=8, steps=7850,
+                                     batch=64, warmup=0, weight_decay=0.01),
+}
+"""``small``: the defaults (K 10 observations; d 64, 4 layers of 4 heads; batch 64, 4000 steps).
+``paper``: the paper's sizes (S = O = 5, K 20; d 256, 9 layers of 8 heads; AdamW 3e-4 with weight
+decay 0.01, no warm-up, cosine to 0, clipping 1.0; batch 64, 7850 steps: the authors' 50 epochs over
+10,000 sequences, here fresh sequences at every step), on :class:`~gradattn.nn.TinyGPT` with an
+untied head of 5 (the authors' HMM model uses LayerNorm, biases and dropout 0.1)."""
+
+
+windtunnel_bijection = Experiment(
+    "windtunnel_bijection", WindTunnelConfig, make_windtunnel_run, summarise_windtunnel, command="windtunnel-bijection",
+    help="the companion paper's bijection wind tunnel: a token model against the exact posterior per position",
+    format=format_windtunnel, plot=plot_windtunnel, curves=1, presets=BIJECTION_PRESETS)
+"""The bijection wind tunnel over seeds (:func:`gradattn.experiments.run_experiment`)."""
+
+windtunnel_hmm = Experiment(
+    "windtunnel_hmm", HMMTunnelConfig, make_windtunnel_run, summarise_windtunnel, command="windtunnel-hmm",
+    help="the companion paper's in-context HMM wind tunnel: filtering posteriors, and longer sequences",
+    format=format_windtunnel, plot=plot_windtunnel, curves=1, presets=HMM_PRESETS)
+"""The in-context HMM wind tunnel over seeds (:func:`gradattn.experiments.run_experiment`)."""

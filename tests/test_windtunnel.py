@@ -1,0 +1,134 @@
+"""The wind-tunnel experiment at tiny sizes: its metrics against numpy, its optimiser's schedule, one
+seed one result, every model on both tunnels, presets and the command line."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from _cli import cli_run
+
+from gradattn.experiments import config_from_dict, run_experiment
+from gradattn.experiments.windtunnel import (
+    HMMTunnelConfig,
+    WindTunnelConfig,
+    eval_tasks,
+    format_windtunnel,
+    optimizer,
+    position_metrics,
+    windtunnel_bijection,
+    windtunnel_hmm,
+)
+from gradattn.tasks import BijectionTokens, InContextHMM
+
+TINY_B = WindTunnelConfig(task=BijectionTokens(V=4, L=3), d_model=8, n_layers=1, n_heads=2, steps=6, warmup=2,
+                          batch=4, heldout=8)
+TINY_H = HMMTunnelConfig(task=InContextHMM(n_states=2, n_obs=2, length=3), d_model=8, n_layers=1, n_heads=2, steps=4,
+                         warmup=1, batch=2, heldout=4)
+
+
+def test_position_metrics_against_numpy():
+    rng = np.random.default_rng(0)
+    b, s, c, lo, hi = 5, 3, 6, 2, 6
+    logits = rng.normal(size=(b, s, c))
+    p = np.zeros((b, s, c))
+    p[..., lo:hi] = rng.dirichlet(np.ones(hi - lo), size=(b, s))
+    p[0, 0, lo] = 0.0
+    p[0, 0] /= p[0, 0].sum()
+    labels = rng.integers(lo, hi, size=(b, s))
+    m = position_metrics(jnp.asarray(logits), jnp.asarray(p), jnp.asarray(labels), (lo, hi))
+    q = np.exp(logits - logits.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.nansum(np.where(p > 0, p * np.log2(p / q), 0.0), axis=-1)
+        h_exact = -np.nansum(np.where(p > 0, p * np.log2(p), 0.0), axis=-1)
+    qr = np.exp(logits[..., lo:hi] - logits[..., lo:hi].max(-1, keepdims=True))
+    qr /= qr.sum(-1, keepdims=True)
+    h_model = -np.sum(qr * np.log2(qr), axis=-1)
+    np.testing.assert_allclose(m["kl_bits"], kl.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(m["exact_entropy_bits"], h_exact.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(m["model_entropy_bits"], h_model.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(m["abs_entropy_error_bits"], np.abs(h_model - h_exact).mean(0), rtol=1e-10)
+    np.testing.assert_allclose(m["accuracy"], (logits.argmax(-1) == labels).mean(0))
+    np.testing.assert_allclose(m["bayes_accuracy"], p.max(-1).mean(0), rtol=1e-12)
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_zero():
+    cfg = WindTunnelConfig(steps=100, warmup=10, lr=1e-3)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100, end_value=0.0)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3) and float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+    assert float(schedule(55)) == pytest.approx(0.5e-3, rel=1e-6)  # half-way down the cosine
+    params = {"w": jnp.ones(3)}
+    tx = optimizer(cfg)
+    updates, _ = tx.update({"w": jnp.full(3, 100.0)}, tx.init(params), params)
+    assert float(jnp.max(jnp.abs(updates["w"]))) == 0.0  # step 0 runs at rate 0
+
+
+def test_one_seed_one_result_whatever_its_neighbours():
+    alone = run_experiment(windtunnel_bijection, [3], TINY_B, chunk_size=2, per_seed_curves=True)
+    beside = run_experiment(windtunnel_bijection, [7, 3], TINY_B, chunk_size=2, per_seed_curves=True)
+    assert alone["per_seed_curves"]["curve"][0] == beside["per_seed_curves"]["curve"][1]
+    for metric in ("kl_bits", "abs_entropy_error_bits"):
+        a = alone["measured"]["train"][metric]["overall"]["per_seed"][0]
+        b = beside["measured"]["train"][metric]["overall"]["per_seed"][1]
+        assert a == b, metric
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "mlp", "lstm"])
+@pytest.mark.parametrize("tiny", [TINY_B, TINY_H], ids=["bijection", "hmm"])
+def test_every_model_on_both_tunnels(model, tiny):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny, model=model)
+    experiment = windtunnel_hmm if isinstance(cfg, HMMTunnelConfig) else windtunnel_bijection
+    r = run_experiment(experiment, 1, cfg)
+    assert set(r["measured"]) == set(eval_tasks(cfg))
+    for e in r["measured"].values():
+        assert np.isfinite(e["kl_bits"]["overall"]["mean"]) and e["kl_bits"]["overall"]["mean"] >= 0
+        assert e["entropy_curve_mae_bits"]["mean"] <= e["entropy_mae_bits"]["mean"] + 1e-6
+    assert len(r["curve"]["mean"]) == cfg.steps and "bits" in format_windtunnel(r)
+    assert config_from_dict(type(cfg), json.loads(json.dumps(r["config"]))) == cfg
+
+
+def test_hmm_is_measured_at_longer_lengths_on_the_same_draws():
+    tasks = eval_tasks(TINY_H)
+    assert [t.length for t in tasks.values()] == [3, 5, 8]
+    key = jax.random.key(0)
+    short, long = tasks["train"].sample(key), tasks["x2.5"].sample(key)
+    n = short.tokens.shape[0]
+    np.testing.assert_array_equal(short.tokens, long.tokens[:n])  # the same HMM, the same first steps
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="WindTunnelConfig: warmup=6 must be below steps=6"):
+        WindTunnelConfig(steps=6, warmup=6)
+    with pytest.raises(ValueError, match="WindTunnelConfig: d_model=10 must be divisible by n_heads=4"):
+        WindTunnelConfig(d_model=10, n_heads=4)
+    with pytest.raises(TypeError, match="WindTunnelConfig: task must provide the TokenTask members"):
+        WindTunnelConfig(task="bijection")
+    with pytest.raises(ValueError, match="model must be one of"):
+        WindTunnelConfig(model="mamba")
+
+
+def test_command_line_presets_and_flags(tmp_path, capsys):
+    out = tmp_path / "w.json"
+    code, stdout, err = cli_run(["windtunnel-bijection", "--preset", "small", "--seeds", "1", "--steps", "4", "--warmup", "1",
+                                 "--batch", "2", "--heldout", "4", "--V", "4", "--L", "3", "--d-model", "8",
+                                 "--n-layers", "1", "--n-heads", "2", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    cfg = json.loads(out.read_text())["config"]
+    assert (cfg["steps"], cfg["d_model"], cfg["task"]["V"], cfg["model"]) == (4, 8, 4, "gpt")
+    code, _, err = cli_run(["windtunnel-bijection", "--preset", "huge", "--out", str(out)], capsys)
+    assert code == 2 and "--preset" in err
+    from gradattn.experiments.windtunnel import BIJECTION_PRESETS, HMM_PRESETS
+
+    paper = BIJECTION_PRESETS["paper"]()
+    assert (paper.task.V, paper.task.L, paper.d_model, paper.n_layers, paper.n_heads, paper.batch, paper.steps) == (
+        20, 19, 192, 6, 6, 128, 100_000)
+    hmm = HMM_PRESETS["paper"]()
+    assert (hmm.task.length, hmm.d_model, hmm.n_layers, hmm.n_heads) == (20, 256, 9, 8)
