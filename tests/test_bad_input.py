@@ -140,7 +140,7 @@ def test_directory_where_no_file_can_be_created_is_refused_before_the_run(tmp_pa
         pytest.skip(f"no {directory} here")
     target = os.path.join(directory, "gradattn-r.json")
     proc = gradattn(["em-vs-sgd", "--out", target] + TINY, tmp_path)
-    assert_refused(proc, "--out", "cannot create a file")
+    assert_refused(proc, "--out", "cannot create", directory)
     assert not os.path.exists(target)
 
 
@@ -204,7 +204,7 @@ def test_seed_n_and_embed_seed_follow_one_rule(tmp_path):
 def test_seed_n_and_embed_seed_refuse_2_to_the_64(tmp_path, form):
     proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json")] + TINY + form, tmp_path)
     assert_refused(proc, form[0])
-    with pytest.raises(ValueError, match="embed_seed"):
+    with pytest.raises(ValueError, match=r"StickyMarkov: embed_seed\b.*18446744073709551615"):
         StickyMarkov(embed_seed=2**64)
 
 
@@ -231,19 +231,19 @@ def test_rates_beyond_float32_and_an_ignored_multiplier_are_refused(tmp_path, co
 
 
 def test_library_rates_are_finite_in_float32():
-    with pytest.raises(ValueError, match="lr = 1e\\+300 is beyond float32"):
+    with pytest.raises(ValueError, match=r"DeepConfig: lr\b.*1e\+300.*beyond float32"):
         DeepConfig(lr=1e300)
-    with pytest.raises(ValueError, match="lr \\* value_lr_multiplier"):
+    with pytest.raises(ValueError, match=r"DeepConfig: lr \* value_lr_multiplier.*beyond float32"):
         DeepConfig(lr=1e30, schedule="two_timescale", value_lr_multiplier=1e10)
-    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+    with pytest.raises(ValueError, match=r"DeepConfig: lr \* weight_decay.*beyond float32"):
         DeepConfig(lr=1e30, weight_decay=1e10)
-    with pytest.raises(ValueError, match="routing_lr"):
+    with pytest.raises(ValueError, match=r"ArmRates: routing_lr\b.*beyond float32"):
         ga.ArmRates(routing_lr=1e39)
     assert DeepConfig(lr=1e30, schedule="two_timescale", value_lr_multiplier=1e8).lr == 1e30  # 1e38 fits
 
 
 def test_library_value_lr_multiplier_needs_two_timescale():
-    with pytest.raises(ValueError, match='value_lr_multiplier=5.0 has no effect without schedule="two_timescale"'):
+    with pytest.raises(ValueError, match=r'DeepConfig: value_lr_multiplier=5\.0.*no effect.*schedule="two_timescale"'):
         DeepConfig(value_lr_multiplier=5.0)
     assert DeepConfig(value_lr_multiplier=5.0, schedule="two_timescale").value_lr_multiplier == 5.0
 
@@ -257,9 +257,9 @@ def test_deep_combined_size_is_bounded_before_any_work(tmp_path):
 
 
 def test_library_deep_combined_size_names_sizes_and_estimate():
-    with pytest.raises(ValueError, match=r"d_model=4096, n_layers=64, n_heads=256 .* N=65536 positions .* GiB per seed"):
+    with pytest.raises(ValueError, match=r"DeepConfig: d_model=4096.*n_layers=64.*n_heads=256.*N=65536.*GiB"):
         DeepConfig(d_model=4096, n_heads=256, n_layers=64, task=StickyMarkov(seq_len=65537))
-    with pytest.raises(ValueError, match="GiB per seed"):  # the default model on the longest sequence: N x N per head
+    with pytest.raises(ValueError, match=r"DeepConfig: .*N=65536.*GiB"):  # the default model on the longest sequence: N x N per head
         DeepConfig(task=StickyMarkov(seq_len=65537))
     assert DeepConfig().d_model == 64  # the reference protocol fits
 
@@ -278,25 +278,25 @@ def _head():
 @pytest.mark.parametrize("causal", ["no", 0, 1, None, jnp.array(True)])
 def test_causal_must_be_a_bool(causal):
     params, x, y = _head()
-    with pytest.raises(TypeError, match="forward: causal must be a bool"):
+    with pytest.raises(TypeError, match=r"forward: causal\b.*bool"):
         ga.forward(params, x, causal=causal)
-    with pytest.raises(TypeError, match="dense_loss: causal must be a bool"):
+    with pytest.raises(TypeError, match=r"dense_loss: causal\b.*bool"):
         ga.dense_loss(params, x, y, causal=causal)
     for fn in (ga.blocked_loss_and_grads, ga.loss_fn, ga.dense_loss_and_grads, ga.autodiff_loss_and_grads,
                ga.grads.blocked.blocked_pass, ga.grads.blocked.blocked_loss):
-        with pytest.raises(TypeError, match=f"{fn.__name__}: causal must be a bool"):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: causal\b.*bool"):
             fn(params, x, y, causal=causal)
     np.testing.assert_array_equal(ga.forward(params, x, causal=np.bool_(False)).alpha, ga.forward(params, x, causal=False).alpha)
 
 
 @pytest.mark.parametrize("key", [0, 7.0, "key", None, np.int64(3)])
 def test_init_head_needs_a_prng_key(key):
-    with pytest.raises(TypeError, match="init_head: key must be a PRNG key"):
+    with pytest.raises(TypeError, match=r"init_head: key\b.*PRNG key"):
         ga.init_head(key, 3, 2, 2, 4)
 
 
 def test_init_head_refuses_a_batch_of_keys_and_takes_raw_keys():
-    with pytest.raises(TypeError, match="one PRNG key"):
+    with pytest.raises(TypeError, match=r"init_head: key\b.*one PRNG key.*\(2,\)"):
         ga.init_head(jax.random.split(jax.random.key(0), 2), 3, 2, 2, 4)
     raw = ga.init_head(jax.random.PRNGKey(0), 3, 2, 2, 4)
     typed = ga.init_head(jax.random.key(0), 3, 2, 2, 4)
@@ -307,7 +307,8 @@ def test_init_head_refuses_a_batch_of_keys_and_takes_raw_keys():
 def test_init_head_has_the_command_lines_head_size_bound(tmp_path, which):
     sizes = [3, 2, 2, 4]
     sizes[which] = 4097
-    with pytest.raises(ValueError, match=r"in \[1, 4096\], got 4097"):
+    name = ("d_in", "d_k", "d_v", "n_classes")[which]
+    with pytest.raises(ValueError, match=rf"init_head: {name}\b.*\[1, 4096\].*got 4097"):
         ga.init_head(jax.random.key(0), *sizes)
     sizes[which] = 4096  # the bound itself is accepted
     assert ga.init_head(jax.random.key(0), *sizes)[0].shape[0] == sizes[0]
@@ -316,7 +317,7 @@ def test_init_head_has_the_command_lines_head_size_bound(tmp_path, which):
 def test_command_line_head_size_bound_is_the_same(tmp_path):
     proc = gradattn(["em-vs-sgd", "--out", str(tmp_path / "r.json"), "--d-k", "4097"] + TINY, tmp_path)
     assert_refused(proc, "--d-k", "4096")
-    with pytest.raises(ValueError, match="4096"):
+    with pytest.raises(ValueError, match=r"init_head: d_k\b.*4096"):
         ga.init_head(jax.random.key(0), 3, 4097, 2, 4)
 
 
@@ -332,7 +333,7 @@ def test_sweep_refuses_duplicate_seeds(seeds):
         calls.append(1)
         return {"u": jax.random.uniform(k)}
 
-    with pytest.raises(ValueError, match=r"seeds must be distinct, but seeds\[\d\] and seeds\[\d\]"):
+    with pytest.raises(ValueError, match=r"sweep: seeds\b.*must be distinct.*seeds\[\d\].*seeds\[\d\]"):
         ga.sweep(fn, seeds, chunk_size=2)
     assert calls == []  # refused before tracing
 
@@ -380,7 +381,7 @@ def test_laws_check_errors_checks_its_sizes_at_the_door(kwargs, exc, name):
 
 TOO_BIG_TOGETHER = [
     (["em-vs-sgd", "--seeds", "1", "--steps", "2", "--chunk-size", "65536"],
-     ("--chunk-size 65536 seeds", "(1 seed, padded to the chunk)", "TiB", "use a smaller --chunk-size")),
+     ("--chunk-size 65536", "1 seed", "padded", "TiB", "smaller --chunk-size")),
     (["em-vs-sgd", "--d-embed", "4096", "--n-symbols", "1024", "--seq-len", "65537", "--d-k", "4096", "--d-v", "4096"],
      ("--seq-len 65537", "--d-embed 4096", "--n-symbols 1024", "--d-k 4096", "--d-v 4096", "GiB")),
     (["manifold", "--heldout", "4096", "--seq-len", "65537"], ("--heldout 4096", "--seq-len 65537", "TiB")),
@@ -405,5 +406,5 @@ def test_sizes_too_big_together_for_memory_are_refused_before_any_work(tmp_path,
 
     monkeypatch.setattr(_base, "cluster_sweep", sweep)
     proc = gradattn([*args, "--out", "r.json", "--no-progress", "--no-compilation-cache"], tmp_path)
-    assert_refused(proc, "needs at least", "more than the host's physical memory (16 GiB)", *needles)
+    assert_refused(proc, "at least", "physical memory", "16 GiB", *needles)
     assert os.listdir(tmp_path) == []

@@ -15,14 +15,14 @@ def test_check_int_accepts_integral_types_and_normalises():
 
 @pytest.mark.parametrize("bad", [2.0, 2.5, True, np.bool_(True), "3", None, np.float32(2.0)])
 def test_check_int_type_errors(bad):
-    with pytest.raises(TypeError, match=r"f: n must be a positive integer, got"):
+    with pytest.raises(TypeError, match=r"f: n\b.*positive integer.*got"):
         check_int("n", bad, "f")
 
 
 def test_check_int_range_errors_name_everything():
-    with pytest.raises(ValueError, match=r"f: n must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"f: n\b.*positive integer.*got 0"):
         check_int("n", 0, "f")
-    with pytest.raises(ValueError, match=r"g: k must be an integer in \[2, 5\], got 6"):
+    with pytest.raises(ValueError, match=r"g: k\b.*\[2, 5\].*got 6"):
         check_int("k", 6, "g", minimum=2, maximum=5)
     assert check_int("k", -7, "g", minimum=None) == -7
     assert check_int("k", 5, "g", minimum=2, maximum=5) == 5
@@ -37,19 +37,19 @@ def test_check_number_accepts_real_scalars():
 
 @pytest.mark.parametrize("bad", [True, "0.1", 1 + 2j, np.complex64(1), None, [0.1]])
 def test_check_number_type_errors(bad):
-    with pytest.raises(TypeError, match="f: lr must be a real number"):
+    with pytest.raises(TypeError, match=r"f: lr\b.*real number"):
         check_number("lr", bad, "f")
 
 
 def test_check_number_value_errors():
     for bad in (float("nan"), float("inf"), np.float32("-inf")):
-        with pytest.raises(ValueError, match="f: lr must be a finite number"):
+        with pytest.raises(ValueError, match=r"f: lr\b.*finite"):
             check_number("lr", bad, "f")
-    with pytest.raises(ValueError, match=r"f: lr must be a number in \(0.0, inf\), got 0.0"):
+    with pytest.raises(ValueError, match=r"f: lr\b.*\(0\.0, inf\).*got 0\.0"):
         check_number("lr", 0.0, "f", minimum=0.0, exclusive_minimum=True)
-    with pytest.raises(ValueError, match=r"\[0.0, 1.0\)"):
+    with pytest.raises(ValueError, match=r"f: p\b.*\[0\.0, 1\.0\).*got 1\.0"):
         check_number("p", 1.0, "f", minimum=0.0, maximum=1.0, exclusive_maximum=True)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match=r"f: lr\b.*scalar.*\(2,\)"):
         check_number("lr", np.ones(2), "f")
 
 

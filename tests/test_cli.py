@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -121,18 +122,19 @@ def test_seeds_beyond_2_to_the_32_do_not_collide(tmp_path, capsys):
         (["--init-scale", "nan"], "--init-scale"),
         (["--init-scale", "0"], "--init-scale"),
         (["--sgd-lr", "inf"], "--sgd-lr"),
-        (["--grad-source", "magic"], "--grad-source must be one of"),
+        (["--grad-source", "magic"], r"--grad-source\b.*'auto'.*'magic'"),
         (["--self-prob", "1"], "--self-prob"),
         (["--noise-std", "0"], "--noise-std"),
         (["--embeddings", "nonsense"], "--embeddings"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, message):
+    """Exit 2, one line on stderr naming the flag (``message`` is a regular expression), no file."""
     no_run(monkeypatch)
     out = tmp_path / "r.json"
     code, _, err = run(["em-vs-sgd", "--out", str(out)] + args, capsys)
     assert code == 2
-    assert message in err and "error" in err
+    assert re.search(message, err) and "error" in err, (message, err)
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -156,7 +158,7 @@ def test_unwritable_output_is_rejected_before_the_run(tmp_path, capsys, monkeypa
     good, bad = tmp_path / "r.json", blocker / "x.out"
     out, plot = (bad, tmp_path / "c.png") if where == "out" else (good, bad)
     code, _, err = run(["em-vs-sgd", "--out", str(out), "--plot", str(plot)] + TINY, capsys)
-    assert code == 2 and f"--{where}" in err and f"{str(blocker)!r} is not a directory" in err
+    assert code == 2 and f"--{where}" in err and f"{str(blocker)!r}" in err and "not a directory" in err
     assert not good.exists()
     code, _, err = run(["em-vs-sgd", "--out", str(tmp_path)] + TINY, capsys)
     assert code == 2 and "directory" in err
@@ -167,20 +169,20 @@ def test_non_regular_targets_are_refused(tmp_path, capsys, monkeypatch):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     code, _, err = run(["em-vs-sgd", "--out", str(fifo)] + TINY, capsys)
-    assert code == 2 and "not a regular file" in err
+    assert code == 2 and "--out" in err and repr(str(fifo)) in err and "regular file" in err
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     code, _, err = run(["em-vs-sgd", "--out", str(tmp_path / "r.json"), "--plot", str(fifo)] + TINY, capsys)
-    assert code == 2 and "--plot" in err and "not a regular file" in err
+    assert code == 2 and "--plot" in err and repr(str(fifo)) in err and "regular file" in err
     if os.geteuid() == 0:  # a replica of /dev/full: as root, replacing it would have worked
         dev = tmp_path / "full"
         os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
         code, _, err = run(["em-vs-sgd", "--out", str(dev)] + TINY, capsys)
-        assert code == 2 and "not a regular file" in err
+        assert code == 2 and repr(str(dev)) in err and "regular file" in err
         assert stat.S_ISCHR(os.lstat(dev).st_mode)
     link = tmp_path / "to_fifo"
     link.symlink_to(fifo)
     code, _, err = run(["em-vs-sgd", "--out", str(link)] + TINY, capsys)
-    assert code == 2 and "not a regular file" in err and link.is_symlink()
+    assert code == 2 and "regular file" in err and link.is_symlink()
 
 
 def test_symlink_is_followed_and_stays_a_link(tmp_path, capsys):
@@ -259,7 +261,7 @@ def test_unsupported_plot_format_is_rejected_before_the_run(tmp_path, capsys):
     out, plot = tmp_path / "r.json", tmp_path / "curves.xyz"
     code, _, err = run(["em-vs-sgd", "--seeds", "1", "--steps", "2", "--seq-len", "8", "--out", str(out), "--plot", str(plot)], capsys)
     assert code == 2
-    assert "unsupported figure format 'xyz'" in err
+    assert "--plot" in err and "unsupported" in err and "'xyz'" in err
     assert not out.exists() and not plot.exists()
 
 

@@ -62,20 +62,20 @@ def test_config_accepts_numpy_ints_and_shares_the_cache_entry():
     r = c.rates
     assert (type(r.sgd_lr), r.sgd_lr, type(r.value_lr), type(r.routing_lr)) == (float, 0.5, float, float)
     json.dumps(c.to_dict())  # numpy scalars would not serialise
-    with pytest.raises(TypeError, match="EmVsSgdConfig: steps must be an integer"):
+    with pytest.raises(TypeError, match=r"EmVsSgdConfig: steps\b.*integer.*6\.0"):
         EmVsSgdConfig(steps=6.0, task=TASK)
-    with pytest.raises(TypeError, match="HeadSpec: d_k must be an integer"):
+    with pytest.raises(TypeError, match=r"HeadSpec: d_k\b.*integer.*bool"):
         HeadSpec(d_k=True)
-    with pytest.raises(ValueError, match=r"HeadSpec: d_v must be an integer in \[1, 4096\]"):
+    with pytest.raises(ValueError, match=r"HeadSpec: d_v\b.*\[1, 4096\].*got 0"):
         HeadSpec(d_v=np.int64(0))
     for scale in (0, 0.0, float("nan"), -0.1):  # at 0 the head's scores are 0 and W_Q, W_K never move
-        with pytest.raises(ValueError, match="init_scale"):
+        with pytest.raises(ValueError, match=r"HeadSpec: init_scale\b"):
             HeadSpec(init_scale=scale)
-    with pytest.raises(TypeError, match="EmVsSgdConfig: head must be a HeadSpec"):
+    with pytest.raises(TypeError, match=r"EmVsSgdConfig: head\b.*HeadSpec.*got dict"):
         EmVsSgdConfig(head={"d_k": 4}, task=TASK)  # a nested spec is a spec, not a dict
-    with pytest.raises(TypeError, match="task"):
+    with pytest.raises(TypeError, match=r"EmVsSgdConfig: task\b"):
         EmVsSgdConfig(task="sticky")
-    with pytest.raises(ValueError, match="grad_source"):
+    with pytest.raises(ValueError, match=r"EmVsSgdConfig: grad_source\b.*'magic'"):
         EmVsSgdConfig(grad_source="magic", task=TASK)
 
 
@@ -88,11 +88,11 @@ def test_invalid_config_never_reaches_the_cache_of_runs():
                                    summarise_em_vs_sgd)
     bad = EmVsSgdConfig(steps=7, task=TASK)
     object.__setattr__(bad, "steps", 0)  # altered after validation: the closure would fail in the sweep
-    with pytest.raises(ValueError, match=r"EmVsSgdConfig: steps must be an integer in \[1, 10000000\]"):
+    with pytest.raises(ValueError, match=r"EmVsSgdConfig: steps\b.*\[1, 10000000\].*got 0"):
         compiled_run(probe, bad)
-    with pytest.raises(TypeError, match="probe: config must be an EmVsSgdConfig"):
+    with pytest.raises(TypeError, match=r"probe: config\b.*EmVsSgdConfig.*got dict"):
         compiled_run(probe, {"steps": 7})
-    with pytest.raises(TypeError, match="make_em_vs_sgd: config must be an EmVsSgdConfig"):
+    with pytest.raises(TypeError, match=r"make_em_vs_sgd: config\b.*EmVsSgdConfig.*got dict"):
         make_em_vs_sgd({"steps": 7})
     assert made == []
     good = EmVsSgdConfig(steps=7, task=TASK)
@@ -185,8 +185,9 @@ def test_em_vs_sgd_takes_an_array_of_seeds():
         got = experiments.em_vs_sgd(seeds, config)
         assert got["per_seed"]["seed"] == [2, 0]
         assert got["per_seed"]["sgd_final_loss"] == want["per_seed"]["sgd_final_loss"]
-    for bad in (np.array([1.0, 2.0]), jnp.array([[1, 2]])):
-        with pytest.raises(ValueError, match="seeds"):
+    for bad, match in ((np.array([1.0, 2.0]), r"em_vs_sgd: .*seed.*non-negative integer.*float64"),
+                       (jnp.array([[1, 2]]), r"em_vs_sgd: .*seeds\b.*1-D.*\(1, 2\)")):
+        with pytest.raises(ValueError, match=match):
             experiments.em_vs_sgd(bad, config)
 
 
@@ -212,16 +213,16 @@ def test_a_new_experiment_is_its_run_and_its_summary():
     assert out["wall_time_s"] >= 0 and {"versions", "start_time", "end_time"} <= set(out["provenance"])
     again = experiments.run_experiment(toy, [2, 0, 1], Cfg(scale=2.0), chunk_size=1)
     assert again["mean"] == pytest.approx(out["mean"], rel=1e-6)
-    with pytest.raises(ValueError, match="toy: seeds must be distinct"):
+    with pytest.raises(ValueError, match=r"toy: seeds\b.*distinct.*\[1, 1\]"):
         experiments.run_experiment(toy, [1, 1])
-    with pytest.raises(TypeError, match="toy: config must be a Cfg"):
+    with pytest.raises(TypeError, match=r"toy: config\b.*Cfg.*got dict"):
         experiments.run_experiment(toy, 1, {"scale": 1})
 
 
 def test_config_bounds_are_the_cli_bounds():
-    with pytest.raises(ValueError, match=r"d_k must be an integer in \[1, 4096\]"):
+    with pytest.raises(ValueError, match=r"HeadSpec: d_k\b.*\[1, 4096\].*got 5000"):
         HeadSpec(d_k=5000)
-    with pytest.raises(ValueError, match="grad_source must be one of"):
+    with pytest.raises(ValueError, match=r"EmVsSgdConfig: grad_source\b.*'auto'.*'analytic'"):
         EmVsSgdConfig(grad_source="analytic")
 
 
@@ -244,13 +245,13 @@ def test_config_from_dict_round_trips_every_experiment_config():
             back = config_from_dict(experiment.config_type, json.loads(json.dumps(config.to_dict())))
             assert back == config and back.to_dict() == config.to_dict(), experiment.name
         assert "head" not in default.to_dict() and "rates" not in default.to_dict()  # nested options are flat in JSON
-    with pytest.raises(ValueError, match="has no field"):
+    with pytest.raises(ValueError, match=r"config_from_dict: .*EmVsSgdConfig.*no field.*bogus"):
         config_from_dict(EmVsSgdConfig, {**EmVsSgdConfig().to_dict(), "bogus": 1})
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match=r"config_from_dict: .*unknown task.*'Nope'"):
         config_from_dict(EmVsSgdConfig, {"task": {"name": "Nope"}})
 
 
 @pytest.mark.parametrize("devices", ["cpu", ["cpu"], [0]])
 def test_devices_that_are_not_jax_devices_are_refused_in_the_experiments_name(devices):
-    with pytest.raises(TypeError, match=r"em_vs_sgd: devices must"):
+    with pytest.raises(TypeError, match=r"em_vs_sgd: devices\b.*jax\.Device"):
         experiments.em_vs_sgd(1, EmVsSgdConfig(steps=2), devices=devices)

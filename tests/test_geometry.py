@@ -97,17 +97,17 @@ def test_jit_vmap_and_float32():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="z must be 2-D"):
+    with pytest.raises(ValueError, match=r"pca_spectrum: z\b.*2-D.*\(5,\)"):
         pca_spectrum(jnp.ones(5))
-    with pytest.raises(ValueError, match="at least 2 points"):
+    with pytest.raises(ValueError, match=r"pca_spectrum: z\b.*at least 2.*\(1, 3\)"):
         pca_spectrum(jnp.ones((1, 3)))
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match=r"pca_spectrum: z\b.*floating"):
         pca_spectrum(jnp.ones((4, 3), jnp.int32))
-    with pytest.raises(ValueError, match="n_components must be an integer in"):
+    with pytest.raises(ValueError, match=r"principal_components: n_components\b.*\[1, 3\].*got 4"):
         principal_components(jnp.ones((4, 3)), 4)
-    with pytest.raises(ValueError, match=r"covariate must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"pc_covariate_correlation: covariate\b.*\(4,\).*\(3,\)"):
         pc_covariate_correlation(jnp.ones((4, 3)), jnp.ones(3))
-    with pytest.raises(ValueError, match="alpha must be a floating array"):
+    with pytest.raises(ValueError, match=r"attention_entropy_bits: alpha\b.*floating.*int32"):
         attention_entropy_bits(jnp.ones(3, jnp.int32))
 
 
@@ -121,7 +121,7 @@ def test_decoding_r2_known_answer():
     t[:, 1] *= t[:, 0].std() / t[:, 1].std()
     np.testing.assert_allclose(decoding_r2(jnp.asarray(z), jnp.asarray(t)), 0.5, atol=0.01)
     assert float(decoding_r2(jnp.asarray(z), jnp.ones(3000))) == 0.0
-    with pytest.raises(ValueError, match=r"targets must have shape \(3000,\)"):
+    with pytest.raises(ValueError, match=r"decoding_r2: targets\b.*\(3000,\).*\(5,\)"):
         decoding_r2(jnp.asarray(z), jnp.ones(5))
 
 

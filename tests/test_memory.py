@@ -63,7 +63,7 @@ def test_estimate_is_above_xla_and_within_the_tested_factor(make_run, config, ch
 HOST = 16 << 30
 TOO_BIG = [
     pytest.param(lambda: ga.em_vs_sgd([0], EmVsSgdConfig(steps=2), chunk_size=65536),
-                 ("em_vs_sgd: ", "chunk_size=65536", "(1 seed, padded to the chunk)", "N=1999", "TiB"), id="chunk"),
+                 ("em_vs_sgd: ", "chunk_size=65536", "1 seed", "padded", "N=1999", "TiB"), id="chunk"),
     pytest.param(lambda: ga.em_vs_sgd(5, EmVsSgdConfig(task=S(d_embed=4096, n_symbols=1024, seq_len=65537),
                                                        head=HeadSpec(d_k=4096, d_v=4096))),
                  ("seq_len=65537", "d_embed=4096", "n_symbols=1024", "d_k=4096", "d_v=4096", "N x N", "GiB"),
@@ -93,18 +93,21 @@ def test_sizes_too_big_together_are_refused_in_one_line_before_compiling(monkeyp
         call()
     message = str(info.value)
     assert "\n" not in message and isinstance(info.value, ValueError)
-    assert "needs an estimated" in message and "more than the host's physical memory (16 GiB)" in message
+    assert "estimated" in message and "physical memory" in message and "(16 GiB)" in message
     for name in names:
         assert name in message, (name, message)
 
 
 def test_the_message_names_the_largest_part_and_what_to_change(monkeypatch):
+    """The largest part is named with its size; the advice names chunk_size only where the chunk
+    holds more than one seed."""
     monkeypatch.setattr(memory, "physical_memory", lambda: HOST)
-    with pytest.raises(memory.MemoryEstimateError, match=r"largest part: the evaluation's N x N attention, [0-9.]+ TiB\), "
-                                                          r"more than .*: use a smaller chunk_size or smaller sizes$"):
+    with pytest.raises(memory.MemoryEstimateError, match=r"^em_vs_sgd: .*largest part.*evaluation.*N x N attention, [0-9.]+ TiB"
+                                                          r".*physical memory.*smaller chunk_size.*smaller sizes$"):
         ga.em_vs_sgd([0], EmVsSgdConfig(steps=2), chunk_size=65536)
-    with pytest.raises(memory.MemoryEstimateError, match=r"chunk_size=1 seed vmapped per device per call: .*: use smaller sizes$"):
+    with pytest.raises(memory.MemoryEstimateError, match=r"^manifold_study: .*chunk_size=1 seed\b.*smaller sizes$") as info:
         manifold.manifold_study(1, manifold.ManifoldConfig(heldout=4096, task=S(seq_len=65537)))
+    assert "smaller chunk_size" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +136,9 @@ def test_estimate_follows_the_chunk_and_the_backend():
 
 
 def test_estimate_refuses_a_config_it_does_not_know():
-    with pytest.raises(TypeError, match=r"estimate: no memory estimate for a StickyMarkov; the library estimates "
-                                        r"EmVsSgdConfig, PlateauConfig"):
+    with pytest.raises(TypeError, match=r"^estimate: .*no memory estimate.*StickyMarkov.*EmVsSgdConfig.*PlateauConfig"):
         memory.estimate(S())
-    with pytest.raises(ValueError, match=r"^estimate: chunk_size must be a positive integer, got 0$"):
+    with pytest.raises(ValueError, match=r"^estimate: chunk_size\b.*positive integer.*got 0$"):
         memory.estimate(EmVsSgdConfig(), 0)
 
 
@@ -154,9 +156,10 @@ def test_a_cpu_holds_the_host_s_physical_memory_shared_by_its_devices():
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu = jax.devices("cpu")[0]
     assert memory.physical_memory() == host
-    assert memory.device_memory([cpu]) == (host, f"the host's physical memory ({memory.format_bytes(host)})")
+    limit, where = memory.device_memory([cpu])
+    assert limit == host and "physical memory" in where and f"({memory.format_bytes(host)})" in where
     limit, where = memory.device_memory([cpu, cpu])
-    assert limit == host // 2 and "for 2 CPU devices" in where
+    assert limit == host // 2 and "2 CPU devices" in where
 
 
 @dataclasses.dataclass
@@ -175,10 +178,11 @@ class FakeAccelerator:
 def test_an_accelerator_holds_the_limit_its_runtime_reports(monkeypatch):
     monkeypatch.setattr(memory, "physical_memory", lambda: HOST)
     small, large = FakeAccelerator({"bytes_limit": 80 << 30}, id=1), FakeAccelerator({"bytes_limit": 96 << 30})
-    assert memory.device_memory([large, small]) == (80 << 30, "the memory of Fake H100 1 (80 GiB)")
+    limit, where = memory.device_memory([large, small])
+    assert limit == 80 << 30 and "Fake H100 1 (80 GiB)" in where
     for stats in (None, {}, RuntimeError("no statistics on this runtime")):
         limit, where = memory.device_memory([FakeAccelerator(stats)])
-        assert limit == HOST and "the device reports no limit" in where
+        assert limit == HOST and "no limit" in where
     monkeypatch.setattr(memory, "physical_memory", lambda: None)
     assert memory.device_memory([FakeAccelerator(None)])[0] is None
     assert memory.device_memory(jax.devices("cpu"))[0] is None  # nothing known: nothing is refused
@@ -188,9 +192,8 @@ def test_a_run_is_checked_against_the_devices_it_runs_on(monkeypatch):
     config = EmVsSgdConfig(steps=2, task=S(seq_len=257))
     need = memory.check_memory(experiments.em_vs_sgd, config, 4, devices=[FakeAccelerator({"bytes_limit": 1 << 40})])
     assert need == memory.estimate_bytes(config, 4)
-    with pytest.raises(memory.MemoryEstimateError, match=r"em_vs_sgd: .*chunk_size=4 seeds vmapped per device per call "
-                                                          r"\(3 seeds, padded to the chunk\): needs an estimated .* per "
-                                                          r"device .*more than the memory of Fake H100 0 \(1 MiB\)"):
+    with pytest.raises(memory.MemoryEstimateError, match=r"^em_vs_sgd: .*chunk_size=4\b.*3 seeds.*padded.*estimated.*per device"
+                                                          r".*Fake H100 0 \(1 MiB\)"):
         memory.check_memory(experiments.em_vs_sgd, config, 4, n_seeds=3, devices=[FakeAccelerator({"bytes_limit": 1 << 20})])
 
 
@@ -214,9 +217,8 @@ def summarise_tiny(per_seed, seeds, config):
 
 def test_an_experiment_may_give_its_own_estimate():
     huge = Experiment("tiny", TinyConfig, make_tiny_run, summarise_tiny, memory=lambda config, chunk: chunk * 10**18)
-    with pytest.raises(memory.MemoryEstimateError, match=r"^tiny: chunk_size=3 seeds vmapped per device per call \(2 seeds, "
-                                                          r"padded to the chunk\): needs an estimated .* PiB per device, "
-                                                          r"more than"):
+    with pytest.raises(memory.MemoryEstimateError, match=r"^tiny: chunk_size=3\b.*2 seeds.*padded.*estimated.*PiB per device"
+                                                          r".*more than"):
         run_experiment(huge, 2, chunk_size=3)
     fits = dataclasses.replace(huge, memory=lambda config, chunk: 1)
     assert len(run_experiment(fits, 2, chunk_size=1)["x"]) == 2
@@ -236,7 +238,6 @@ def test_the_check_before_start_asks_no_backend(monkeypatch):
     assert least == min(memory.estimate_bytes(config, backend=b) for b in ("cpu", "gpu")) == memory.estimate_bytes(
         config, 1, backend="cpu")
     assert memory.check_memory_before_start("em_vs_sgd", S()) is None
-    with pytest.raises(memory.MemoryEstimateError, match=r"^em_vs_sgd: .*chunk_size=65536 seeds vmapped per device per call "
-                                                          r"\(1 seed, padded to the chunk\): needs at least [0-9.]+ TiB per device "
-                                                          r".*more than the host's physical memory \(16 GiB\)"):
+    with pytest.raises(memory.MemoryEstimateError, match=r"^em_vs_sgd: .*chunk_size=65536\b.*1 seed\b.*padded.*at least "
+                                                          r"[0-9.]+ TiB per device.*physical memory \(16 GiB\)"):
         memory.check_memory_before_start("em_vs_sgd", config, 65536, n_seeds=1)

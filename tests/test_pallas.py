@@ -207,31 +207,31 @@ def test_interpret_mode_needs_no_triton_and_compiling_without_it_says_so(monkeyp
     params, x, y, w = problem(5, dtype=jnp.float32, weighted=True)  # a shape no other test traces
     by_laws = dense_loss_and_grads(params, x, y, w, True)
     assert rel_err(pallas_loss_and_grads(params, x, y, w, True, interpret=True), by_laws) < 2e-5
-    with pytest.raises(RuntimeError, match="no Pallas Triton backend"):
+    with pytest.raises(RuntimeError, match=r"gradattn\.grads\.pallas: .*no Pallas Triton.*interpret=True"):
         pallas_pass(params, x, y, w, True, interpret=False)
 
 
 def test_invalid_inputs():
     params, x, y, _ = problem(9, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="pallas_pass: precision"):
+    with pytest.raises(ValueError, match=r"pallas_pass: precision\b.*'float16'"):
         pallas_pass(params, x, y, precision="float16")
-    with pytest.raises(TypeError, match="pallas_loss_and_grads: precision"):
+    with pytest.raises(TypeError, match=r"pallas_loss_and_grads: precision\b.*got 32"):
         pallas_loss_and_grads(params, x, y, precision=32)
-    with pytest.raises(ValueError, match="block_q must be a power of two"):
+    with pytest.raises(ValueError, match=r"pallas_pass: block_q\b.*power of two.*got 48"):
         pallas_pass(params, x, y, block_q=48)
-    with pytest.raises(ValueError, match="block_k"):
+    with pytest.raises(ValueError, match=r"pallas_pass: block_k\b.*\[16, inf\).*got 8"):
         pallas_pass(params, x, y, block_k=8)
-    with pytest.raises(TypeError, match="block_q"):
+    with pytest.raises(TypeError, match=r"pallas_pass: block_q\b.*integer.*16\.0"):
         pallas_pass(params, x, y, block_q=16.0)
-    with pytest.raises(TypeError, match="interpret"):
+    with pytest.raises(TypeError, match=r"pallas_pass: interpret\b.*bool.*'yes'"):
         pallas_pass(params, x, y, interpret="yes")
-    with pytest.raises(ValueError, match="pallas_pass: y"):
+    with pytest.raises(ValueError, match=r"pallas_pass: y\b.*outside \[0, 6\)"):
         pallas_pass(params, x, y.at[0].set(6))
-    with pytest.raises(ValueError, match="pallas_loss_and_grads: x"):
+    with pytest.raises(ValueError, match=r"pallas_loss_and_grads: x\b.*2-D.*\(1, 9, 5\)"):
         pallas_loss_and_grads(params, x[None], y)
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match=r"pallas_pass: weights\b.*sum to zero"):
         pallas_pass(params, x, y, jnp.zeros(9, jnp.float32))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match=r"pallas_pass: .*dtype.*x float64"):
         pallas_pass(params, x.astype(jnp.float64), y)
 
 

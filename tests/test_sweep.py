@@ -71,20 +71,20 @@ def test_integer_array_seeds_of_any_kind():
 @pytest.mark.parametrize(
     "seeds, match",
     [
-        (jnp.array([1.0, 2.0]), "non-negative integer, got an array of dtype float"),
-        (np.array([True, False]), "non-negative integer, got an array of dtype bool"),
-        (jnp.array([[1, 2], [3, 4]]), r"must be 1-D \(n,\), got shape \(2, 2\)"),
-        (np.array([[1, 2, 3]], np.int64), r"must be 1-D \(n,\), got shape \(1, 3\)"),
+        (jnp.array([1.0, 2.0]), "non-negative integer.*dtype float"),
+        (np.array([True, False]), "non-negative integer.*dtype bool"),
+        (jnp.array([[1, 2], [3, 4]]), r"seeds\b.*1-D.*\(2, 2\)"),
+        (np.array([[1, 2, 3]], np.int64), r"seeds\b.*1-D.*\(1, 3\)"),
         (jnp.array([], jnp.int32), "empty"),
         (np.array([]), "empty"),
-        (jnp.array([3, -1]), "non-negative integer, got -1"),
-        ([1, True], "non-negative integer, got True"),
+        (jnp.array([3, -1]), "non-negative integer.*got -1"),
+        ([1, True], "non-negative integer.*got True"),
         ([jnp.array(2.0)], "non-negative integer"),
         ([[1, 2]], "non-negative integer"),
     ],
 )
 def test_bad_array_seeds(seeds, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=rf"^sweep: .*{match}"):
         seed_keys(seeds)
 
 
@@ -106,18 +106,18 @@ def test_progress_bar_runs(capsys):
     ],
 )
 def test_bad_arguments(seeds, kwargs, err, match):
-    with pytest.raises(err, match=match):
+    with pytest.raises(err, match=rf"^sweep: .*{match}"):
         sweep(lambda k: {"u": jax.random.uniform(k)}, seeds, **kwargs)
 
 
 @pytest.mark.parametrize(
     "devices, err, match",
     [
-        (lambda: ["cpu"], TypeError, r"sweep: devices must hold jax\.Device objects .*got 'cpu' of type str"),
-        (lambda: "cpu", TypeError, r"sweep: devices must be a list of jax\.Device .*got 'cpu' of type str"),
-        (lambda: [0], TypeError, r"sweep: devices must hold jax\.Device objects .*got 0 of type int"),
-        (lambda: jax.devices()[0], TypeError, r"sweep: devices must be a list of jax\.Device .*got CpuDevice"),
-        (lambda: jax.devices()[:1] * 2, ValueError, r"sweep: devices must be distinct, got CpuDevice\(id=0\) twice"),
+        (lambda: ["cpu"], TypeError, r"sweep: devices\b.*hold jax\.Device.*'cpu'.*\bstr\b"),  # an element of the list
+        (lambda: "cpu", TypeError, r"sweep: devices\b.*list of jax\.Device.*'cpu'.*\bstr\b"),  # the list itself
+        (lambda: [0], TypeError, r"sweep: devices\b.*hold jax\.Device.*got 0\b.*\bint\b"),
+        (lambda: jax.devices()[0], TypeError, r"sweep: devices\b.*list of jax\.Device.*CpuDevice"),
+        (lambda: jax.devices()[:1] * 2, ValueError, r"sweep: devices\b.*distinct.*CpuDevice\(id=0\) twice"),
     ],
     ids=["strings", "a string", "ints", "one device", "repeated"],
 )
@@ -195,6 +195,6 @@ def test_large_seeds_get_their_own_keys():
 
 @pytest.mark.parametrize("seed", [2**64, 2**70])
 def test_seeds_from_2_to_the_64_rejected(seed):
-    with pytest.raises(ValueError, match="below 2\\^64"):
+    with pytest.raises(ValueError, match=rf"sweep: seeds\b.*below 2\^64.*got {seed}"):
         seed_keys([1, seed])
 

@@ -130,7 +130,7 @@ def test_alternating_groups_see_only_their_own_steps():
     ],
 )
 def test_alternating_rejects_bad_arguments(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=rf"^alternating: {match}\b"):
         training.alternating(**bad)
 
 
@@ -216,16 +216,16 @@ def test_train_vmaps_over_params_and_float32_stays_float32():
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(steps=0), ValueError, "steps"),
-        (dict(steps=2.0), TypeError, "steps must be a positive integer, got 2.0 of type float"),
-        (dict(steps=True), TypeError, "steps must be a positive integer, got the bool"),
-        (dict(steps=np.float32(2)), TypeError, "steps"),
-        (dict(steps=6, checkpoint_every=2.0), TypeError, "checkpoint_every"),
-        (dict(steps=6, checkpoint_every=4), ValueError, "divide"),
-        (dict(steps=6, checkpoint_every=0), ValueError, "checkpoint_every"),
-        (dict(steps=6, probe=lambda *a: 0), ValueError, "checkpoint_every"),
-        (dict(steps=6, checkpoint_every=2, probe=3), TypeError, "probe"),
-        (dict(steps=2, grad_source="numeric"), ValueError, "grad_source"),
+        (dict(steps=0), ValueError, r"train: steps\b.*got 0"),
+        (dict(steps=2.0), TypeError, r"train: steps\b.*positive integer.*2\.0.*float"),
+        (dict(steps=True), TypeError, r"train: steps\b.*positive integer.*bool"),
+        (dict(steps=np.float32(2)), TypeError, r"train: steps\b.*float32"),
+        (dict(steps=6, checkpoint_every=2.0), TypeError, r"train: checkpoint_every\b.*2\.0"),
+        (dict(steps=6, checkpoint_every=4), ValueError, r"train: checkpoint_every=4\b.*divide.*steps=6"),
+        (dict(steps=6, checkpoint_every=0), ValueError, r"train: checkpoint_every\b.*got 0"),
+        (dict(steps=6, probe=lambda *a: 0), ValueError, r"train: probe\b.*checkpoint_every\b.*None"),
+        (dict(steps=6, checkpoint_every=2, probe=3), TypeError, r"train: probe\b.*callable.*got 3"),
+        (dict(steps=2, grad_source="numeric"), ValueError, r"grad_source\b.*'auto'.*'numeric'"),
     ],
 )
 def test_train_rejects_bad_arguments(kwargs, err, match):
@@ -237,11 +237,11 @@ def test_train_rejects_bad_arguments(kwargs, err, match):
 
 def test_bad_optimizer_and_lr():
     params, x, y = case()
-    with pytest.raises(TypeError, match="optimizer"):
+    with pytest.raises(TypeError, match=r"train: optimizer\b.*optax GradientTransformation.*got object"):
         training.train(params, x, y, object(), 2)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"sgd: lr\b.*\[0\.0, inf\).*got -0\.1"):
         training.sgd(-0.1)
-    with pytest.raises(TypeError, match="value_lr"):
+    with pytest.raises(TypeError, match=r"em_like: value_lr\b.*'fast'"):
         training.em_like(value_lr="fast")
     # A schedule is a valid learning rate.
     training.sgd(optax.constant_schedule(0.1))
@@ -257,21 +257,21 @@ def test_numpy_integer_sizes_are_accepted():
     np.testing.assert_array_equal(final.params.w_v, ref_final.params.w_v)
     assert hist["checkpoints"].w_q.shape[0] == 2
     training.alternating(period=np.int64(2))
-    with pytest.raises(TypeError, match="period"):
+    with pytest.raises(TypeError, match=r"alternating: period\b.*2\.0"):
         training.alternating(period=2.0)
 
 
 @pytest.mark.parametrize("bad", ["0.1", b"0.1", True, None, [0.1], 0.1 + 0j, np.array("0.1")])
 def test_non_numeric_learning_rates_are_rejected_early(bad):
     # A string used to pass (float("0.1") parses) and fail deep inside optax's first update.
-    with pytest.raises(TypeError, match=r"sgd: lr must be a number or an optax schedule"):
+    with pytest.raises(TypeError, match=r"sgd: lr\b.*number.*optax schedule"):
         training.sgd(bad)
-    with pytest.raises(TypeError, match="em_like: routing_lr must be a number"):
+    with pytest.raises(TypeError, match=r"em_like: routing_lr\b.*number.*optax schedule"):
         training.em_like(0.1, bad)
-    with pytest.raises(TypeError, match="alternating: value_lr must be a number"):
+    with pytest.raises(TypeError, match=r"alternating: value_lr\b.*number.*optax schedule"):
         training.alternating(bad, 0.01)
     # Shape errors of a numeric lr stay ValueErrors.
-    with pytest.raises(ValueError, match=r"lr must be a scalar.*\(2,\)"):
+    with pytest.raises(ValueError, match=r"sgd: lr\b.*scalar.*\(2,\)"):
         training.sgd(np.array([0.1, 0.2]))
 
 
@@ -307,7 +307,7 @@ def test_grad_source_names_and_auto(monkeypatch):
     calls = []
     training.train(params, x, y, opt, 2, grad_source=lambda *a: calls.append(1) or ga.dense_loss_and_grads(*a))
     assert calls  # any callable of the same signature plugs in
-    with pytest.raises(ValueError, match="'auto', 'blocked', 'dense', 'autodiff', 'pallas'"):
+    with pytest.raises(ValueError, match=r"grad_source\b.*'auto', 'blocked', 'dense', 'autodiff', 'pallas'.*'analytic'"):
         training.make_step(opt, grad_source="analytic")
 
 
@@ -341,11 +341,11 @@ def test_train_arms_equals_each_arm_trained_alone():
     seen = []
     train_arms(params, arms, lambda t: seen.append(t) or (x, y), 4)
     assert len(seen) == 1  # traced once per step of the scan body, shared by both arms
-    with pytest.raises(TypeError, match="optimizers"):
+    with pytest.raises(TypeError, match=r"train_arms: optimizers\b.*got \{\}"):
         train_arms(params, {}, lambda t: (x, y), 4)
-    with pytest.raises(ValueError, match="must divide"):
+    with pytest.raises(ValueError, match=r"train_arms: checkpoint_every=3\b.*divide.*steps=4"):
         train_arms(params, arms, lambda t: (x, y), 4, checkpoint_every=3)
-    with pytest.raises(TypeError, match="data"):
+    with pytest.raises(TypeError, match=r"train_arms: data\b.*callable"):
         train_arms(params, arms, (x, y), 4)
 
 
@@ -432,17 +432,19 @@ def test_batch_weights_shared_or_per_sequence_and_per_step():
 @pytest.mark.parametrize(
     "x_shape, y_shape, w_shape, match",
     [
-        ((3, 7, 4), (2, 7), None, r"step: y must have shape \(B, N\) = \(3, 7\) to match x of shape \(3, 7, 4\), got y of shape \(2, 7\)"),
-        ((3, 7, 4), (3, 6), None, r"y must have shape \(B, N\) = \(3, 7\).*got y of shape \(3, 6\)"),
-        ((7, 4), (3, 7), None, r"y must have shape \(N,\) = \(7,\) to match x of shape \(7, 4\), got y of shape \(3, 7\)"),
-        ((7,), (7,), None, r"x must be \(N, d_in\) for one sequence or \(B, N, d_in\) for a batch.*got shape \(7,\)"),
-        ((2, 3, 7, 4), (2, 3, 7), None, r"x must be \(N, d_in\).*got shape \(2, 3, 7, 4\)"),
-        ((3, 7, 4), (3, 7), (2, 7), r"weights must have shape \(N,\) = \(7,\) or \(B, N\) = \(3, 7\).*got shape \(2, 7\)"),
-        ((7, 4), (7,), (1, 7), r"weights must have shape \(N,\) = \(7,\) to match x of shape \(7, 4\), got shape \(1, 7\)"),
-        ((0, 7, 4), (0, 7), None, r"a batch must hold at least one sequence, got x of shape \(0, 7, 4\)"),
+        ((3, 7, 4), (2, 7), None, r"step: y\b.*\(B, N\) = \(3, 7\).*\(3, 7, 4\).*\(2, 7\)"),
+        ((3, 7, 4), (3, 6), None, r"step: y\b.*\(B, N\) = \(3, 7\).*\(3, 6\)"),
+        ((7, 4), (3, 7), None, r"step: y\b.*\(N,\) = \(7,\).*\(7, 4\).*\(3, 7\)"),
+        ((7,), (7,), None, r"step: x\b.*\(N, d_in\).*\(B, N, d_in\).*\(7,\)"),
+        ((2, 3, 7, 4), (2, 3, 7), None, r"step: x\b.*\(N, d_in\).*\(2, 3, 7, 4\)"),
+        ((3, 7, 4), (3, 7), (2, 7), r"step: weights\b.*\(N,\) = \(7,\).*\(B, N\) = \(3, 7\).*\(2, 7\)"),
+        ((7, 4), (7,), (1, 7), r"step: weights\b.*\(N,\) = \(7,\).*\(7, 4\).*\(1, 7\)"),
+        ((0, 7, 4), (0, 7), None, r"step: .*batch.*at least one.*\(0, 7, 4\)"),
     ],
 )
 def test_step_checks_shapes_at_the_door(x_shape, y_shape, w_shape, match):
+    """Each message names the function (step, or train when train is called), the argument, the
+    shape it must have and the shape it got."""
     params, _, _ = case(0, d_in=4)
     opt = training.sgd(0.1)
     state = training.init_state(params, opt)
@@ -461,13 +463,13 @@ def test_a_concrete_batch_is_checked_sequence_by_sequence():
     params, xb, yb = batch_case(3, seed=26)
     opt = training.sgd(0.1)
     state = training.init_state(params, opt)
-    with pytest.raises(ValueError, match=r"step \(sequence 1 of the batch\): y .*outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"^step\b.*sequence 1\b.*: y\b.*outside \[0, 3\)"):
         training.make_step(opt)(state, xb, yb.at[1, 2].set(3))
-    with pytest.raises(ValueError, match=r"sequence 2 of the batch\): x .*non-finite"):
+    with pytest.raises(ValueError, match=r"^step\b.*sequence 2\b.*: x\b.*non-finite"):
         training.make_step(opt, "autodiff")(state, xb.at[2, 0, 0].set(jnp.nan), yb)
-    with pytest.raises(ValueError, match=r"d_in = 4"):
+    with pytest.raises(ValueError, match=r"^step\b.*: x\b.*\(7, 3\).*d_in = 4"):
         training.make_step(opt)(state, xb[..., :3], yb)
-    with pytest.raises(TypeError, match="integer class labels"):
+    with pytest.raises(TypeError, match=r"^\w+: y\b.*integer.*float64"):
         jax.jit(training.make_step(opt))(state, xb, yb.astype(jnp.float64))
 
 
@@ -480,9 +482,9 @@ def test_optimizer_step_is_update_then_apply():
     updates, want_s = opt.update(grads, s0, params)
     for a, b in zip(jax.tree.leaves((new, s1)), jax.tree.leaves((optax.apply_updates(params, updates), want_s))):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="grads and params must be pytrees of one structure"):
+    with pytest.raises(ValueError, match=r"optimizer_step: grads\b.*params\b.*structure"):
         training.optimizer_step(opt, grads[:3], s0, params)
-    with pytest.raises(TypeError, match="optimizer_step: optimizer must be an optax GradientTransformation"):
+    with pytest.raises(TypeError, match=r"optimizer_step: optimizer\b.*optax GradientTransformation.*got object"):
         training.optimizer_step(object(), grads, s0, params)
 
 
@@ -517,9 +519,9 @@ def test_train_on_a_data_function_draws_fresh_data_every_step():
     _, fixed = training.train(params, xb, yb, opt, 3)
     _, as_fn = training.train(params, lambda t: (xb, yb), None, opt, 3)
     np.testing.assert_array_equal(fixed["loss"], as_fn["loss"])
-    with pytest.raises(TypeError, match="train: y must be None when x is a data function"):
+    with pytest.raises(TypeError, match=r"train: y\b.*None.*data function.*got \w+"):
         training.train(params, data, yb, opt, 3)
-    with pytest.raises(TypeError, match="train: y is None; give the targets y, or a data function"):
+    with pytest.raises(TypeError, match=r"train: y\b.*None.*targets.*data function"):
         training.train(params, xb, None, opt, 3)
-    with pytest.raises(ValueError, match=r"train: y must have shape \(B, N\)"):
+    with pytest.raises(ValueError, match=r"train: y\b.*\(B, N\).*\(2, 7\).*\(1, 7\)"):
         training.train(params, lambda t: (xb, yb[:1]), None, opt, 3)

@@ -5,6 +5,7 @@ entries by a full disk recovers, and says so in at most one line."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -107,7 +108,7 @@ def test_failed_chunk_write_keeps_the_finished_chunks_and_a_rerun_resumes(tmp_pa
     assert isinstance(err, OSError) and err.errno == code and err.directory == d
     message = str(err)
     assert "\n" not in message and repr(d) in message and os.strerror(code) in message, message
-    assert "2 finished chunk files already there are kept" in message, message
+    assert re.search(r"\b2 finished chunk.*kept", message), message
     # two chunks whole, the manifest, and nothing else: no temp file, no partial chunk
     assert listing(d) == sorted(chunks(d) + ["manifest.json"]) and len(chunks(d)) == 2
     kept = stamps(d)
@@ -137,8 +138,8 @@ def test_manifest_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path
         return real(path, data)
 
     monkeypatch.setattr(resume, "_write_replace", full)
-    with pytest.raises(resume.CheckpointWriteError, match=r"^cluster_sweep: cannot write manifest\.json in checkpoint_dir .*"
-                       r"No space left on device \(ENOSPC\); nothing was computed$"):
+    with pytest.raises(resume.CheckpointWriteError, match=r"^cluster_sweep: cannot write\b.*manifest\.json.*checkpoint_dir\b.*"
+                       r"No space left on device \(ENOSPC\).*nothing\b.*computed$"):
         cluster_sweep(fn, SEEDS, chunk_size=1, checkpoint_dir=str(d), fingerprint=FP)
     assert listing(d) == []
 
@@ -156,7 +157,8 @@ def test_damaged_chunk_in_a_read_only_directory_is_one_line(tmp_path, monkeypatc
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", read_only)
-    with pytest.raises(resume.CheckpointWriteError, match=r"cannot remove the damaged chunk chunk-\w+\.npz \(no valid header"):
+    with pytest.raises(resume.CheckpointWriteError, match=r"^cluster_sweep: cannot remove\b.*damaged.*chunk-\w+\.npz.*no valid header"
+                       r".*Read-only file system"):
         cluster_sweep(fn, SEEDS[:2], chunk_size=1, checkpoint_dir=d, fingerprint=FP)
 
 
