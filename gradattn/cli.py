@@ -163,7 +163,7 @@ def _coordinator(text: str) -> str:
 
 
 def _checkpoint_dir(text: str) -> str:
-    """``--checkpoint-dir``: an existing directory in which files can be created, or a path whose
+    """``--checkpoint-dir`` (and ``--save-dir``): an existing directory in which files can be created, or a path whose
     longest existing part is one (the sweep creates the rest): :func:`gradattn._io.check_directory`."""
     try:
         check_directory(text)
@@ -551,7 +551,8 @@ def _run_command(args, parser, command, config, seeds, flags, primary, out, plot
     try:
         results = experiments.run_experiment(command, seeds, config, chunk_size=args.chunk_size,
                                              progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                                             per_seed_curves=args.per_seed_curves)
+                                             per_seed_curves=args.per_seed_curves,
+                                             save_dir=getattr(args, "save_dir", None))
     except resume.SweepRefused as err:  # found at start-up, before any seed was computed
         parser.error(str(err))
     except memory.MemoryEstimateError as err:  # against this process's devices, before compiling
@@ -633,6 +634,7 @@ def _rerun(args, parser: _Parser) -> int:
         parser.error(f"argument --plot: {args.result!r} is a result of gradattn {command.command}, which has no figure; drop --plot")
     args.per_seed_curves = "per_seed_curves" in old
     args.checkpoint_dir = None
+    args.save_dir = None
     _use_compilation_cache(args)
     if (status := _join(parser, None)) is not None:
         return status
@@ -694,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command.command or command.name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".",
                            epilog=H_MIN_HELP if task_type is tasks.StickyMarkov else None)
         _common(p, plot=command.plot is not None)
+        if command.save is not None:
+            p.add_argument("--save-dir", type=_checkpoint_dir, default=None,
+                           help="write every seed's trained parameters (and the kept checkpoints) here with orbax, "
+                                "beside config.json, to load and probe the models later")
         if command.presets:
             p.add_argument("--preset", choices=tuple(command.presets), default=None,
                            help="start from a named configuration (its flags given here override it): "

@@ -202,7 +202,7 @@ def test_checkpoint_dir_the_os_cannot_resolve_is_refused_before_the_run(here, ca
 # Each option once, spelled out
 # --------------------------------------------------------------------------------------------
 
-_VALUES = ["2", "0.5", "1,2", "h:1", "reference", "dense", "cosine", "em_like", "x.png"]
+_VALUES = ["2", "0.5", "1,2", "h:1", "reference", "dense", "cosine", "em_like", "x.png", "small", "gpt"]
 
 
 def _options(parser):

@@ -67,7 +67,8 @@ def test_every_config_field_is_a_flag(tmp_path, capsys):
     # and of its task gets its flag, made from the field itself.
     parser = cli.build_parser()
     commands = [e for e in registry() if e.command is not None]
-    assert {e.command for e in commands} == {"em-vs-sgd", "deep", "plateau", "manifold", "bijection"}
+    assert {e.command for e in commands} == {"em-vs-sgd", "deep", "plateau", "manifold", "bijection",
+                                             "windtunnel-bijection", "windtunnel-hmm"}
     for command in commands:
         sub = parser.parse_args([command.command, "--out", "x.json"])
         for cls in (command.config_type, type(command.config_type().task)):

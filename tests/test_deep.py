@@ -12,6 +12,7 @@ from flax import nnx
 from gradattn import laws
 from gradattn.deep import HeadLaws, deep_law_errors, head_laws
 from gradattn.dynamics import feedback_stats, step_feedback
+from gradattn.experiments import compiled_run
 from gradattn.experiments.deep import (
     DeepConfig,
     deep_experiment,
@@ -123,9 +124,10 @@ def test_any_task_through_the_protocol():
 
 
 def test_one_seed_one_result_and_run_contents():
-    run = make_deep_run(CFG)
-    assert make_deep_run(DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2, task=StickyMarkov(seq_len=16, noise_std=2.0),
-                                    n_checkpoints=2, settle_rows=4)) is run
+    run = compiled_run(deep_experiment, CFG)  # the one cache of runs: an equal config, the same run
+    assert compiled_run(deep_experiment, DeepConfig(steps=4, d_model=8, n_layers=1, n_heads=2,
+                                                    task=StickyMarkov(seq_len=16, noise_std=2.0),
+                                                    n_checkpoints=2, settle_rows=4)) is run
     many = sweep(run, [1, 3, 5], chunk_size=2)
     alone = sweep(run, [3], chunk_size=2)
     for name in many:

@@ -236,9 +236,9 @@ def test_config_from_dict_round_trips_every_experiment_config():
 
     for experiment in registry():
         default = experiment.config_type()
-        changed = dataclasses.replace(default, steps=2 * default.steps,
-                                      task=dataclasses.replace(default.task, **(
-                                          {"seq_len": 33} if isinstance(default.task, StickyMarkov) else {"n_symbols": 5})))
+        task_change = next({name: value} for name, value in (("seq_len", 33), ("n_symbols", 5), ("V", 12), ("length", 7))
+                           if name in {f.name for f in dataclasses.fields(default.task) if f.init})
+        changed = dataclasses.replace(default, steps=2 * default.steps, task=dataclasses.replace(default.task, **task_change))
         if hasattr(default, "head"):  # a nested spec changed too
             changed = dataclasses.replace(changed, head=dataclasses.replace(default.head, d_k=3))
         for config in (default, changed):

@@ -327,8 +327,7 @@ def test_commands_default_to_their_configs_task(capsys):
     parser = cli.build_parser()
     for name, config_type in (("plateau", PlateauConfig), ("manifold", ManifoldConfig)):
         args = parser.parse_args([name, "--out", "x.json", "--noise-std", "2"])
-        command = args.experiment
-        task = cli._build_task(args, parser, command)
+        task = cli._build_task(args, parser, args.experiment.config_type())
         assert task.seq_len == config_type().task.seq_len == 500 and task.noise_std == 2.0
     code, _, err = cli_run(["plateau", "--out", "x.json", "--plot", "x.png"], capsys)
     assert code == 2 and "--plot" in err

@@ -31,7 +31,7 @@ import optax
 from gradattn import tasks as task_classes
 from gradattn._checks import MAX_HEAD_SIZE, check_int
 from gradattn._config import check_fields, flat_fields, flat_get, nest, option
-from gradattn._io import finite_json
+from gradattn._io import check_directory, finite_json
 from gradattn._version import __version__
 from gradattn.cluster import cluster_sweep
 from gradattn.head import HeadParams, init_head, token_losses
@@ -62,6 +62,8 @@ class Experiment:
       format: ``format(results) -> str``, the command line's text report (default: none).
       plot: ``plot(results, path)``, its figure (default: none).
       curves: per-seed training curves of ``steps`` values each (bounds what a result may hold).
+      save: ``save(per_seed, seeds, config, directory)``, optional: writes what a run keeps beyond its
+        summary (trained parameters, say) under ``directory`` (:func:`run_experiment`'s ``save_dir``).
       presets: named configurations (``name -> config``, a function of nothing), e.g. ``"small"``
         and ``"paper"``; the command line's ``--preset`` starts from one, its flags override it.
       memory: ``memory(config, chunk_size)``, optional: the estimated bytes one device needs for
@@ -84,6 +86,7 @@ class Experiment:
     plot: Callable[..., Any] | None = None
     curves: int = 1
     presets: dict[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
+    save: Callable[[dict, list, Any, str], None] | None = None
     memory: Callable[[Any, int], int] | None = None
 
     @property
@@ -120,7 +123,7 @@ def is_curve(name: str) -> bool:
 
 def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: int | None = None, devices=None,
                    progress: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-                   per_seed_curves: bool = False) -> dict[str, Any]:
+                   per_seed_curves: bool = False, save_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """``experiment`` over ``seeds`` (a positive int n: seeds 0..n-1; or distinct integer seeds in
     [0, 2^64)), with ``config`` (default: the config type's defaults).
 
@@ -144,6 +147,9 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     :class:`gradattn.memory.MemoryEstimateError` (a ValueError) with one line naming the sizes and
     the estimate, instead of failing in the compiler or the allocator.
 
+    ``save_dir``: for an experiment with a ``save`` (the wind tunnels: trained parameters), where
+    it writes what it keeps; the summary names it under ``saved_to``.
+
     ``per_seed_curves``: keep every seed's training curves (the per-seed outputs named ``curve``
     or ``*_curve``) under ``per_seed_curves`` (float32 values as JSON numbers: about 20 bytes a
     step per curve), beside the summary's mean and standard deviation over seeds.
@@ -163,6 +169,13 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
     fn = experiment.name
     config = experiment.config_type() if config is None else config
     check_config_type(config, experiment.config_type, fn)
+    if save_dir is not None:
+        if experiment.save is None:
+            raise ValueError(f"{fn}: save_dir is for experiments that keep something beyond their summary; {fn} keeps nothing")
+        try:  # checked as the OS resolves it, before any work
+            save_dir = check_directory(os.fspath(save_dir))
+        except ValueError as err:
+            raise ValueError(f"{fn}: save_dir: {err}") from None
     seeds = experiment_seeds(seeds, fn)
     chunk_size = default_chunk_size() if chunk_size is None else check_int("chunk_size", chunk_size, fn)
     if devices is not None:
@@ -204,6 +217,9 @@ def run_experiment(experiment: Experiment, seeds, config=None, *, chunk_size: in
         summary["config"] = to_dict()
     if per_seed_curves:
         summary["per_seed_curves"] = {name: json_floats(v) for name, v in per_seed.items() if is_curve(name)}
+    if save_dir is not None:
+        experiment.save(per_seed, seeds, config, os.fspath(save_dir))  # type: ignore[misc]
+        summary["saved_to"] = os.fspath(save_dir)
     summary.update(wall_time_s=wall, n_devices=n_devices, n_processes=jax.process_count(), chunk_size=chunk_size,
                    provenance=finish(prov))
     return summary
