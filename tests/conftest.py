@@ -52,6 +52,13 @@ SLOW.update({
                               "test_a_longer_task_draws_the_same_hmm_and_the_same_first_steps",
                               "test_paths_follow_the_given_rows", "test_discretisation_of_rows_where_the_walk_laps_the_row"),
     "test_bijection_tokens.py": ("test_sampled_posteriors_are_the_enumerated_ones", "test_sample_is_pure_jits_and_vmaps"),
+    "test_cli.py": (*SLOW["test_cli.py"], "test_ctrl_c_stops_with_one_line_and_exit_130"),
+    "test_bad_input_paths.py": ("test_the_file_lands_where_the_os_resolves_dot_dot",),
+    "test_nn.py": ("test_taps_dropout_and_perturbation",),
+    "test_training.py": ("test_batch_weights_shared_or_per_sequence_and_per_step",),
+    "test_baselines.py": ("test_lstm_without_positions_takes_any_length", "test_mlp_architecture_detail_by_detail"),
+    "test_bijection.py": ("test_em_vs_sgd_runs_on_the_task",),
+    "test_tasks.py": ("test_larger_noise_leaves_the_posterior_uncertain",),
 })
 
 # Tests that compare with the PyTorch reference (torch comes with the bench extra).

@@ -2,6 +2,7 @@
 library inside a function (every dependency is visible at the top of its file)."""
 
 import ast
+import functools
 import pathlib
 
 import pytest
@@ -37,6 +38,7 @@ FILES = sorted(PACKAGE.rglob("*.py"))
 MODULES = {module_name(p): p for p in FILES}
 
 
+@functools.cache
 def graph():
     edges = {}
     for name, path in MODULES.items():
