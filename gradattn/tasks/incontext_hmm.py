@@ -162,25 +162,12 @@ class InContextHMM(TaskDataclass):
         """The id of [TRANS], 101 - m (96 by default); the probability ids are 0 .. 100 - m."""
         return CENTS + 1 - self.min_cents
 
-    @property
-    def emit_token(self) -> int:
-        """The id of [EMIT], 102 - m (97 by default)."""
-        return self.trans_token + 1
-
-    @property
-    def sep_token(self) -> int:
-        """The id of [SEP], 103 - m (98 by default)."""
-        return self.trans_token + 2
-
-    @property
-    def obs_token(self) -> int:
-        """The id of [OBS], 104 - m (99 by default)."""
-        return self.trans_token + 3
-
-    @property
-    def first_symbol_token(self) -> int:
-        """The id of observed symbol 0, 105 - m (100 by default); symbol o is this + o."""
-        return self.trans_token + 4
+    # The other markers follow [TRANS]; observed symbol o is first_symbol_token + o.
+    emit_token = property(lambda self: self.trans_token + 1, doc="The id of [EMIT], 102 - m (97 by default).")
+    sep_token = property(lambda self: self.trans_token + 2, doc="The id of [SEP], 103 - m (98 by default).")
+    obs_token = property(lambda self: self.trans_token + 3, doc="The id of [OBS], 104 - m (99 by default).")
+    first_symbol_token = property(lambda self: self.trans_token + 4,
+                                  doc="The id of observed symbol 0, 105 - m (100 by default).")
 
     # ---- the TokenTask members ------------------------------------------------------------------
 
