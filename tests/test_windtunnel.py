@@ -56,6 +56,14 @@ def test_position_metrics_against_numpy():
     np.testing.assert_allclose(m["bayes_accuracy"], p.max(-1).mean(0), rtol=1e-12)
 
 
+def test_position_metrics_refuse_mismatched_shapes():
+    z = jnp.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match=r"position_metrics: logits and posterior must be \(B, S, C\)"):
+        position_metrics(z, z[..., :3], jnp.zeros((2, 3), jnp.int32), (0, 3))
+    with pytest.raises(ValueError, match=r"position_metrics: class_range.*C = 4"):
+        position_metrics(z, z, jnp.zeros((2, 3), jnp.int32), (2, 5))
+
+
 def test_schedule_is_linear_warmup_then_cosine_to_zero():
     cfg = WindTunnelConfig(steps=100, warmup=10, lr=1e-3)
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100, end_value=0.0)

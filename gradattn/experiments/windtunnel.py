@@ -145,6 +145,7 @@ def optimizer(config: WindTunnelConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (betas 0.9, 0.999, eps 1e-8, decoupled weight decay on every
     parameter) at a rate rising linearly from 0 over ``warmup`` steps, then annealed to 0 along a
     cosine over the rest."""
+    WindTunnelConfig.require(config, "optimizer")
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup, config.steps, end_value=0.0)
     return optax.chain(optax.clip_by_global_norm(config.clip), optax.adamw(schedule, weight_decay=config.weight_decay))
 
@@ -152,6 +153,7 @@ def optimizer(config: WindTunnelConfig) -> optax.GradientTransformation:
 def build_model(config: WindTunnelConfig, key: jax.Array, dtype=jnp.float32) -> nnx.Module:
     """The config's model for its task, drawn from ``key``: input ids in [0, vocab_size), outputs
     the task's ``n_classes``, positions up to the longest measured sequence."""
+    WindTunnelConfig.require(config, "build_model")
     task = config.task
     max_len = max(t.seq_len for t in eval_tasks(config).values())
     n_out = task.n_classes
@@ -168,13 +170,19 @@ def build_model(config: WindTunnelConfig, key: jax.Array, dtype=jnp.float32) -> 
 def position_metrics(logits, posterior, labels, class_range) -> dict[str, jax.Array]:
     """Per-position measurements at the supervised positions of a batch: ``logits (B, S, C)``, the
     exact ``posterior (B, S, C)``, the sampled ``labels (B, S)``; means over the batch, each (S,)
-    (:data:`METRICS`), plus ``per_sequence_abs_entropy_error_bits`` (B, S). Pure, jit-able."""
+    (:data:`METRICS`). Pure, jit-able; shapes checked at trace time."""
+    shape = tuple(np.shape(logits))
+    if len(shape) != 3 or tuple(np.shape(posterior)) != shape or tuple(np.shape(labels)) != shape[:2]:
+        raise ValueError(f"position_metrics: logits and posterior must be (B, S, C) and labels (B, S), got shapes "
+                         f"{shape}, {tuple(np.shape(posterior))} and {tuple(np.shape(labels))}")
+    lo, hi = class_range
+    if not 0 <= lo < hi <= shape[2]:
+        raise ValueError(f"position_metrics: class_range must satisfy 0 <= lo < hi <= C = {shape[2]}, got {class_range}")
     ln2 = jnp.log(2.0).astype(logits.dtype)
     logq = jax.nn.log_softmax(logits, axis=-1)
     support = posterior > 0
     safe_logp = jnp.log(jnp.where(support, posterior, 1.0))
     kl = jnp.sum(jnp.where(support, posterior * (safe_logp - logq), 0.0), axis=-1) / ln2
-    lo, hi = class_range
     logq_r = jax.nn.log_softmax(logits[..., lo:hi], axis=-1)
     h_model = -jnp.sum(jnp.exp(logq_r) * logq_r, axis=-1) / ln2
     h_exact = -jnp.sum(jnp.where(support, posterior * safe_logp, 0.0), axis=-1) / ln2
