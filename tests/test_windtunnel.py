@@ -11,7 +11,8 @@ import pytest
 
 from _cli import cli_run
 
-from gradattn.experiments import config_from_dict, run_experiment
+from gradattn.experiments import compiled_run, config_from_dict, run_experiment
+from gradattn.sweeps import seed_key
 from gradattn.experiments.windtunnel import (
     HMMTunnelConfig,
     WindTunnelConfig,
@@ -170,3 +171,30 @@ def test_trained_parameters_and_checkpoints_are_saved_and_load_back(tmp_path):
     assert float(jnp.mean(m["kl_bits"])) == pytest.approx(want, rel=1e-4)
     with pytest.raises(ValueError, match="save_dir is for experiments that keep something"):
         run_experiment(__import__("gradattn").em_vs_sgd, 1, save_dir=tmp_path / "x")
+
+
+def test_geometric_checkpoints_are_denser_early_and_hold_the_parameters_of_their_steps():
+    """``checkpoints = n`` keeps n steps from 0 to steps - 1, consecutive at first, and each kept
+    slot holds the parameters before its step: the same as every-step checkpoints at that step, and
+    training is unchanged by keeping them."""
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY_B, steps=12, warmup=2, checkpoints=6)
+    t = cfg.checkpoint_steps
+    assert t.tolist()[0] == 0 and t.tolist()[-1] == 11 and len(t) == 6
+    assert np.all(np.diff(t) >= 1) and np.all(np.diff(np.diff(t)) >= 0)  # increasing gaps: denser early
+    big = dataclasses.replace(TINY_B, steps=100_000, warmup=2, checkpoints=30).checkpoint_steps
+    assert len(big) == 30 and big[-1] == 99_999 and np.sum(big < 10_000) > 20
+    every = dataclasses.replace(cfg, checkpoints=0, checkpoint_every=1)
+    none = dataclasses.replace(cfg, checkpoints=0)
+    r_geo, r_all, r_none = (jax.jit(compiled_run(windtunnel_bijection, c))(seed_key(3)) for c in (cfg, every, none))
+    kept = [k for k in r_geo if k.startswith("checkpoints.")]
+    assert kept
+    for k in kept:
+        np.testing.assert_array_equal(np.asarray(r_geo[k]), np.asarray(r_all[k])[t])
+    for k in (k for k in r_none if k.startswith("params.") or k == "curve"):
+        np.testing.assert_array_equal(np.asarray(r_geo[k]), np.asarray(r_none[k]))
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(cfg, checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoints=13 must not exceed steps=12"):
+        dataclasses.replace(cfg, checkpoints=13)

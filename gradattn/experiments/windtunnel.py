@@ -78,6 +78,8 @@ class WindTunnelConfig(ExperimentConfig):
       checkpoint_every: keep the parameters at steps 0, k, 2k, ... (k = ``checkpoint_every``, which
         must divide ``steps``; 0 keeps none); with the final ones they are written by ``save_dir``
         (:func:`save_windtunnel`).
+      checkpoints: instead, keep the parameters at this many steps spaced geometrically, denser
+        early (:attr:`checkpoint_steps`); 0 keeps none. At most one of the two is set.
     """
 
     task_check = staticmethod(check_token_task)  # the task is a token task
@@ -96,6 +98,8 @@ class WindTunnelConfig(ExperimentConfig):
     heldout: int = option(512, help="held-out sequences every metric is measured on", minimum=1, maximum=1_000_000)
     checkpoint_every: int = option(0, help="keep the parameters every this many steps (0: none; must divide --steps)",
                                    minimum=0, maximum=10_000_000)
+    checkpoints: int = option(0, help="keep the parameters at this many steps, spaced geometrically (denser early); "
+                                      "0: none; not with --checkpoint-every", minimum=0, maximum=100_000)
 
     def __post_init__(self):
         fn = type(self).__name__
@@ -106,13 +110,30 @@ class WindTunnelConfig(ExperimentConfig):
             raise ValueError(f"{fn}: warmup={self.warmup} must be below steps={self.steps}")
         if self.checkpoint_every:
             check_divides_steps("checkpoint_every", self.checkpoint_every, self.steps, fn)
+            if self.checkpoints:
+                raise ValueError(f"{fn}: set checkpoint_every={self.checkpoint_every} or checkpoints="
+                                 f"{self.checkpoints}, not both")
+        if self.checkpoints > self.steps:
+            raise ValueError(f"{fn}: checkpoints={self.checkpoints} must not exceed steps={self.steps}")
 
     @property
     def checkpoint_steps(self) -> np.ndarray:
-        """The steps at which parameters are kept: 0, k, 2k, ... before ``steps`` (none without checkpoints)."""
-        if not self.checkpoint_every:
+        """The steps t whose parameters (before the update of step t) are kept, increasing: 0, k, 2k, ...
+        with ``checkpoint_every = k``; with ``checkpoints = n``, n steps from 0 to ``steps - 1`` spaced
+        geometrically, t_i = floor(steps^(i / (n - 1))) - 1 raised where needed to t_{i-1} + 1 (so
+        the first ones are consecutive); none without checkpoints."""
+        if self.checkpoint_every:
+            return np.arange(0, self.steps, self.checkpoint_every)
+        if not self.checkpoints:
             return np.zeros((0,), np.int64)
-        return np.arange(0, self.steps, self.checkpoint_every)
+        n = self.checkpoints
+        if n == 1:
+            return np.zeros((1,), np.int64)
+        t = np.floor(np.power(float(self.steps), np.arange(n) / (n - 1))).astype(np.int64) - 1
+        t[-1] = self.steps - 1
+        for i in range(1, n):
+            t[i] = max(t[i], t[i - 1] + 1)
+        return t
 
     @property
     def length_factors(self) -> tuple[float, ...]:
@@ -212,6 +233,7 @@ def make_windtunnel_run(config: WindTunnelConfig):
     tx = optimizer(config)
     targets_of = (lambda s: s.posterior) if task.soft_targets else (lambda s: s.labels)
     measured = eval_tasks(config)
+    kept_at = config.checkpoint_steps
 
     def run(key):
         k_data, k_init, k_test = jax.random.split(key, 3)
@@ -228,11 +250,13 @@ def make_windtunnel_run(config: WindTunnelConfig):
             value, grads = jax.value_and_grad(batch_loss)(p, b)
             return optimizer_step(tx, grads, opt_state, p), value
 
-        every = config.checkpoint_every or None
-        (params, _), curve, kept = scan_steps(step, (params, tx.init(params)), config.steps, every,
-                                              lambda before, after, t0: before[0])
+        carry = (params, tx.init(params))
+        if len(kept_at):
+            (params, _), kept, curve = keeping(step, carry, kept_at, config.steps)
+        else:
+            (params, _), curve, _ = scan_steps(step, carry, config.steps)
         out = {"curve": curve, **flat_params(PARAMS, params)}
-        if kept is not None:
+        if len(kept_at):
             out.update(flat_params(CHECKPOINTS, kept))
         for name, t in measured.items():
             s = jax.vmap(t.sample)(jax.random.split(k_test, config.heldout))
@@ -247,6 +271,30 @@ def make_windtunnel_run(config: WindTunnelConfig):
 
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
+
+
+def keeping(step, carry, kept_at: np.ndarray, steps: int):
+    """:func:`gradattn.training.scan_steps` of ``step`` over ``(params, opt_state)`` that also keeps
+    the parameters before each step of ``kept_at`` (increasing, in [0, steps)) in a buffer with a
+    leading axis of checkpoints. At every step the buffer's current slot is rewritten, with the
+    parameters where the step is the next one kept and with itself elsewhere (one slot of
+    arithmetic per step; nothing else about the step changes). Returns ``(final carry, kept,
+    outs)``."""
+    schedule = jnp.asarray(kept_at, jnp.int32)
+    last = len(kept_at) - 1
+
+    def with_buffer(c, t):
+        inner, kept, i = c
+        slot = jnp.minimum(i, last)
+        hit = t == schedule[slot]
+        kept = jax.tree.map(lambda b, p: jax.lax.dynamic_update_index_in_dim(
+            b, jnp.where(hit, p, jax.lax.dynamic_index_in_dim(b, slot, keepdims=False)), slot, 0), kept, inner[0])
+        inner, out = step(inner, t)
+        return (inner, kept, i + hit.astype(i.dtype)), out
+
+    empty = jax.tree.map(lambda p: jnp.zeros((len(kept_at),) + p.shape, p.dtype), carry[0])
+    (final, kept, _), outs, _ = scan_steps(with_buffer, (carry, empty, jnp.zeros((), jnp.int32)), steps)
+    return final, kept, outs
 
 
 def flat_params(prefix: str, params) -> dict[str, jax.Array]:
