@@ -13,7 +13,6 @@ import pytest
 from _cli import cli_run
 
 from gradattn.experiments import compiled_run, config_from_dict, run_experiment
-from gradattn.sweeps import seed_key
 from gradattn.experiments.windtunnel import (
     HMMTunnelConfig,
     WindTunnelConfig,
@@ -24,6 +23,7 @@ from gradattn.experiments.windtunnel import (
     windtunnel_bijection,
     windtunnel_hmm,
 )
+from gradattn.sweeps import seed_key
 from gradattn.tasks import BijectionTokens, InContextHMM
 
 TINY_B = WindTunnelConfig(task=BijectionTokens(V=4, L=3), d_model=8, n_layers=1, n_heads=2, steps=6, warmup=2,
