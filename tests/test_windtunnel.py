@@ -230,3 +230,54 @@ def test_command_line_resumes_a_wind_tunnel_sweep_and_saves_the_resumed_seeds(tm
         first, _ = load_windtunnel_model(str(tmp_path / "models"), seed, checkpoint=2)
         tokens = cfg.task.sample(jax.random.key(0)).tokens
         assert not np.allclose(model(tokens), first(tokens))  # the step-3 checkpoint is not the trained model
+
+
+def test_attention_distance_and_settling_against_numpy():
+    from gradattn.experiments.windtunnel import attention_distance, settled_index
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.dirichlet(np.ones(5), size=(3, 2, 4, 5)) for _ in range(2))  # (B, L, H, T, T) rows on the simplex
+    want = np.zeros((2, 4))
+    for layer in range(2):
+        for h in range(4):
+            want[layer, h] = np.mean([0.5 * np.abs(a[s, layer, h, i] - b[s, layer, h, i]).sum()
+                                      for s in range(3) for i in range(5)])
+    np.testing.assert_allclose(np.asarray(attention_distance(jnp.asarray(a), jnp.asarray(b))), want, rtol=1e-6)
+    assert float(jnp.max(attention_distance(jnp.asarray(a), jnp.asarray(a)))) == 0.0
+    assert settled_index([1.0, 0.5, 0.05, 0.2, 0.08, 0.0], 0.1) == 4  # it left the band at index 3
+    assert settled_index([1.0, 0.5, 0.3], 0.1) == 3  # never
+    assert settled_index([0.0, 0.0], 0.1) == 0
+
+
+def test_checkpoint_dynamics_json_recomputes_the_verdict(tmp_path, capsys):
+    """With checkpoints the run measures each one (KL to the exact posterior, attention distances)
+    and the JSON holds them per seed, so the frame-before-precision verdict can be recomputed from
+    the file alone; the first checkpoint is the untrained model and the distances behave."""
+    import dataclasses
+
+    from gradattn.experiments.windtunnel import frame_before_precision_verdict
+
+    cfg = dataclasses.replace(TINY_B, steps=24, n_layers=2, checkpoints=6, probe_batch=8, precision_factor=1.0)
+    out = tmp_path / "d.json"
+    code, stdout, err = cli_run(["windtunnel-bijection", "--seeds", "2", "--steps", "24", "--warmup", "2", "--batch", "4",
+                                 "--heldout", "8", "--V", "4", "--L", "3", "--d-model", "8", "--n-layers", "2",
+                                 "--n-heads", "2", "--checkpoints", "6", "--probe-batch", "8", "--precision-factor", "1",
+                                 "--out", str(out), "--plot", str(tmp_path / "d.png"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "frame before precision (layer 0" in stdout
+    r = json.loads(out.read_text())
+    d = r["dynamics"]
+    assert d["steps"] == cfg.checkpoint_steps.tolist() and d["thresholds"]["precision_factor"] == 1.0
+    to_final = np.asarray(d["attention_to_final"]["per_seed"])  # (seeds, C, L, H)
+    assert to_final.shape == (2, 6, 2, 2) and np.all((to_final >= 0) & (to_final <= 1))
+    assert np.all(np.asarray(d["attention_to_previous"]["per_seed"])[:, 0] == 0)
+    kl = np.asarray(d["kl_bits"]["per_seed"])
+    for i, seed in enumerate(d["frame_before_precision"]["per_seed"]):
+        again = frame_before_precision_verdict(d["steps"], to_final[i, :, 0].mean(-1), kl[i],
+                                               d["final_kl_bits"]["per_seed"][i], settle_tol=0.1, precision_factor=1.0,
+                                               late_factor=2.0, total_steps=24)
+        assert again == seed
+    assert d["frame_before_precision"]["holds"] == sum(s["holds"] for s in d["frame_before_precision"]["per_seed"])
+    assert (tmp_path / "d.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="frame_layer=2 must be below n_layers=2"):
+        dataclasses.replace(cfg, frame_layer=2)

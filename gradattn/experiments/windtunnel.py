@@ -80,6 +80,10 @@ class WindTunnelConfig(ExperimentConfig):
         (:func:`save_windtunnel`).
       checkpoints: instead, keep the parameters at this many steps spaced geometrically, denser
         early (:attr:`checkpoint_steps`); 0 keeps none. At most one of the two is set.
+      probe_batch, settle_tol, precision_factor, late_factor, frame_layer: with checkpoints, each
+        kept checkpoint is measured on ``probe_batch`` held-out sequences and the frame-before-
+        precision criterion is read with these thresholds, fixed before the run
+        (:func:`checkpoint_dynamics`, :func:`frame_before_precision_verdict`).
     """
 
     task_check = staticmethod(check_token_task)  # the task is a token task
@@ -100,6 +104,18 @@ class WindTunnelConfig(ExperimentConfig):
                                    minimum=0, maximum=10_000_000)
     checkpoints: int = option(0, help="keep the parameters at this many steps, spaced geometrically (denser early); "
                                       "0: none; not with --checkpoint-every", minimum=0, maximum=100_000)
+    probe_batch: int = option(64, help="held-out sequences each kept checkpoint is measured on (attention, KL)",
+                              minimum=1, maximum=100_000)
+    settle_tol: float = option(0.1, help="attention has settled from the first checkpoint after which its distance to "
+                                         "the final maps stays at or below this fraction of its distance at step 0",
+                               minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    precision_factor: float = option(10.0, help="frame before precision: when attention has settled the KL to the exact "
+                                                "posterior is still at least this many times its final value",
+                                     minimum=1.0)
+    late_factor: float = option(2.0, help="the late form: over the last third of training the KL falls by at least this "
+                                          "factor while attention moves at most --settle-tol", minimum=1.0)
+    frame_layer: int = option(0, help="the layer whose attention the frame-before-precision verdict reads", minimum=0,
+                              maximum=63)
 
     def __post_init__(self):
         fn = type(self).__name__
@@ -113,6 +129,8 @@ class WindTunnelConfig(ExperimentConfig):
             if self.checkpoints:
                 raise ValueError(f"{fn}: set checkpoint_every={self.checkpoint_every} or checkpoints="
                                  f"{self.checkpoints}, not both")
+        if self.frame_layer >= self.n_layers:
+            raise ValueError(f"{fn}: frame_layer={self.frame_layer} must be below n_layers={self.n_layers}")
         if self.checkpoints > self.steps:
             raise ValueError(f"{fn}: checkpoints={self.checkpoints} must not exceed steps={self.steps}")
 
@@ -258,6 +276,8 @@ def make_windtunnel_run(config: WindTunnelConfig):
         out = {"curve": curve, **flat_params(PARAMS, params)}
         if len(kept_at):
             out.update(flat_params(CHECKPOINTS, kept))
+            probe = jax.vmap(task.sample)(jax.random.split(jax.random.fold_in(k_test, PROBE_STREAM), config.probe_batch))
+            out.update(checkpoint_dynamics(apply, kept, params, probe, task, attention=config.model == "gpt"))
         for name, t in measured.items():
             s = jax.vmap(t.sample)(jax.random.split(k_test, config.heldout))
             idx = jnp.asarray(t.supervised)
@@ -271,6 +291,93 @@ def make_windtunnel_run(config: WindTunnelConfig):
 
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
+PROBE_STREAM = 7
+"""The checkpoints' probe sequences are drawn from ``fold_in(held-out key, PROBE_STREAM)``: other
+sequences than the held-out ones, and drawing them changes no other number of the run."""
+
+
+def attention_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The distance between two sets of attention maps ``(B, L, H, T, T)`` per layer and head
+    ``(L, H)``: the total-variation distance between the two rows of query i,
+    1/2 sum_j |a_ij - b_ij| (in [0, 1]), averaged over the sequences and every query row."""
+    return 0.5 * jnp.mean(jnp.sum(jnp.abs(a - b), axis=-1), axis=(0, 3))
+
+
+def checkpoint_dynamics(apply, kept, final, probe, task, *, attention: bool) -> dict[str, jax.Array]:
+    """Every kept checkpoint measured on the ``probe`` sequences (a batched TokenSample), beside the
+    trained parameters ``final``:
+
+    * ``ckpt_kl_bits`` (C,) and ``ckpt_entropy_mae_bits`` (C,): the mean over sequences and
+      supervised positions of KL(exact || model) and of |H(model) - H(exact)| (as :data:`METRICS`);
+      ``final_kl_bits`` and ``final_entropy_mae_bits`` the same for the trained model;
+    * with ``attention`` (the GPT): ``ckpt_attention_to_final`` (C, L, H), the
+      :func:`attention_distance` of each checkpoint's maps from the trained model's, and
+      ``ckpt_attention_to_previous`` (C, L, H), from the previous checkpoint's (0 at the first).
+
+    ``apply(params, tokens, return_taps=...)`` is the model as a pure function; ``kept`` the
+    checkpoints' parameters with a leading axis. One checkpoint's maps are held at a time."""
+    idx = jnp.asarray(task.supervised)
+
+    def measure(p):
+        if attention:
+            logits, taps = jax.vmap(lambda tokens: apply(p, tokens, return_taps=True))(probe.tokens)
+            alpha = taps.alpha
+        else:
+            logits, alpha = jax.vmap(lambda tokens: apply(p, tokens))(probe.tokens), None
+        m = position_metrics(logits[:, idx], probe.posterior[:, idx], probe.labels[:, idx], task.class_range)
+        return alpha, jnp.mean(m["kl_bits"]), jnp.mean(m["abs_entropy_error_bits"])
+
+    a_final, kl_final, mae_final = measure(final)
+    first = jax.tree.map(lambda a: a[0], kept)
+
+    def one(previous, p):
+        a, kl, mae = measure(p)
+        row = {"ckpt_kl_bits": kl, "ckpt_entropy_mae_bits": mae}
+        if attention:
+            row.update(ckpt_attention_to_final=attention_distance(a, a_final),
+                       ckpt_attention_to_previous=attention_distance(a, previous))
+        return a, row
+
+    _, rows = jax.lax.scan(one, measure(first)[0], kept)
+    return {**rows, "final_kl_bits": kl_final, "final_entropy_mae_bits": mae_final}
+
+
+def settled_index(series: np.ndarray, tol: float) -> int:
+    """The first index from which ``series`` (a distance to the end state over checkpoints) stays
+    at or below ``tol`` times its first value; ``len(series)`` if it never does."""
+    ok = np.asarray(series) <= tol * np.asarray(series)[0]
+    bad = np.flatnonzero(~ok)
+    return 0 if bad.size == 0 else int(bad[-1]) + 1
+
+
+def frame_before_precision_verdict(steps, to_final, kl, kl_final, *, settle_tol: float, precision_factor: float,
+                                   late_factor: float, total_steps: int) -> dict[str, Any]:
+    """One seed's frame-before-precision reading from its checkpoints (host side, numpy).
+
+    Args:
+      steps: (C,) the checkpoints' steps; to_final: (C,) the frame layer's attention distance to
+        its final maps (mean over heads); kl: (C,) the KL at each checkpoint; kl_final: the trained
+        model's KL; thresholds as in :class:`WindTunnelConfig`; total_steps: the run's length.
+    Returns:
+      ``settle_step`` (the step from which attention stays within ``settle_tol`` of its initial
+      distance to the end; None if never), ``kl_ratio_at_settle`` (KL there / final KL), ``holds``
+      (``kl_ratio_at_settle >= precision_factor``); the late form over the last third:
+      ``late_step`` (the first checkpoint at or after 2/3 of the run), ``late_attention_fraction``
+      (its attention distance to the end / the distance at step 0), ``late_kl_ratio`` (its KL /
+      final KL), ``late_holds`` (fraction <= settle_tol and ratio >= late_factor).
+    """
+    steps, to_final, kl = (np.asarray(a, np.float64) for a in (steps, to_final, kl))
+    i = settled_index(to_final, settle_tol)
+    settle = None if i >= len(steps) else int(steps[i])
+    ratio = None if settle is None else float(kl[i] / kl_final)
+    late = int(np.searchsorted(steps, 2 * total_steps / 3))
+    late = min(late, len(steps) - 1)
+    fraction = float(to_final[late] / to_final[0])
+    late_ratio = float(kl[late] / kl_final)
+    return {"settle_step": settle, "kl_ratio_at_settle": ratio,
+            "holds": bool(ratio is not None and ratio >= precision_factor),
+            "late_step": int(steps[late]), "late_attention_fraction": fraction, "late_kl_ratio": late_ratio,
+            "late_holds": bool(fraction <= settle_tol and late_ratio >= late_factor)}
 
 
 def keeping(step, carry, kept_at: np.ndarray, steps: int):
@@ -385,7 +492,36 @@ def summarise_windtunnel(per_seed: dict[str, np.ndarray], seeds: list[int], conf
         out["measured"][name] = entry
     c = np.asarray(per_seed["curve"], np.float64)
     out["curve"] = {"mean": json_floats(c.mean(axis=0)), "std": json_floats(seed_std(c))}
+    if "ckpt_kl_bits" in per_seed:
+        out["dynamics"] = summarise_dynamics(per_seed, config)
     return out
+
+
+def summarise_dynamics(per_seed: dict[str, np.ndarray], config: WindTunnelConfig) -> dict[str, Any]:
+    """The kept checkpoints' measurements, per seed (so that every verdict can be recomputed from
+    the JSON) and as mean and std over seeds, with the frame-before-precision reading of each seed
+    (:func:`frame_before_precision_verdict` on the frame layer) and the count of seeds where it holds."""
+    steps = config.checkpoint_steps
+    d: dict[str, Any] = {"steps": [int(s) for s in steps], "probe_batch": config.probe_batch,
+                         "thresholds": {k: getattr(config, k) for k in
+                                        ("settle_tol", "precision_factor", "late_factor", "frame_layer")}}
+    for key in ("ckpt_kl_bits", "ckpt_entropy_mae_bits", "final_kl_bits", "final_entropy_mae_bits",
+                "ckpt_attention_to_final", "ckpt_attention_to_previous"):
+        if key in per_seed:
+            v = np.asarray(per_seed[key], np.float64)
+            d[key.removeprefix("ckpt_")] = {"mean": json_floats(v.mean(axis=0)), "std": json_floats(seed_std(v)),
+                                            "per_seed": json_floats(v)}
+    if "ckpt_attention_to_final" in per_seed:
+        frame = np.asarray(per_seed["ckpt_attention_to_final"], np.float64)[:, :, config.frame_layer].mean(axis=-1)
+        kl = np.asarray(per_seed["ckpt_kl_bits"], np.float64)
+        final = np.asarray(per_seed["final_kl_bits"], np.float64)
+        seeds = [frame_before_precision_verdict(steps, frame[i], kl[i], final[i], settle_tol=config.settle_tol,
+                                                precision_factor=config.precision_factor,
+                                                late_factor=config.late_factor, total_steps=config.steps)
+                 for i in range(len(final))]
+        d["frame_before_precision"] = {"per_seed": seeds, "holds": sum(s["holds"] for s in seeds),
+                                       "late_holds": sum(s["late_holds"] for s in seeds), "seeds": len(seeds)}
+    return d
 
 
 def format_windtunnel(results: dict) -> str:
@@ -402,6 +538,20 @@ def format_windtunnel(results: dict) -> str:
             return fmt_pm(v["mean"], v["std"], ".4f")
         lines.append(f"  {name:6s} (T {e['seq_len']}): KL(exact||model) {pm('kl_bits')}, entropy MAE {pm('entropy_mae_bits')} "
                      f"(curve form {pm('entropy_curve_mae_bits')}), accuracy {pm('accuracy')} vs Bayes {pm('bayes_accuracy')}")
+    d = results.get("dynamics")
+    if d:
+        kl = d["kl_bits"]["mean"]
+        lines.append(f"  checkpoints: {len(d['steps'])} (steps {d['steps'][0]} .. {d['steps'][-1]}), KL {kl[0]:.4f} -> "
+                     f"{kl[-1]:.4f} -> {d['final_kl_bits']['mean']:.4f} (trained), on {d['probe_batch']} probe sequences")
+        f = d.get("frame_before_precision")
+        if f:
+            t = d["thresholds"]
+            settle = [s["settle_step"] for s in f["per_seed"]]
+            ratio = [s["kl_ratio_at_settle"] for s in f["per_seed"]]
+            lines.append(f"  frame before precision (layer {t['frame_layer']}, tol {t['settle_tol']:g}, factor "
+                         f"{t['precision_factor']:g}): holds in {f['holds']}/{f['seeds']} seeds; attention settles at "
+                         f"steps {settle}, KL then / final {[None if r is None else round(r, 1) for r in ratio]}; "
+                         f"late form (last third, factor {t['late_factor']:g}) holds in {f['late_holds']}/{f['seeds']}")
     return "\n".join(lines)
 
 
@@ -410,9 +560,13 @@ def plot_windtunnel(results: dict, path=None, *, dpi: int = 150):
     mean ± 1 sd over seeds, one line per measured length. Saved atomically when ``path`` is given."""
     from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    ax_h, ax_kl = fig.subplots(1, 2)
+    d = results.get("dynamics")
+    fig = Figure(figsize=(18 if d else 12, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3 if d else 2)
+    ax_h, ax_kl = axes[:2]
     n = len(results["seeds"])
+    if d:
+        _plot_dynamics(axes[2], d)
     for i, (name, e) in enumerate(results["measured"].items()):
         t = np.arange(1, len(e["positions"]) + 1)
         color = f"C{i}"
@@ -435,6 +589,26 @@ def plot_windtunnel(results: dict, path=None, *, dpi: int = 150):
     if path is not None:
         atomic_savefig(fig, path, dpi=dpi)
     return fig
+
+
+def _plot_dynamics(ax, d: dict) -> None:
+    """Over the kept checkpoints (step + 1, log scale): the KL to the exact posterior (left axis) and
+    each layer's attention distance to its final maps (mean over heads; right axis), seeds' means."""
+    x = np.asarray(d["steps"], float) + 1
+    ax.plot(x, np.asarray(d["kl_bits"]["mean"], float), "k-", lw=2, label="KL(exact || model)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step + 1 (kept checkpoints)")
+    ax.set_ylabel("KL(exact || model) (bits), probe sequences")
+    ax.grid(alpha=0.3)
+    if "attention_to_final" in d:
+        dist = np.asarray(d["attention_to_final"]["mean"], float).mean(axis=-1)  # (C, L)
+        twin = ax.twinx()
+        for layer in range(dist.shape[1]):
+            twin.plot(x, dist[:, layer], "o-", ms=2, color=f"C{layer}", label=f"attention, layer {layer}")
+        twin.set_ylabel("attention distance to the final maps (TV)")
+        twin.legend(fontsize=7, frameon=False, loc="upper right")
+    ax.legend(fontsize=8, frameon=False, loc="lower left")
 
 
 BIJECTION_PRESETS = {
