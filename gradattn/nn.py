@@ -28,6 +28,9 @@ scores, attention weights, values and contexts (leading axes ``(n_layers, n_head
 the loss with respect to a zero perturbation of the contexts gives u^h_i = dL/dg^h_i through the
 output projection, the residual stream and every later layer: the upstream gradient that the laws
 of :mod:`gradattn.laws` need for that head (see :func:`gradattn.deep.head_laws`).
+``return_residuals=True`` also returns the residual stream entering every block and leaving the
+last, and ``sublayer_mask`` drops chosen blocks' attention or feed-forward outputs from it (the
+probes of :mod:`gradattn.probes` read and ablate a model through these).
 """
 
 from __future__ import annotations
@@ -187,7 +190,9 @@ class _Block(nnx.Module):
         self.ff_1 = linear(d_model, 4 * d_model, rngs, dtype)
         self.ff_2 = linear(4 * d_model, d_model, rngs, dtype)
 
-    def __call__(self, x, keys, perturb: HeadTaps):
+    def __call__(self, x, keys, perturb: HeadTaps, keep=None):
+        """``x`` through the block; ``keep`` (optional, shape (2,)): where an entry is 0 the attention
+        output (entry 0) or the feed-forward output (entry 1) is not added to the residual stream."""
         n, d_model = x.shape
         hd = d_model // self.n_heads
         a = self.ln_1(x)
@@ -212,10 +217,18 @@ class _Block(nnx.Module):
         g = jnp.einsum("hij,hjd->hid", _dropout(alpha, self.dropout, keys[0]), v)
         if perturb.contexts is not None:
             g = g + perturb.contexts
-        x = x + self.o_proj(g.transpose(1, 0, 2).reshape(n, d_model))
+        x = x + _kept(self.o_proj(g.transpose(1, 0, 2).reshape(n, d_model)), keep, 0)
         f = _dropout(jax.nn.gelu(self.ff_1(self.ln_2(x)), approximate=False), self.dropout, keys[1])
-        x = x + _dropout(self.ff_2(f), self.dropout, keys[2])
+        x = x + _kept(_dropout(self.ff_2(f), self.dropout, keys[2]), keep, 1)
         return x, HeadTaps(scores=scores, alpha=alpha, values=v, contexts=g)
+
+
+def _kept(out: jax.Array, keep, i: int) -> jax.Array:
+    """``out`` itself without a ``keep`` mask; with one, exact zeros where ``keep[i]`` is 0 (so that
+    adding it leaves the residual stream exactly as it was)."""
+    if keep is None:
+        return out
+    return jnp.where(keep[i] != 0, out, jnp.zeros((), out.dtype))
 
 
 class Transformer(nnx.Module):
@@ -257,7 +270,7 @@ class Transformer(nnx.Module):
         return self.d_model // self.n_heads
 
     def __call__(self, x: jax.Array, *, dropout_key: jax.Array | None = None, perturb: HeadTaps | None = None,
-                 return_taps: bool = False):
+                 return_taps: bool = False, sublayer_mask: jax.Array | None = None, return_residuals: bool = False):
         """Logits ``(N, C)`` of one sequence ``x (N, d_in)``.
 
         Args:
@@ -268,8 +281,16 @@ class Transformer(nnx.Module):
             weights, values or contexts (leading axes (n_layers, n_heads)); pass zeros and
             differentiate to get the loss's gradient with respect to those intermediates.
           return_taps: also return every head's :class:`HeadTaps`.
+          sublayer_mask: optional ``(n_layers, 2)`` array; where ``[l, 0]`` is 0, block l's
+            attention output (after ``W_O``, its bias included) is not added to the residual
+            stream, and where ``[l, 1]`` is 0 neither is its feed-forward output (both 0: the block
+            passes its input through unchanged). ``None`` (default): every output is added.
+          return_residuals: also return the residual stream ``(n_layers + 1, N, d_model)``: row l
+            enters block l (row 0 is ``x W_in + b_in``), the last row leaves the last block (before
+            LN_f).
         Returns:
-          ``logits``, or ``(logits, taps)`` with ``return_taps``.
+          ``logits``; with ``return_taps`` and/or ``return_residuals`` a tuple ``(logits, taps,
+          residuals)`` of those asked for, in that order.
         """
         check_array("x", x, "Transformer")
         if jnp.ndim(x) != 2 or jnp.shape(x)[1] != self.d_in:
@@ -281,28 +302,45 @@ class Transformer(nnx.Module):
             raise ValueError(f"Transformer: x must have at least one position, got shape {tuple(jnp.shape(x))}")
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise TypeError(f"Transformer: x must be floating point, got dtype {jnp.result_type(x)}")
-        h, taps = _run_blocks(self.blocks, self.in_proj(x), dropout_key, perturb, "Transformer")
+        h, taps, stream = _run_blocks(self.blocks, self.in_proj(x), dropout_key, perturb, "Transformer", sublayer_mask,
+                                      return_residuals)
         logits = self.out_proj(self.ln_f(h))
-        return (logits, taps) if return_taps else logits
+        return _outputs(logits, taps, stream, return_taps, return_residuals)
 
 
-def _run_blocks(blocks, h: jax.Array, dropout_key, perturb: HeadTaps | None, fn: str) -> tuple[jax.Array, HeadTaps]:
+def _run_blocks(blocks, h: jax.Array, dropout_key, perturb: HeadTaps | None, fn: str, sublayer_mask=None,
+                with_stream: bool = False) -> tuple[jax.Array, HeadTaps, jax.Array | None]:
     """The residual stream ``h (N, d_model)`` through every block (dropout with ``dropout_key``,
-    ``perturb`` added to the heads' intermediates); returns it and every head's :class:`HeadTaps`
-    (leading axes (n_layers, n_heads))."""
+    ``perturb`` added to the heads' intermediates, ``sublayer_mask`` (n_layers, 2) dropping the
+    attention or feed-forward outputs where it is 0); returns it, every head's :class:`HeadTaps`
+    (leading axes (n_layers, n_heads)) and, ``with_stream``, the stream entering each block and
+    leaving the last one, ``(n_layers + 1, N, d_model)`` (else ``None``)."""
     if dropout_key is not None:
         check_prng_key("dropout_key", dropout_key, fn)
     perturb = HeadTaps() if perturb is None else perturb
     if not isinstance(perturb, HeadTaps):
         raise TypeError(f"{fn}: perturb must be a HeadTaps or None, got {type(perturb).__name__}")
     n_layers = len(blocks)
+    if sublayer_mask is not None:
+        check_array("sublayer_mask", sublayer_mask, fn)
+        if tuple(jnp.shape(sublayer_mask)) != (n_layers, 2):
+            raise ValueError(f"{fn}: sublayer_mask must have shape (n_layers, 2) = ({n_layers}, 2) (attention, "
+                             f"feed-forward), got shape {tuple(jnp.shape(sublayer_mask))}")
     keys = [None] * (3 * n_layers) if dropout_key is None else list(jax.random.split(dropout_key, 3 * n_layers))
-    taps = []
+    taps, stream = [], []
     for layer, block in enumerate(blocks):
         p_l = HeadTaps(*(None if a is None else a[layer] for a in perturb))
-        h, t = block(h, keys[3 * layer: 3 * layer + 3], p_l)
+        stream.append(h)
+        h, t = block(h, keys[3 * layer: 3 * layer + 3], p_l, None if sublayer_mask is None else sublayer_mask[layer])
         taps.append(t)
-    return h, jax.tree.map(lambda *a: jnp.stack(a), *taps)
+    stream.append(h)
+    return h, jax.tree.map(lambda *a: jnp.stack(a), *taps), jnp.stack(stream) if with_stream else None
+
+
+def _outputs(logits, taps, stream, return_taps: bool, return_residuals: bool):
+    """``logits``, followed by ``taps`` and ``stream`` when asked for (a tuple then)."""
+    out = (logits, *((taps,) if return_taps else ()), *((stream,) if return_residuals else ()))
+    return out[0] if len(out) == 1 else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +399,11 @@ class TinyGPT(nnx.Module):
     def head_size(self) -> int:
         return self.d_model // self.n_heads
 
-    def __call__(self, tokens: jax.Array, *, perturb: HeadTaps | None = None, return_taps: bool = False):
+    def __call__(self, tokens: jax.Array, *, perturb: HeadTaps | None = None, return_taps: bool = False,
+                 sublayer_mask: jax.Array | None = None, return_residuals: bool = False):
         """Logits ``(T, n_outputs)`` of one sequence of token ids ``tokens (T,)``, 1 <= T <= max_len
-        (``perturb`` and ``return_taps`` as in :class:`Transformer`)."""
+        (``perturb``, ``return_taps``, ``sublayer_mask`` and ``return_residuals`` as in
+        :class:`Transformer`; row 0 of the residuals is ``E[token_t] + P[t]``)."""
         check_array("tokens", tokens, "TinyGPT")
         if jnp.ndim(tokens) != 1 or not 1 <= jnp.shape(tokens)[0] <= self.max_len:
             raise ValueError(f"TinyGPT: tokens must have shape (T,) with 1 <= T <= max_len = {self.max_len}, got shape "
@@ -371,10 +411,10 @@ class TinyGPT(nnx.Module):
         if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
             raise TypeError(f"TinyGPT: tokens must be integer token ids, got dtype {jnp.result_type(tokens)}")
         h = self.tok(tokens) + self.pos.embedding[: jnp.shape(tokens)[0]]
-        h, taps = _run_blocks(self.blocks, h, None, perturb, "TinyGPT")
+        h, taps, stream = _run_blocks(self.blocks, h, None, perturb, "TinyGPT", sublayer_mask, return_residuals)
         h = self.ln_f(h)
         logits = self.tok.attend(h) if self.head is None else self.head(h)
-        return (logits, taps) if return_taps else logits
+        return _outputs(logits, taps, stream, return_taps, return_residuals)
 
 
 def n_params(model: nnx.Module) -> int:
