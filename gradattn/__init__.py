@@ -71,6 +71,9 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
   directions encode.
 * `gradattn.nn`: flax NNX modules: one attention head, a deep pre-norm transformer, and the small GPT over tokens.
 * `gradattn.baselines`: the wind tunnels' baselines over tokens: a per-position MLP and an LSTM.
+* `gradattn.probes`: the geometry of a trained token model: every layer's representation, the value
+  manifold against the exact entropy with its controls, key orthogonality, query-key alignment,
+  attention read over the values, head and layer ablations.
 * `gradattn.deep`: the laws of every head inside a deep transformer:
     * `gradattn.deep.laws`: the laws of every head inside the model, and their check against autodiff.
 * `gradattn.plotting`: what the experiments' reports and figures share (wording, formats, atomic figures).
@@ -193,7 +196,7 @@ __all__ = [
     "verify",
 ]
 
-_LAZY_MODULES = frozenset({"baselines", "deep", "nn"})
+_LAZY_MODULES = frozenset({"baselines", "deep", "nn", "probes"})
 """Submodules imported on first attribute access: they pull in flax (the deep models), which the
 head, its laws, the sweeps and the single-head experiments never need."""
 

@@ -644,6 +644,24 @@ def _rerun(args, parser: _Parser) -> int:
     return _run_command(args, parser, command, config, seeds, None, True, out, plot, reference=(args.result, old))
 
 
+def _windtunnel_probe(args, parser) -> int:
+    """``gradattn windtunnel-probe MODELS``: :func:`gradattn.experiments.windtunnel_probe.probe_saved`."""
+    if not os.path.isfile(os.path.join(args.models, "config.json")):
+        parser.error(f"argument MODELS: {args.models!r} holds no saved wind-tunnel run (no config.json); write one with "
+                     "windtunnel-bijection or windtunnel-hmm --save-dir")
+    if args.ablation_sequences > args.sequences:
+        parser.error(f"argument --ablation-sequences: {args.ablation_sequences} exceeds --sequences {args.sequences}")
+    out, plot = _outputs(args, parser)
+    study = experiments.windtunnel_probe  # loads flax and the models on first use
+    try:
+        results = study.probe_saved(args.models, sequences=args.sequences, ablation_sequences=args.ablation_sequences,
+                              probe_seed=args.probe_seed,
+                              progress=lambda i, n: print(f"probed seed {i}/{n}", file=sys.stderr, flush=True))
+    except ValueError as err:
+        parser.error(f"argument MODELS: {err}")
+    return _report(results, study.format_probe(results), out, plot, study.plot_probe)
+
+
 def _laws_check(args, parser) -> int:
     errors = laws_check_errors(seed_key(args.seed), n=args.n)
     width = max(len(k) for k in errors)
@@ -726,6 +744,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_int_in(1, MAX_LAWS_CHECK_N), default=37, help="sequence length N (default 37)")
     p.add_argument("--seed", type=_seed, default=0, help="PRNG seed in [0, 2^64) (default 0)")
     p.set_defaults(run=_laws_check, sub=p)
+
+    p = sub.add_parser("windtunnel-probe", help="the geometry of the GPT models a wind-tunnel run saved (--save-dir), "
+                       "beside their untrained models and controls")
+    p.add_argument("models", metavar="MODELS", help="a directory written by windtunnel-bijection or windtunnel-hmm --save-dir")
+    p.add_argument("--sequences", type=_int_in(2, 100_000), default=512,
+                   help="fresh sequences of the models' task every statistic is measured on (default 512)")
+    p.add_argument("--ablation-sequences", type=_int_in(1, 100_000), default=128,
+                   help="the first this many of them measure the ablations (default 128)")
+    p.add_argument("--probe-seed", type=_seed, default=0, help="PRNG seed of the sequences and the 80/20 split (default 0)")
+    p.add_argument("--out", default=None, help="results JSON path (optional: the summary is printed either way)")
+    p.add_argument("--plot", default=None, help="optional figure path (png, pdf, svg)")
+    p.set_defaults(run=_windtunnel_probe, sub=p)
 
     p = sub.add_parser("rerun", help="run the experiment a result JSON describes again, and compare its per-seed numbers")
     p.add_argument("result", metavar="RESULT", help="a result JSON written by gradattn (its config, seeds and chunk size)")

@@ -50,6 +50,8 @@ SLOW.update({
                            "test_command_line_resumes_a_wind_tunnel_sweep_and_saves_the_resumed_seeds",
                            "test_geometric_checkpoints_are_denser_early_and_hold_the_parameters_of_their_steps",
                            "test_checkpoint_dynamics_json_recomputes_the_verdict"),
+    "test_windtunnel_probe.py": ("test_probe_command_json_summary_and_controls",
+                                 "test_probe_command_refuses_bad_input"),
     "test_token_models.py": ("test_per_head_laws_hold_inside_the_token_gpt_float64",),
     "test_incontext_hmm.py": ("test_sampling_is_pure_and_batches",
                               "test_a_longer_task_draws_the_same_hmm_and_the_same_first_steps",

@@ -40,7 +40,7 @@ REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection", "windtunnel")
 """The experiments' modules (under :mod:`gradattn.experiments`), in the command line's order; each
 holds one :class:`Experiment` record."""
 
-_LAZY_MODULES = frozenset({"deep", "bijection", "windtunnel"})
+_LAZY_MODULES = frozenset({"deep", "bijection", "windtunnel", "windtunnel_probe"})
 
 
 def registry() -> tuple[Experiment, ...]:
