@@ -36,7 +36,7 @@ from gradattn.experiments.em_sgd import EmVsSgdConfig, em_vs_sgd, make_em_vs_sgd
 from gradattn.experiments.manifold import ManifoldConfig, manifold_study
 from gradattn.experiments.plateau import PlateauConfig, plateau_study
 
-REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection", "windtunnel")
+REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection", "windtunnel", "mechanism", "feedback_loop")
 """The experiments' modules (under :mod:`gradattn.experiments`), in the command line's order; each
 holds one :class:`Experiment` record."""
 
