@@ -68,7 +68,7 @@ def test_every_config_field_is_a_flag(tmp_path, capsys):
     parser = cli.build_parser()
     commands = [e for e in registry() if e.command is not None]
     assert {e.command for e in commands} == {"em-vs-sgd", "deep", "plateau", "manifold", "bijection",
-                                             "windtunnel-bijection", "windtunnel-hmm"}
+                                             "windtunnel-bijection", "windtunnel-hmm", "em-mechanism", "feedback-loop"}
     for command in commands:
         sub = parser.parse_args([command.command, "--out", "x.json"])
         for cls in (command.config_type, type(command.config_type().task)):

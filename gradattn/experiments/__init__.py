@@ -40,7 +40,7 @@ REGISTRY = ("em_sgd", "deep", "plateau", "manifold", "bijection", "windtunnel", 
 """The experiments' modules (under :mod:`gradattn.experiments`), in the command line's order; each
 holds one :class:`Experiment` record."""
 
-_LAZY_MODULES = frozenset({"deep", "bijection", "windtunnel", "windtunnel_probe"})
+_LAZY_MODULES = frozenset({"deep", "bijection", "windtunnel", "windtunnel_probe", "mechanism", "feedback_loop"})
 
 
 def registry() -> tuple[Experiment, ...]:

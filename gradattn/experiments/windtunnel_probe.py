@@ -233,7 +233,7 @@ def plot_probe(r: dict, path=None, *, dpi: int = 150, directory: str | None = No
     k_probe = jax.random.split(jax.random.key(r["probe_seed"]), 3)[0]
     sample = jax.vmap(task.sample)(jax.random.split(k_probe, r["sequences"]))
     for ax, m, title in ((ax_t, model, "trained"), (ax_u, untrained, "untrained")):
-        out = probes.probe_batch(m, sample.tokens)
+        out = probes.probe_batch(m, sample.tokens)  # type: ignore[arg-type]  # a saved GPT (checked when probed)
         pts = probes.supervised_points(out.normed[:, -1], sample.posterior, positions)
         z = np.asarray(pts.z, np.float64)
         z = z - z.mean(axis=0)
