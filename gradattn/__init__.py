@@ -51,7 +51,10 @@ others are imported by name, e.g. ``from gradattn.sweeps import sweep``):
     * `gradattn.experiments.manifold`: the manifold claim, where the head cannot memorise its data;
     * `gradattn.experiments.deep`: the deep transformer on the sticky chain, and the laws of its heads;
     * `gradattn.experiments.bijection`: one head and the deep model against the exact posterior.
-    * `gradattn.experiments.windtunnel`: the companion paper's wind tunnels: token models against the exact posterior.
+    * `gradattn.experiments.windtunnel`: the companion paper's wind tunnels: token models against the exact posterior;
+    * `gradattn.experiments.windtunnel_probe`: the geometry of saved wind-tunnel models, with controls;
+    * `gradattn.experiments.mechanism`: the EM-like speed-up taken apart (value split, reverse split, step size);
+    * `gradattn.experiments.feedback_loop`: the feedback loop over training, full against frozen halves.
 * `gradattn.memory`: how much memory an experiment needs, estimated before it compiles, and what a device holds.
 * `gradattn.verify`: each first-order law against autodiff, in float64, on a random instance.
 * `gradattn.tasks`: data generators for training one head, each with its exact Bayes predictor:

@@ -232,7 +232,7 @@ def test_every_option_given_twice_is_refused(here, capsys):
     seen = 0
     for name, action in _options(parser):
         option = action.option_strings[0]
-        head = ["rerun", "r.json"] if name == "rerun" else [name]
+        head = {"rerun": ["rerun", "r.json"], "windtunnel-probe": ["windtunnel-probe", "m"]}.get(name, [name])
         value = _valid_value(parser, capsys, head, option, action.nargs)
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([*head, option, *value, option, *value])

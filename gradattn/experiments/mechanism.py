@@ -28,7 +28,8 @@ fewer than ``min_seeds`` seeds there is no verdict. The summary states the verdi
 and every number it reads, so it can be recomputed from the JSON (:func:`rule_holds`).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the NamedTuples' field annotations must be objects for pdoc to
+# resolve them (their generated __new__ has no module to look names up in).
 
 import dataclasses
 import math
