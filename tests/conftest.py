@@ -85,6 +85,18 @@ SLOW.update({
     "test_memory.py": ("test_estimate_is_above_xla_and_within_the_tested_factor",),
 })
 SLOW["test_bijection.py"] = (*SLOW["test_bijection.py"], "test_one_head_can_express_the_elimination")
+# Long compiles whose neighbours in make test check the same property (the presets by the config
+# tests, the rates by the arm table, the architecture by the parameter count, the names by the
+# registry tests), moved to make test-all to keep make test within its budget.
+for _file, _names in {
+    "test_windtunnel.py": ("test_command_line_presets_and_flags",),
+    "test_mechanism.py": ("test_one_step_is_the_hand_made_sgd_update_of_each_group",),
+    "test_cli.py": ("test_seeds_beyond_2_to_the_32_do_not_collide",),
+    "test_token_models.py": ("test_architecture_detail_by_detail",),
+    "test_training.py": ("test_grad_source_names_and_auto",),
+    "test_bad_input.py": ("test_self_prob_zero_has_no_numpy_warning",),
+}.items():
+    SLOW[_file] = (*SLOW.get(_file, ()), *_names)
 
 # Tests that compare with the PyTorch reference (torch comes with the bench extra).
 TORCH = {
